@@ -1,0 +1,284 @@
+"""De-focus Attention Network: a 1D causal vision encoder as a Hugging Face model (SPEC §2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_defocus import DefocusVisionConfig
+from .mixers import build_mixer
+
+
+class DefocusRMSNorm(nn.Module):
+    """RMSNorm computed in fp32 with a learnable weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability `rate`."""
+    if rate <= 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DefocusPatchEmbed(nn.Module):
+    """`Conv2d(patch, stride=patch)` then row-major flatten: `[B, C, H, W] -> [B, H/p * W/p, hidden]`."""
+
+    def __init__(self, config: DefocusVisionConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
+                              stride=config.patch_size, bias=True)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be [batch, channels, height, width], got {tuple(pixel_values.shape)}")
+        height, width = pixel_values.shape[-2:]
+        p = self.patch_size
+        if height < p or width < p or height % p or width % p:
+            raise ValueError(f"Image size {height}x{width} is not a positive multiple of the patch size {p}")
+        if pixel_values.shape[1] != self.proj.in_channels:
+            raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, the encoder expects "
+                             f"{self.proj.in_channels}")
+        x = self.proj(pixel_values.to(self.proj.weight.dtype))  # [B, hidden, H/p, W/p]
+        return x.flatten(2).transpose(1, 2)
+
+
+class DefocusBlock(GradientCheckpointingLayer):
+    """`x = x + drop_path(mixer(RMSNorm(x)))` with the residual stream in fp32."""
+
+    def __init__(self, config: DefocusVisionConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm = DefocusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = build_mixer(config, layer_idx)
+        self.drop_path_rate = 0.0  # set at run time by `DefocusPreTrainedModel.set_drop_path_rate`
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states.float()
+        out = self.mixer(self.norm(hidden_states))
+        return residual + drop_path(out, self.drop_path_rate, self.training).float()
+
+
+class DefocusPreTrainedModel(PreTrainedModel):
+    config_class = DefocusVisionConfig
+    base_model_prefix = "defocus"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DefocusBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+            # PyTorch's default conv init, which the release keeps for the patch embedding and the causal conv
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, DefocusRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DefocusVisionModel):
+            init.trunc_normal_(module.cls_token, std=std)
+            if module.pos_embed is not None:
+                init.trunc_normal_(module.pos_embed, std=std)
+        # the mixer's own parameters; `apply` visits children first, so its Linears are already done
+        if hasattr(module, "_init_mixer_weights"):
+            module._init_mixer_weights()
+
+    def set_drop_path_rate(self, rate: float) -> list[float]:
+        """Set the stochastic-depth rate of the last layer; layer `i` gets `rate * i / (depth - 1)`.
+
+        Called at run time by the scheduled-drop-path callback. Returns the per-layer rates.
+        """
+        blocks = [m for m in self.modules() if isinstance(m, DefocusBlock)]
+        depth = len(blocks)
+        rates = [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        for block, r in zip(blocks, rates):
+            block.drop_path_rate = r
+        return rates
+
+
+class DefocusVisionModel(DefocusPreTrainedModel):
+    """The encoder: patch embedding, CLS appended last, De-focus blocks, final LayerNorm over all tokens."""
+
+    def __init__(self, config: DefocusVisionConfig) -> None:
+        super().__init__(config)
+        self.patch_size = config.patch_size  # read by LlavaModel when image sizes are given
+        self.patch_embed = DefocusPatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        if config.use_abs_pos_embed:
+            grid = config.image_size // config.patch_size
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, config.hidden_size))
+        else:
+            self.pos_embed = None
+        self.blocks = nn.ModuleList([DefocusBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+        self.set_drop_path_rate(config.drop_path_rate)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch tokens plus the appended CLS token, `[B, L, hidden]` with `L = (H/p)(W/p) + 1`."""
+        x = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            if self.pos_embed.shape[1] != x.shape[1]:
+                raise ValueError(f"use_abs_pos_embed=True fixes the grid to {self.pos_embed.shape[1]} patches, the "
+                                 f"image gives {x.shape[1]}")
+            x = x + self.pos_embed
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([x, cls], dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: Optional[Union[bool, int, list]] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple, BaseModelOutputWithPooling]:
+        r"""
+        Returns `last_hidden_state` `[B, L, hidden]` (final LayerNorm, CLS token last), `pooler_output` (the last
+        token) and, when asked, `hidden_states`: the embedding output, the residual stream after each block but the
+        last, and the final normalised output (HF decoder convention, so `hidden_states[-1]` is well scaled).
+
+        `output_hidden_states` may also be a layer index or list of indices (as `LlavaModel` passes its
+        `vision_feature_layer`); any such request returns all hidden states.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        want_hidden = output_hidden_states is not None and output_hidden_states is not False
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        hidden = self.embed(pixel_values)
+        all_hidden = [hidden] if want_hidden else None
+        for i, block in enumerate(self.blocks):
+            hidden = block(hidden)
+            if want_hidden and i < len(self.blocks) - 1:
+                all_hidden.append(hidden)
+        hidden = self.norm(hidden.to(self.norm.weight.dtype))
+        if want_hidden:
+            all_hidden.append(hidden)
+        pooled = hidden[:, -1]
+        if not return_dict:
+            return tuple(v for v in (hidden, pooled, tuple(all_hidden) if want_hidden else None) if v is not None)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled,
+                                          hidden_states=tuple(all_hidden) if want_hidden else None)
+
+
+@dataclass
+class DefocusImageClassifierOutput(ModelOutput):
+    """`logits [B, C]` from the CLS head; `aux_logits` `[B, L-1, C]` ("per_token") or `[B, C]` ("pooled")."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    aux_logits: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+def _make_head(config: DefocusVisionConfig) -> nn.Module:
+    if config.head_type == "mlp":
+        return nn.Sequential(nn.Linear(config.hidden_size, 3 * config.hidden_size), nn.Tanh(),
+                             nn.Linear(3 * config.hidden_size, config.num_labels))
+    return nn.Linear(config.hidden_size, config.num_labels)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy for hard labels `[B]` or soft (mixup / cutmix) targets `[B, C]`; `logits` may carry extra
+    token dims before the class dim (`[B, T, C]`), in which case every token is scored against its sample's label."""
+    num_classes = logits.shape[-1]
+    if logits.dim() == 3:
+        tokens = logits.shape[1]
+        labels = labels.unsqueeze(1).expand(-1, tokens, *labels.shape[1:])
+    logits = logits.reshape(-1, num_classes).float()
+    if labels.is_floating_point():
+        return torch.sum(-labels.reshape(-1, num_classes) * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, labels.reshape(-1), label_smoothing=label_smoothing)
+
+
+class DefocusForImageClassification(DefocusPreTrainedModel):
+    """The encoder with the CLS head and the auxiliary head of the paper; loss = (main + aux) / 2."""
+
+    def __init__(self, config: DefocusVisionConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.defocus = DefocusVisionModel(config)
+        self.head = _make_head(config)
+        self.head2 = _make_head(config) if config.aux_loss_mode != "none" else None
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple, DefocusImageClassifierOutput]:
+        r"""
+        labels (`torch.LongTensor` of shape `[B]` or soft targets `torch.FloatTensor` of shape `[B, num_labels]`):
+            Classification targets; the loss is the mean of the CLS-head loss and the aux-head loss.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.defocus(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        tokens = outputs.last_hidden_state
+        logits = self.head(tokens[:, -1])
+        aux_logits = None
+        if self.head2 is not None:
+            image_tokens = tokens[:, :-1]
+            if self.config.aux_loss_mode == "pooled":
+                image_tokens = image_tokens.mean(1)
+            aux_logits = self.head2(image_tokens)
+        loss = None
+        if labels is not None:
+            smoothing = self.config.label_smoothing
+            loss = classification_loss(logits, labels, smoothing)
+            if aux_logits is not None:
+                loss = (loss + classification_loss(aux_logits, labels, smoothing)) / 2
+        if not return_dict:
+            return tuple(v for v in (loss, logits, aux_logits, outputs.hidden_states) if v is not None)
+        return DefocusImageClassifierOutput(loss=loss, logits=logits, aux_logits=aux_logits,
+                                            hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "DefocusBlock",
+    "DefocusForImageClassification",
+    "DefocusImageClassifierOutput",
+    "DefocusPreTrainedModel",
+    "DefocusRMSNorm",
+    "DefocusVisionModel",
+    "classification_loss",
+    "drop_path",
+]

@@ -1,0 +1,39 @@
+"""Causal depthwise 1D convolution followed by SiLU, with the causal-conv1d CUDA kernel when present."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _causal_conv1d_fn():
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # ImportError, or its CUDA extension failing to load
+        return None
+    return causal_conv1d_fn
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """`silu(conv1d(x))` with left padding `K - 1`, one filter per channel.
+
+    Args:
+        x: `[B, D, L]`.
+        weight: `[D, K]` (or the `[D, 1, K]` of an `nn.Conv1d`).
+        bias: `[D]` or None.
+        backend: `"torch"`, `"cuda"` or None (CUDA kernel for CUDA tensors when causal-conv1d imports).
+    """
+    weight = weight.reshape(weight.shape[0], -1)
+    fn = _causal_conv1d_fn() if backend != "torch" and x.is_cuda else None
+    if backend == "cuda" and fn is None:
+        raise RuntimeError("causal_conv1d_silu: the causal-conv1d CUDA kernel is not available")
+    if fn is not None:
+        return fn(x.contiguous(), weight.to(x.dtype).contiguous(),
+                  None if bias is None else bias.to(x.dtype), activation="silu")
+    kernel = weight.shape[-1]
+    out = F.conv1d(F.pad(x, (kernel - 1, 0)), weight.unsqueeze(1).to(x.dtype),
+                   None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+    return F.silu(out)

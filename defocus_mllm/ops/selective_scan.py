@@ -1,0 +1,173 @@
+"""Selective scan (Mamba's S6 recurrence) with backend dispatch.
+
+For every batch b, channel d and state n::
+
+    s_t = exp(delta_t * A) * s_{t-1} + delta_t * B_t * u_t        (s_0 = 0)
+    y_t = sum_n C_t * s_t
+
+No `D` skip term, gate or `delta` bias inside the scan: the De-focus mixer applies those itself.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_BACKENDS: dict[str, ScanFn] = {}
+_AVAILABLE: dict[str, Callable[[], bool]] = {}
+
+
+def register_selective_scan_backend(name: str, fn: ScanFn, is_available: Callable[[], bool] = lambda: True) -> None:
+    """Register a scan implementation, e.g. a native CPU kernel: `fn(u, delta, A, B, C) -> y`."""
+    _BACKENDS[name] = fn
+    _AVAILABLE[name] = is_available
+
+
+def available_backends() -> list[str]:
+    return [name for name, ok in _AVAILABLE.items() if ok()]
+
+
+class _SelectiveScanTorch(torch.autograd.Function):
+    """Sequential scan in fp32 with a hand-written reverse-time backward.
+
+    A plain autograd loop records ~10 graph nodes per time step; doing the adjoint recurrence by hand keeps the
+    same O(L) small-tensor work but skips autograd's bookkeeping. Only the states `s_t` are saved (the same
+    `[L, B, D, N]` an autograd loop keeps); `exp(delta_t A)` is recomputed in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):  # noqa: D102 - shapes in `selective_scan`
+        dtype = u.dtype
+        u32, delta32, A32, B32, C32 = (t.float() for t in (u, delta, A, B, C))
+        batch, dim, length = u32.shape
+        n = A32.shape[1]
+        # time-major copies so that each step reads contiguous memory
+        du_t = (delta32 * u32).permute(2, 0, 1).contiguous()  # [L, B, D]
+        delta_t = delta32.permute(2, 0, 1).contiguous()  # [L, B, D]
+        B_t = B32.permute(2, 0, 1).contiguous()  # [L, B, N]
+        C_t = C32.permute(2, 0, 1).contiguous().unsqueeze(-1)  # [L, B, N, 1]
+        states = u32.new_empty(length, batch, dim, n)
+        ys = u32.new_empty(length, batch, dim)
+        s = u32.new_zeros(batch, dim, n)
+        for t in range(length):
+            decay = torch.exp(delta_t[t].unsqueeze(-1) * A32)  # [B, D, N]
+            s = torch.addcmul(decay * s, du_t[t].unsqueeze(-1), B_t[t].unsqueeze(1))
+            states[t] = s
+            ys[t] = torch.bmm(s, C_t[t]).squeeze(-1)
+        ctx.save_for_backward(u32, delta32, A32, B32, C32, states)
+        ctx.input_dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
+        return ys.permute(1, 2, 0).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, delta, A, B, C, states = ctx.saved_tensors
+        length = u.shape[-1]
+        gy_t = grad_y.float().permute(2, 0, 1).contiguous()  # [L, B, D]
+        u_t = u.permute(2, 0, 1)
+        delta_t = delta.permute(2, 0, 1)
+        B_t = B.permute(2, 0, 1)
+        C_t = C.permute(2, 0, 1)
+        grad_u = torch.empty_like(gy_t)
+        grad_delta = torch.empty_like(gy_t)
+        grad_B = u.new_empty(length, *B_t.shape[1:])
+        grad_C = u.new_empty(length, *C_t.shape[1:])
+        grad_A = torch.zeros_like(A)
+        g_s = torch.zeros_like(states[0])  # dLoss/ds_t flowing back from the future
+        for t in range(length - 1, -1, -1):
+            gy = gy_t[t]
+            g_s = torch.addcmul(g_s, gy.unsqueeze(-1), C_t[t].unsqueeze(1))  # [B, D, N]
+            grad_C[t] = torch.bmm(gy.unsqueeze(1), states[t]).squeeze(1)
+            dt = delta_t[t]
+            decay = torch.exp(dt.unsqueeze(-1) * A)
+            # through s_t = decay * s_{t-1} + delta_t u_t B_t
+            g_b = torch.bmm(g_s, B_t[t].unsqueeze(-1)).squeeze(-1)  # sum_n g_s * B, [B, D]
+            grad_u[t] = g_b * dt
+            grad_B[t] = torch.bmm((dt * u_t[t]).unsqueeze(1), g_s).squeeze(1)
+            if t > 0:
+                g_decay = g_s * states[t - 1] * decay  # d/d(delta A) of exp(delta A) * s_{t-1}
+                grad_delta[t] = g_b * u_t[t] + (g_decay * A).sum(-1)
+                grad_A += (g_decay * dt.unsqueeze(-1)).sum(0)
+            else:
+                grad_delta[t] = g_b * u_t[t]
+            g_s = g_s * decay
+        to = lambda g, i: g.to(ctx.input_dtypes[i])  # noqa: E731
+        return (
+            to(grad_u.permute(1, 2, 0), 0),
+            to(grad_delta.permute(1, 2, 0), 1),
+            to(grad_A, 2),
+            to(grad_B.permute(1, 2, 0), 3),
+            to(grad_C.permute(1, 2, 0), 4),
+        )
+
+
+def selective_scan_torch(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         C: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch selective scan (fp32 accumulation, differentiable, any device)."""
+    return _SelectiveScanTorch.apply(u, delta, A, B, C)
+
+
+def _mamba_ssm_available() -> bool:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception:  # ImportError, or the CUDA extension failing to load
+        return False
+    return torch.cuda.is_available()
+
+
+def selective_scan_cuda(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        C: torch.Tensor) -> torch.Tensor:
+    """mamba-ssm's fused CUDA kernel (`selective_scan_fn`), without D, gate or delta bias."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
+                             C.contiguous(), None, None, None, delta_softplus=False)
+
+
+register_selective_scan_backend("torch", selective_scan_torch)
+register_selective_scan_backend("cuda", selective_scan_cuda, _mamba_ssm_available)
+
+
+def _default_backend(u: torch.Tensor) -> str:
+    forced = os.environ.get("DEFOCUS_SCAN_BACKEND")
+    if forced:
+        return forced
+    if u.is_cuda and _AVAILABLE["cuda"]():
+        return "cuda"
+    return "torch"
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """Run the selective scan.
+
+    Args:
+        u, delta: `[B, D, L]` input and (already positive) time steps.
+        A: `[D, N]` state matrix (negative reals).
+        B, C: `[B, N, L]` input-dependent input / output projections.
+        backend: `"torch"`, `"cuda"` or any registered name; `None` picks `"cuda"` for CUDA tensors when mamba-ssm
+            is importable, else `"torch"` (the `DEFOCUS_SCAN_BACKEND` environment variable overrides).
+
+    Returns:
+        `y: [B, D, L]` in `u`'s dtype.
+    """
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"selective_scan: u and delta must be [B, D, L] of one shape, got {tuple(u.shape)} and "
+                         f"{tuple(delta.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be [D={dim}, N], got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (batch, n, length):
+            raise ValueError(f"selective_scan: {name} must be [B={batch}, N={n}, L={length}], got {tuple(t.shape)}")
+    name = backend or _default_backend(u)
+    if name not in _BACKENDS:
+        raise ValueError(f"selective_scan: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
+    if not _AVAILABLE[name]():
+        raise RuntimeError(f"selective_scan: backend {name!r} is not available here (available: "
+                           f"{available_backends()}); install the `cuda` extra on a CUDA machine")
+    return _BACKENDS[name](u, delta, A, B, C)
