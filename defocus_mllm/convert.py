@@ -172,7 +172,10 @@ def infer_config(sd: dict[str, torch.Tensor], **overrides: Any) -> DefocusVision
     has_aux = any(k.startswith("head2.") for k in sd)
     kwargs["aux_loss_mode"] = "per_token" if has_aux else "none"
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return DefocusVisionConfig(**kwargs)
+    try:
+        return DefocusVisionConfig(**kwargs)
+    except ValueError as exc:
+        raise CheckpointError(f"the inferred configuration is invalid: {exc}") from exc
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -189,8 +192,11 @@ def convert_checkpoint(src: str | Path, out_dir: Optional[str | Path] = None, *,
     (detection) becomes a `DefocusVisionModel`.
     """
     sd = extract_state_dict(load_checkpoint(src), use_ema=use_ema, source=str(src))
-    config = infer_config(sd, delta_scale_factor=delta_scale_factor, rope_scale_factor=rope_scale_factor,
-                          image_size=image_size, group_norm_size=group_norm_size)
+    try:
+        config = infer_config(sd, delta_scale_factor=delta_scale_factor, rope_scale_factor=rope_scale_factor,
+                              image_size=image_size, group_norm_size=group_norm_size)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{src}: {exc}") from exc
     has_head = any(k.startswith("head.") for k in sd)
     if has_head:
         model, weights = DefocusForImageClassification(config), to_hf_state_dict(sd)

@@ -42,7 +42,9 @@ class _SelectiveScanTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C):  # noqa: D102 - shapes in `selective_scan`
         dtype = u.dtype
-        u32, delta32, A32, B32, C32 = (t.float() for t in (u, delta, A, B, C))
+        # fp32 accumulation for fp32/bf16/fp16 inputs; float64 inputs (gradcheck) stay float64
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        u32, delta32, A32, B32, C32 = (t.to(compute) for t in (u, delta, A, B, C))
         batch, dim, length = u32.shape
         n = A32.shape[1]
         # time-major copies so that each step reads contiguous memory
@@ -66,7 +68,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
     def backward(ctx, grad_y):
         u, delta, A, B, C, states = ctx.saved_tensors
         length = u.shape[-1]
-        gy_t = grad_y.float().permute(2, 0, 1).contiguous()  # [L, B, D]
+        gy_t = grad_y.to(u.dtype).permute(2, 0, 1).contiguous()  # [L, B, D]
         u_t = u.permute(2, 0, 1)
         delta_t = delta.permute(2, 0, 1)
         B_t = B.permute(2, 0, 1)
