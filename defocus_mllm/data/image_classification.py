@@ -1,0 +1,152 @@
+"""Image-classification data for encoder pretraining: an image-folder tree or a Hugging Face dataset.
+
+* `ImageFolderDataset`: the ImageNet layout, `root/<class name>/<image>`; class ids follow the sorted class names
+  (as torchvision's `ImageFolder`), and a validation folder reuses the training folder's mapping.
+* `HFImageClassificationDataset`: any `datasets.Dataset` with an image column and an integer label column.
+* `ImageClassificationCollator`: stacks `{"pixel_values", "labels"}`.
+* `RepeatedAugmentationSampler`: DeiT's repeated augmentation for the Trainer.
+
+Images load lazily; a missing or corrupt file raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB, with an error naming the file when it is missing or not an image."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"Cannot read image file {path}: {err}") from err
+
+
+def find_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the class sub-folders of `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {root} does not exist or is not a directory")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"Image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    return classes
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/<image>` -> `{"pixel_values": transform(image), "labels": class id}`.
+
+    Args:
+        root: the split folder (e.g. `imagenet/train`).
+        transform: PIL image -> tensor (e.g. `ImageClassificationTransform`).
+        classes: the class names in id order; default the sorted sub-folders of `root`. Pass the training split's
+            `classes` for the validation split so the ids agree; a validation class missing from it is an error.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Transform, classes: Optional[Sequence[str]] = None) -> None:
+        self.root = Path(root)
+        found = find_classes(self.root)
+        self.classes = list(classes) if classes is not None else found
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        unknown = sorted(set(found) - set(self.class_to_idx))
+        if unknown:
+            raise ValueError(f"Image folder {self.root} has classes absent from the training classes: {unknown[:5]}")
+        self.samples: list[tuple[str, int]] = []
+        for name in found:
+            for dirpath, _, filenames in sorted(os.walk(self.root / name, followlinks=True)):
+                for filename in sorted(filenames):
+                    if filename.lower().endswith(IMAGE_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, filename), self.class_to_idx[name]))
+        if not self.samples:
+            raise ValueError(f"Image folder {self.root} has no images with extensions {IMAGE_EXTENSIONS}")
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[index]
+        return {"pixel_values": self.transform(load_rgb_image(path)), "labels": label}
+
+
+class HFImageClassificationDataset(Dataset):
+    """A `datasets.Dataset` with an image column (PIL images, file paths or `{"bytes"/"path"}` dicts) and an integer
+    label column -> `{"pixel_values", "labels"}`."""
+
+    def __init__(self, dataset, transform: Transform, image_column: str = "image", label_column: str = "label") -> None:
+        missing = [c for c in (image_column, label_column) if c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"Dataset has no column(s) {missing}; its columns are {dataset.column_names} "
+                             f"(set image_column / label_column)")
+        self.dataset, self.transform = dataset, transform
+        self.image_column, self.label_column = image_column, label_column
+        feature = dataset.features.get(label_column) if getattr(dataset, "features", None) else None
+        self.classes: Optional[list[str]] = list(feature.names) if hasattr(feature, "names") else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.dataset[index]
+        image, label = row[self.image_column], row[self.label_column]
+        if isinstance(image, (str, os.PathLike)):
+            image = load_rgb_image(image)
+        elif isinstance(image, dict):
+            image = load_rgb_image(io.BytesIO(image["bytes"])) if image.get("bytes") else load_rgb_image(image["path"])
+        elif not isinstance(image, Image.Image):
+            raise ValueError(f"Sample {index}: column {self.image_column!r} holds {type(image).__name__}, not an image")
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise ValueError(f"Sample {index}: column {self.label_column!r} holds {label!r}, not an integer class id")
+        return {"pixel_values": self.transform(image), "labels": label}
+
+
+class ImageClassificationCollator:
+    """Stack samples into `{"pixel_values": [B, 3, H, W], "labels": [B]}`."""
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+                "labels": torch.tensor([int(s["labels"]) for s in samples], dtype=torch.long)}
+
+
+class RepeatedAugmentationSampler(Sampler[int]):
+    """DeiT's repeated augmentation: each epoch draws `ceil(n / repeats)` images and yields each `repeats` times in a
+    row (each copy gets its own random augmentation), truncated to `n` indices so an epoch keeps its length.
+
+    The Trainer's distributed dataloader deals consecutive batches to different processes, so the copies of one
+    image mostly land in the same batch; the effect DeiT wants (several views of fewer images per epoch) holds.
+    """
+
+    def __init__(self, num_samples: int, repeats: int = 3, seed: int = 0) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.num_samples, self.repeats, self.seed, self.epoch = num_samples, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        chosen = torch.randperm(self.num_samples, generator=generator)[: math.ceil(self.num_samples / self.repeats)]
+        return iter(chosen.repeat_interleave(self.repeats)[: self.num_samples].tolist())
