@@ -1,0 +1,70 @@
+"""VQA evaluation: official metrics, benchmark loaders and a resumable batched answering loop.
+
+Typical use (``eval/run.py`` is a thin command line over this)::
+
+    from defocus_mllm.evaluation import run_benchmark
+    report = run_benchmark(model, processor, "pope", data="playground/data/eval/pope", output_dir="out/pope")
+"""
+
+from .answer_processing import normalize_answer, vqa_accuracy
+from .benchmarks import (
+    BENCHMARKS,
+    EASY_VQA_INSTRUCTION,
+    LETTER_ANSWER,
+    SHORT_ANSWER,
+    Benchmark,
+    get_benchmark,
+    with_instruction,
+)
+from .generation import build_prompt, generate_answers, read_predictions, run_benchmark
+from .metrics import (
+    MME_COGNITION,
+    MME_PERCEPTION,
+    circular_shift,
+    easy_vqa_scores,
+    extract_mmbench_letter,
+    extract_sqa_letter,
+    gqa_accuracy,
+    mmbench_circular_accuracy,
+    mme_scores,
+    normalize_gqa_answer,
+    parse_yes_no_mme,
+    parse_yes_no_pope,
+    pope_metrics,
+)
+from .report import results_row, summarize_dirs, summary_table
+from .sources import BenchmarkDataError, Sample
+
+__all__ = [
+    "BENCHMARKS",
+    "EASY_VQA_INSTRUCTION",
+    "LETTER_ANSWER",
+    "MME_COGNITION",
+    "MME_PERCEPTION",
+    "SHORT_ANSWER",
+    "Benchmark",
+    "BenchmarkDataError",
+    "Sample",
+    "build_prompt",
+    "circular_shift",
+    "easy_vqa_scores",
+    "extract_mmbench_letter",
+    "extract_sqa_letter",
+    "generate_answers",
+    "get_benchmark",
+    "gqa_accuracy",
+    "mmbench_circular_accuracy",
+    "mme_scores",
+    "normalize_answer",
+    "normalize_gqa_answer",
+    "parse_yes_no_mme",
+    "parse_yes_no_pope",
+    "pope_metrics",
+    "read_predictions",
+    "results_row",
+    "run_benchmark",
+    "summarize_dirs",
+    "summary_table",
+    "vqa_accuracy",
+    "with_instruction",
+]
