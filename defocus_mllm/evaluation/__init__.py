@@ -16,7 +16,7 @@ from .benchmarks import (
     get_benchmark,
     with_instruction,
 )
-from .generation import build_prompt, generate_answers, read_predictions, run_benchmark
+from .generation import build_prompt, generate_answers, is_main_process, read_predictions, run_benchmark
 from .metrics import (
     MME_COGNITION,
     MME_PERCEPTION,
@@ -52,6 +52,7 @@ __all__ = [
     "extract_sqa_letter",
     "generate_answers",
     "get_benchmark",
+    "is_main_process",
     "gqa_accuracy",
     "mmbench_circular_accuracy",
     "mme_scores",

@@ -187,12 +187,29 @@ class _SingleProcess:
         pass
 
 
-def _state():
+def distributed_state():
+    """accelerate's ``PartialState`` (a single-process stand-in without accelerate).
+
+    On a machine without CUDA, ``accelerate launch --multi_gpu --num_processes N`` starts N processes
+    but ``PartialState()`` would leave each of them alone (it only uses gloo when asked for the CPU),
+    so all N would answer every question and write the same files. Asking for the CPU when the
+    launcher's ``WORLD_SIZE`` says there are several processes joins them into one gloo group.
+    """
     try:
         from accelerate import PartialState
     except ImportError:
         return _SingleProcess()
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return PartialState(cpu=True)
     return PartialState()
+
+
+_state = distributed_state
+
+
+def is_main_process() -> bool:
+    """True in the process that writes the outputs (always, without ``accelerate launch``)."""
+    return _state().is_main_process
 
 
 def _split(state, items: list) -> list:

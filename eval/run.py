@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Run a VQA benchmark on a saved model directory, or summarise finished runs.
+
+    python eval/run.py --model DIR --benchmark pope --data playground/data/eval/pope --output out/pope
+    accelerate launch --num_processes 8 eval/run.py --model DIR --benchmark vqav2 --data ... --output ...
+    python eval/run.py --model DIR --benchmark easy-vqa            # no data needed
+    python eval/run.py --summary out/pope out/gqa out/mme          # Markdown table of several runs
+
+Benchmarks: vqav2, gqa, textvqa, vizwiz, pope, scienceqa, mme, mmbench, easy-vqa. ``--data`` is a
+LLaVA-1.5 eval folder (``playground/data/eval/<benchmark>``) or a local lmms-lab dataset folder;
+docs/evaluation.md lists the files each benchmark needs. Re-running with the same ``--output``
+resumes: questions already answered there are not asked again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# the library does the work; this script only parses arguments and loads the model
+from defocus_mllm.evaluation import BENCHMARKS, is_main_process, results_row, run_benchmark, summarize_dirs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--summary", nargs="+", metavar="DIR", help="print a table of finished runs and exit")
+    p.add_argument("--model", help="saved model directory (AutoModelForImageTextToText + AutoProcessor)")
+    p.add_argument("--benchmark", choices=sorted(BENCHMARKS))
+    p.add_argument("--data", help="LLaVA-1.5 eval folder, lmms-lab dataset folder, or a question/parquet file")
+    p.add_argument("--split", help="split of an lmms-lab folder holding several (e.g. validation, testdev)")
+    p.add_argument("--question-file", help="override the LLaVA question file (default: the one LLaVA-1.5 uses)")
+    p.add_argument("--image-folder", help="override the LLaVA image folder")
+    p.add_argument("--annotation-file", help="ground truth for splits LLaVA scores elsewhere (e.g. VQAv2 val)")
+    p.add_argument("--limit", type=int, help="answer only the first N questions (MMBench: N questions x passes)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (128; 16 for easy-VQA)")
+    p.add_argument("--output", help="output folder (default: outputs/eval/<model>/<benchmark>)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--model-name", help="name shown in results tables (default: the model folder's name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.summary is None and (args.model is None or args.benchmark is None):
+        p.error("--model and --benchmark are required (or --summary DIR ...)")
+    return args
+
+
+def load_model(model_dir: str, dtype: str = "auto"):
+    """The model and processor of a saved directory, on this process's device."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import defocus_mllm  # noqa: F401  (registers the De-focus encoder with the Auto classes)
+
+    from defocus_mllm.evaluation.generation import distributed_state
+
+    device = getattr(distributed_state(), "device", None)
+    if device is None:  # no accelerate installed
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+    return model.eval(), processor
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summary is not None:
+        print(summarize_dirs(args.summary))
+        return 0
+    model, processor = load_model(args.model, args.dtype)
+    name = args.model_name or Path(args.model).resolve().name
+    output = args.output or str(Path("outputs") / "eval" / name / args.benchmark)
+    report = run_benchmark(
+        model, processor, args.benchmark, args.data,
+        split=args.split, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        output_dir=output, model_name=name, question_file=args.question_file, image_folder=args.image_folder,
+        annotation_file=args.annotation_file, show_progress=not args.quiet,
+    )
+    if is_main_process():
+        print(results_row(report, header=True))
+        print(json.dumps(report["headline"]))
+        print(f"outputs in {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
