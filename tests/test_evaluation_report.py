@@ -1,0 +1,52 @@
+"""Results rows and the side-by-side summary table (no model needed)."""
+
+import json
+
+import pytest
+
+from defocus_mllm.evaluation import results_row, summarize_dirs, summary_table
+
+
+def _report(model, benchmark, headline, split="test"):
+    return {"model": model, "benchmark": benchmark, "split": split, "num_questions": 10, "headline": headline}
+
+
+def test_results_row_with_header():
+    row = results_row(_report("m", "pope", {"POPE F1": 85.1234, "POPE acc": None}), header=True)
+    assert row.splitlines() == [
+        "| model | benchmark | split | questions | POPE F1 | POPE acc |",
+        "|---|---|---|---|---|---|",
+        "| m | pope | test | 10 | 85.12 | - |",
+    ]
+
+
+def test_summary_table_puts_runs_side_by_side():
+    reports = [
+        _report("model-b", "easy-vqa", {"easy-VQA": 50.0}),
+        _report("model-a", "mme", {"MME-P": 1200.5, "MME-C": 300.0}),
+        _report("model-a", "gqa", {"GQA": 61.234}),
+        _report("model-b", "gqa", {"GQA": 40.0}),
+    ]
+    lines = summary_table(reports).splitlines()
+    # benchmarks in LLaVA's table order regardless of the order of the runs
+    assert lines[0] == "| model | GQA | MME-P | MME-C | easy-VQA |"
+    assert lines[1] == "|---|---|---|---|---|"
+    assert "| model-a | 61.23 | 1200.50 | 300.00 | - |" in lines
+    assert "| model-b | 40.00 | - | - | 50.00 |" in lines
+    assert len(lines) == 4
+
+
+def test_summary_table_separates_splits():
+    table = summary_table([_report("m", "vqav2", {"VQAv2": 70.0}, "validation"),
+                           _report("m", "vqav2", {"VQAv2": None}, "testdev")])
+    assert table.splitlines()[0] == "| model | VQAv2 (testdev) | VQAv2 (validation) |"
+    assert table.splitlines()[2] == "| m | - | 70.00 |"
+
+
+def test_summarize_dirs_reads_metrics_json(tmp_path):
+    for name, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(_report(name, "gqa", {"GQA": value})))
+    assert summarize_dirs([tmp_path / "a", tmp_path / "b"]).splitlines()[2:] == ["| a | 1.00 |", "| b | 2.00 |"]
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        summarize_dirs([tmp_path])
