@@ -1,0 +1,278 @@
+"""End to end: every benchmark name through eval/run.py's main() on the fixture datasets of
+tests/test_evaluation_loaders.py, with a tiny De-focus LLaVA saved to disk (no hub access). The
+model is untrained: the tests check files, counts, resuming, process splitting and metric plumbing,
+not accuracy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import defocus_mllm.evaluation.generation as generation
+from defocus_mllm.evaluation import BenchmarkDataError, generate_answers, get_benchmark, run_benchmark
+from test_evaluation_loaders import FIXTURES, make_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_PY = REPO / "eval" / "run.py"
+
+
+def _load_run_module():
+    spec = importlib.util.spec_from_file_location("eval_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load_run_module()
+
+
+def _build_tiny_llava(path: Path):
+    """A tiny De-focus Mamba + Llama LLaVA and its processor, saved to `path`. Weights are drawn with a
+    large std so that answers depend on the image and the question (a freshly initialised tiny model
+    answers everything the same way, which would hide padding or ordering mistakes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    from defocus_mllm import DefocusVisionConfig
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2, "</s>": 3, "<image>": 4}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    vision = DefocusVisionConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, time_step_rank=4,
+                                 group_norm_size=16, patch_size=8, image_size=32)
+    text = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                       pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=4,
+                         vision_feature_select_strategy="full", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+        "{% else %}ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="full",
+                               num_additional_image_tokens=1, chat_template=template)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llava")
+    _build_tiny_llava(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(model_dir):
+    return run.load_model(str(model_dir), "float32")
+
+
+def _cli_args(kwargs: dict) -> list[str]:
+    flags = {"data": "--data", "split": "--split", "question_file": "--question-file",
+             "image_folder": "--image-folder", "annotation_file": "--annotation-file"}
+    out = []
+    for key, value in kwargs.items():
+        out += [flags[key], str(value)]
+    return out
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ the generation loop
+
+
+def test_generate_answers_is_batch_invariant_and_writes_lines(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    samples = get_benchmark("easy-vqa").load(limit=7)
+    out = tmp_path / "preds.jsonl"
+    batched = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=4, output_file=out,
+                               show_progress=False)
+    single = generate_answers(model, processor, samples, batch_size=1, max_new_tokens=4, show_progress=False)
+    # prompts of different lengths share a batch: left padding must not change any answer
+    assert batched == single
+    assert len(set(batched.values())) > 1, "the test model should answer questions differently"
+    lines = _lines(out)
+    assert [r["question_id"] for r in lines] == list(range(7))
+    assert all(r["prompt"] == s.prompt and r["answer"] == batched[s.question_id] for r, s in zip(lines, samples))
+    assert processor.tokenizer.padding_side == "right"  # restored
+    assert not model.training
+
+
+# ------------------------------------------------------------------ every benchmark, both layouts
+
+CASES = sorted(FIXTURES) + [("easy-vqa", "package")]
+
+
+@pytest.mark.parametrize("name,layout", CASES)
+def test_eval_run_end_to_end(name, layout, model_dir, tmp_path):
+    fx = make_fixture(name, layout, tmp_path / "data")
+    out = tmp_path / "out"
+    limit = ["--limit", "5"] if name == "easy-vqa" else []
+    assert run.main(["--model", str(model_dir), "--benchmark", name, *_cli_args(fx["kwargs"]), *limit,
+                     "--batch-size", "4", "--max-new-tokens", "3", "--output", str(out), "--quiet"]) == 0
+
+    bench = get_benchmark(name)
+    samples = bench.load(**fx["kwargs"], limit=5 if name == "easy-vqa" else None)
+    preds = _lines(out / "predictions.jsonl")
+    assert [p["question_id"] for p in preds] == [s.question_id for s in samples]
+    assert all(isinstance(p["answer"], str) and p["prompt"] == s.prompt for p, s in zip(preds, samples))
+    assert not list(out.glob("predictions.rank*.jsonl"))
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["benchmark"] == name and report["num_questions"] == len(samples)
+    assert report["model"] == model_dir.name and report["split"]
+    assert list(report["headline"]) == [t or bench.title for _, t in bench.headline]
+    scored = fx["scored"]
+    for value in report["headline"].values():
+        assert (isinstance(value, float) and value >= 0) if scored else value is None
+    # the metrics are those of the answers written to predictions.jsonl
+    assert report["metrics"] == json.loads(json.dumps(bench.score(samples, {p["question_id"]: p["answer"] for p in preds})))
+
+    rows = (out / "results.md").read_text().splitlines()
+    assert rows[0].startswith("| model | benchmark | split | questions |") and rows[2].startswith(f"| {model_dir.name} | {name} |")
+
+    if fx.get("submission"):
+        sub = json.loads((out / "submission.json").read_text())
+        assert len(sub) == fx["submission"]
+        key = "image" if name == "vizwiz" else "question_id"
+        assert all(set(e) == {key, "answer"} for e in sub)
+    else:
+        assert not (out / "submission.json").exists()
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def test_interrupted_run_resumes_without_reanswering(model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--benchmark", "easy-vqa", "--batch-size", "2", "--max-new-tokens", "3",
+            "--output", str(out), "--quiet"]
+    run.main(args + ["--limit", "6"])
+    full = _lines(out / "predictions.jsonl")
+
+    # simulate an interruption: three answers flushed by process 0, a fourth cut mid-line, nothing merged
+    (out / "predictions.jsonl").unlink()
+    (out / "metrics.json").unlink()
+    kept = [dict(r, answer=f"KEPT{r['question_id']}") for r in full[:3]]
+    (out / "predictions.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + json.dumps(full[3])[:25])
+
+    asked = []
+    real = generation.generate_answers
+
+    def counting(model, processor, samples, **kw):
+        asked.extend(s.question_id for s in samples)
+        return real(model, processor, samples, **kw)
+
+    monkeypatch.setattr(generation, "generate_answers", counting)
+    run.main(args + ["--limit", "8"])
+    assert asked == [3, 4, 5, 6, 7]
+    preds = _lines(out / "predictions.jsonl")
+    assert [p["question_id"] for p in preds] == list(range(8))
+    assert [p["answer"] for p in preds[:3]] == ["KEPT0", "KEPT1", "KEPT2"]
+    assert [p["answer"] for p in preds[3:6]] == [r["answer"] for r in full[3:6]]  # greedy: same answers again
+    assert not list(out.glob("predictions.rank*.jsonl"))
+    assert json.loads((out / "metrics.json").read_text())["num_questions"] == 8
+
+    # nothing left to answer: no generation at all; a smaller --limit keeps the other answers
+    asked.clear()
+    run.main(args + ["--limit", "4"])
+    assert asked == []
+    preds = _lines(out / "predictions.jsonl")
+    assert len(preds) == 8 and json.loads((out / "metrics.json").read_text())["num_questions"] == 4
+
+
+def test_resume_refuses_answers_to_a_different_prompt(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text(json.dumps({"question_id": 0, "prompt": "old prompt", "answer": "red"}) + "\n")
+    with pytest.raises(ValueError, match="different prompt"):
+        run.main(["--model", str(model_dir), "--benchmark", "easy-vqa", "--limit", "2", "--output", str(out), "--quiet"])
+
+
+# ------------------------------------------------------------------ library call == CLI, summary, errors
+
+
+def test_run_benchmark_reports_what_the_cli_reports(model_and_processor, model_dir, tmp_path, capsys):
+    model, processor = model_and_processor
+    report = run_benchmark(model, processor, "easy-vqa", limit=6, batch_size=3, max_new_tokens=3, show_progress=False)
+    run.main(["--model", str(model_dir), "--benchmark", "easy-vqa", "--limit", "6", "--batch-size", "3",
+              "--max-new-tokens", "3", "--output", str(tmp_path / "cli"), "--quiet"])
+    cli = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert cli["metrics"] == report["metrics"] and cli["headline"] == report["headline"]
+
+    fx = make_fixture("gqa", "llava", tmp_path / "data")
+    run.main(["--model", str(model_dir), "--benchmark", "gqa", *_cli_args(fx["kwargs"]), "--max-new-tokens", "2",
+              "--output", str(tmp_path / "gqa"), "--quiet"])
+    capsys.readouterr()
+    assert run.main(["--summary", str(tmp_path / "cli"), str(tmp_path / "gqa")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| model | GQA | easy-VQA |"
+    assert table[2].startswith(f"| {model_dir.name} | ")
+
+
+def test_cli_errors(model_dir, tmp_path):
+    with pytest.raises(BenchmarkDataError, match="needs --data"):
+        run.main(["--model", str(model_dir), "--benchmark", "pope", "--output", str(tmp_path / "o"), "--quiet"])
+    with pytest.raises(SystemExit):
+        run.main(["--benchmark", "pope"])
+    with pytest.raises(SystemExit):
+        run.main(["--model", str(model_dir), "--benchmark", "imagenet"])
+
+
+# ------------------------------------------------------------------ accelerate launch, two processes
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_questions_over_two_processes(model_dir, tmp_path):
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # without CUDA, --multi_gpu starts the processes and the library joins them into one gloo group
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "29517", str(RUN_PY), "--model", str(model_dir), "--benchmark", "easy-vqa",
+           "--limit", "7", "--batch-size", "2", "--max-new-tokens", "3", "--output", str(out), "--quiet"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("| easy-vqa |") == 1  # only the main process reports
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["generation"]["num_processes"] == 2 and report["num_questions"] == 7
+    preds = _lines(out / "predictions.jsonl")
+    assert [p["question_id"] for p in preds] == list(range(7))  # padded duplicates dropped, order restored
+    assert not list(out.glob("predictions.rank*.jsonl"))
+
+    single = tmp_path / "one"
+    run.main(["--model", str(model_dir), "--benchmark", "easy-vqa", "--limit", "7", "--batch-size", "1",
+              "--max-new-tokens", "3", "--output", str(single), "--quiet"])
+    assert [p["answer"] for p in preds] == [p["answer"] for p in _lines(single / "predictions.jsonl")]
