@@ -93,7 +93,9 @@ class Benchmark:
     llava_annotation: str | None = None
     # (metric key, column title) shown in results tables
     headline: tuple[tuple[str, str], ...] = (("accuracy", ""),)
-    needs_data: bool = True
+    # set by load(): the split that was read (lmms-lab split name, or the LLaVA question file's stem)
+    split: str | None = None
+    _hf_split: str | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -134,9 +136,6 @@ class Benchmark:
         if check_images:
             check_images_exist(samples)
         return samples
-
-    split: str | None = None
-    _hf_split: str | None = None
 
     def _layout(self, base: Path, question_file: str | Path | None) -> str:
         if question_file is not None:
@@ -238,6 +237,7 @@ class VQAv2(_SoftVQA):
     # the full test2015 question list: LLaVA pads the test-dev submission with empty answers for the
     # test questions not in test-dev, which the server expects
     llava_test_all = "llava_vqav2_mscoco_test2015.jsonl"
+    _question_file: Path | None = None
 
     def load_llava(self, base, question_file, image_folder, annotation_file):
         gt = {}
@@ -267,8 +267,6 @@ class VQAv2(_SoftVQA):
                                   answers, {"answer_type": row.get("answer_type")}))
         self._question_file = None
         return samples
-
-    _question_file: Path | None = None
 
     def submission(self, samples, answers, data):
         """``[{"question_id", "answer"}]`` with post-processed answers (as LLaVA submits), padded with
@@ -758,7 +756,6 @@ class EasyVQA(Benchmark):
     title = "easy-VQA"
     instruction = EASY_VQA_INSTRUCTION
     max_new_tokens = 16
-    needs_data = False
 
     def load(self, data=None, *, split=None, question_file=None, image_folder=None, annotation_file=None,
              limit=None, check_images=True):
