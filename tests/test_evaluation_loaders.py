@@ -521,6 +521,17 @@ def test_split_choice_and_layout_errors(tmp_path):
         get_benchmark("imagenet")
 
 
+def test_several_configurations_must_be_chosen(tmp_path):
+    mmbench_hf(tmp_path)
+    cn = tmp_path / "MMBench" / "cn" / "dev-00000-of-00001.parquet"
+    cn.parent.mkdir()
+    (tmp_path / "MMBench" / "en" / "dev-00000-of-00001.parquet").rename(cn)
+    mmbench_hf(tmp_path)  # en again
+    with pytest.raises(BenchmarkDataError, match="several folders"):
+        get_benchmark("mmbench").load(data=tmp_path / "MMBench")
+    assert len(get_benchmark("mmbench").load(data=tmp_path / "MMBench" / "cn")) == 8
+
+
 def test_corrupt_embedded_image_names_question(tmp_path):
     d = tmp_path / "POPE"
     _parquet(d / "data" / "test-00000-of-00001.parquet",

@@ -181,6 +181,12 @@ class Benchmark:
                 f"{base} holds several splits {sorted(splits)}; choose one with --split"
             )
         (self._hf_split, files), = splits.items()
+        folders = sorted({str(f.parent) for f in files})
+        if len(folders) > 1:
+            # lmms-lab keeps each configuration (MMBench en/cn, ScienceQA-FULL/-IMG) in its own folder
+            raise BenchmarkDataError(
+                f"split {self._hf_split!r} has parquet files in several folders {folders}; point --data at one"
+            )
         for path in files:
             columns = parquet_columns(path)
             images = ParquetImageColumn(path, image_column) if image_column in columns else None
