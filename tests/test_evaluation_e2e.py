@@ -118,6 +118,7 @@ def test_generate_answers_is_batch_invariant_and_writes_lines(model_and_processo
     model, processor = model_and_processor
     samples = get_benchmark("easy-vqa").load(limit=7)
     out = tmp_path / "preds.jsonl"
+    side = processor.tokenizer.padding_side
     batched = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=4, output_file=out,
                                show_progress=False)
     single = generate_answers(model, processor, samples, batch_size=1, max_new_tokens=4, show_progress=False)
@@ -127,7 +128,7 @@ def test_generate_answers_is_batch_invariant_and_writes_lines(model_and_processo
     lines = _lines(out)
     assert [r["question_id"] for r in lines] == list(range(7))
     assert all(r["prompt"] == s.prompt and r["answer"] == batched[s.question_id] for r, s in zip(lines, samples))
-    assert processor.tokenizer.padding_side == "right"  # restored
+    assert processor.tokenizer.padding_side == side  # restored
     assert not model.training
 
 
