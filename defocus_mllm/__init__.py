@@ -5,9 +5,18 @@ encoder with `AutoModel` and `AutoModelForImageClassification`, so that stock cl
 `LlavaForConditionalGeneration` can build it from a config.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
+from .image_processing import DefocusImageProcessor
+from .llava import (
+    build_llava,
+    chat,
+    count_trainable_parameters,
+    freeze_language_model,
+    freeze_vision_tower,
+    set_trainable,
+)
 from .modeling_defocus import DefocusForImageClassification, DefocusPreTrainedModel, DefocusVisionModel
 
 __version__ = "0.1.0"
@@ -18,6 +27,9 @@ def _register() -> None:
     AutoConfig.register(DefocusVisionConfig.model_type, DefocusVisionConfig, exist_ok=True)
     AutoModel.register(DefocusVisionConfig, DefocusVisionModel, exist_ok=True)
     AutoModelForImageClassification.register(DefocusVisionConfig, DefocusForImageClassification, exist_ok=True)
+    # No torchvision: the PIL backend is the only one.
+    AutoImageProcessor.register(DefocusVisionConfig, image_processor_classes={"pil": DefocusImageProcessor},
+                                exist_ok=True)
 
 
 _register()
@@ -25,7 +37,14 @@ _register()
 __all__ = [
     "DEFOCUS_PRESETS",
     "DefocusForImageClassification",
+    "DefocusImageProcessor",
     "DefocusPreTrainedModel",
     "DefocusVisionConfig",
     "DefocusVisionModel",
+    "build_llava",
+    "chat",
+    "count_trainable_parameters",
+    "freeze_language_model",
+    "freeze_vision_tower",
+    "set_trainable",
 ]

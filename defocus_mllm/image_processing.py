@@ -1,0 +1,119 @@
+"""Image processor of the De-focus encoder: the release's evaluation transform on the PIL backend (no torchvision).
+
+Resize the short side to `int(256 / 224 * crop)` (bicubic), centre-crop `crop`, scale to [0, 1] and normalise with
+the ImageNet mean / std (SPEC §2.2). `do_pad=True` first pads the image to a square with the mean colour, as LLaVA-1.5
+does, so that nothing is cropped away. The processor also rejects what the encoder cannot see: an image smaller than
+one patch, and unreadable image files (named in the error).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+# The release evaluates at 224 after resizing the short side to 256.
+RESIZE_RATIO = 256 / 224
+
+
+def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Open an image file as RGB; a missing or undecodable file raises a `ValueError` naming it.
+
+    Grayscale, palette and RGBA images are converted to RGB (transparent pixels become white, which is what a
+    viewer shows, rather than the arbitrary colour stored under them).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"Cannot read image file {path}: {err}") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of a PIL image of any mode; transparency is composited onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class DefocusImageProcessor(LlavaImageProcessorPil):
+    r"""
+    Constructs a De-focus image processor (PIL backend).
+
+    Args:
+        crop_size (`dict`, *optional*, defaults to `{"height": 224, "width": 224}`): the encoder's input size.
+        size (`dict`, *optional*): short-side resize target; defaults to `int(256 / 224 * crop)`.
+        do_pad (`bool`, *optional*, defaults to `False`): pad to a square with the mean colour before resizing
+            (LLaVA-1.5's "pad" aspect-ratio mode) instead of cropping the long side.
+        patch_size (`int`, *optional*, defaults to 16): images smaller than one patch are rejected.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": int(RESIZE_RATIO * 224)}
+    crop_size = {"height": 224, "width": 224}
+    patch_size = 16
+
+    def __init__(self, patch_size: int | None = None, **kwargs: Any) -> None:
+        crop = kwargs.get("crop_size")
+        if crop is not None and "size" not in kwargs:
+            # Keep the release's 256/224 resize ratio whatever crop the user picks.
+            side = crop["height"] if isinstance(crop, dict) else int(crop)
+            kwargs["size"] = {"shortest_edge": int(RESIZE_RATIO * side)}
+        super().__init__(**kwargs)
+        if patch_size is not None:
+            self.patch_size = patch_size
+
+    @classmethod
+    def from_vision_config(cls, config: Any, **kwargs: Any) -> "DefocusImageProcessor":
+        """A processor for a `DefocusVisionConfig`: crops to its `image_size`, checks against its `patch_size`."""
+        size = config.image_size
+        return cls(crop_size={"height": size, "width": size}, patch_size=config.patch_size, **kwargs)
+
+    def set_image_size(self, image_size: int) -> None:
+        """Change the encoder input size (the number of image tokens follows it in `LlavaProcessor`)."""
+        if image_size % self.patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of the encoder's patch_size={self.patch_size}")
+        self.crop_size = {"height": image_size, "width": image_size}
+        self.size = {"shortest_edge": int(RESIZE_RATIO * image_size)}
+
+    def fetch_images(self, image_url_or_urls: Any):
+        # Local paths get our RGB conversion and an error that names the file; URLs keep the stock behaviour.
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(x) for x in image_url_or_urls]
+        if isinstance(image_url_or_urls, os.PathLike) or (
+            isinstance(image_url_or_urls, str) and not image_url_or_urls.startswith(("http://", "https://"))
+        ):
+            return load_image(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
+    def process_image(self, image: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        if isinstance(image, Image.Image):
+            if min(image.size) < self.patch_size:
+                raise ValueError(f"Image of {image.size[0]}x{image.size[1]} pixels is smaller than one "
+                                 f"{self.patch_size}x{self.patch_size} patch of the encoder")
+            image = to_rgb(image)
+        else:
+            shape = np.shape(image)
+            spatial = shape[:2] if len(shape) == 2 or shape[-1] in (1, 3, 4) else shape[-2:]
+            if min(spatial) < self.patch_size:
+                raise ValueError(f"Image of shape {tuple(shape)} is smaller than one {self.patch_size}x"
+                                 f"{self.patch_size} patch of the encoder")
+        return super().process_image(image, *args, **kwargs)
+
+
+__all__ = ["DefocusImageProcessor", "load_image", "to_rgb"]

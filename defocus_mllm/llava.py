@@ -1,0 +1,311 @@
+"""LLaVA-style multimodal models with a De-focus vision tower, on the stock `LlavaForConditionalGeneration`.
+
+Nothing of the Llava modeling code is forked: the encoder is registered with `AutoModel`, so the stock classes build
+it from `LlavaConfig.vision_config`. This module only assembles the pieces (encoder, projector, language model,
+tokenizer with an `<image>` token, processor, chat template) and offers the freezing helpers the recipes use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from .configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
+from .image_processing import DefocusImageProcessor, load_image, to_rgb
+from .modeling_defocus import DefocusForImageClassification, DefocusVisionModel
+
+IMAGE_TOKEN = "<image>"
+
+# LLaVA-v1 ("vicuna_v1") conversation format, used when the tokenizer brings no chat template of its own:
+#   "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."
+# Message contents may be strings or lists of {"type": "image"} / {"type": "text", "text": ...} parts; images are
+# placed before the text of their turn, as LLaVA-1.5 does. The `generation` markers let
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` find the assistant tokens.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAVA_V1_CHAT_TEMPLATE = (
+    '{%- set ns = namespace(system="' + LLAVA_V1_SYSTEM + '") -%}'
+    "{%- for m in messages if m['role'] == 'system' -%}"
+    "{%- set ns.system = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join(' ') -%}"
+    "{%- endfor -%}"
+    "{{ ns.system }}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{%- if m['content'] is string -%}{%- set text = m['content'] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
+    "{%- set n_images = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{ ' USER: ' }}{{ '<image>\\n' * n_images }}{{ text }}"
+    "{%- else -%}"
+    "{{ ' ASSISTANT: ' }}{% generation %}{{ text }}{{ eos_token }}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+PathLike = Union[str, os.PathLike]
+
+
+def _is_dir(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and Path(value).is_dir()
+
+
+def load_vision_tower(vision_tower: Union[str, PathLike, DefocusVisionConfig, nn.Module],
+                      image_size: Optional[int] = None) -> DefocusVisionModel:
+    """A `DefocusVisionModel` from a preset name, a config, a model (an image classifier gives its encoder) or a
+    saved / converted directory (classifier checkpoints included: their heads are dropped)."""
+    if isinstance(vision_tower, DefocusForImageClassification):
+        model = vision_tower.defocus
+    elif isinstance(vision_tower, DefocusVisionModel):
+        model = vision_tower
+    elif isinstance(vision_tower, DefocusVisionConfig):
+        model = DefocusVisionModel(vision_tower)
+    elif _is_dir(vision_tower):
+        config = AutoConfig.from_pretrained(vision_tower)
+        if not isinstance(config, DefocusVisionConfig):
+            raise ValueError(f"{vision_tower} holds a {type(config).__name__}, not a De-focus encoder "
+                             f"(model_type={getattr(config, 'model_type', None)!r})")
+        # Saved classifiers keep their weights under `defocus.`; loading through the classifier finds them.
+        arch = (config.architectures or [""])[0]
+        model = (DefocusForImageClassification.from_pretrained(vision_tower).defocus
+                 if arch == "DefocusForImageClassification" else DefocusVisionModel.from_pretrained(vision_tower))
+    elif isinstance(vision_tower, str) and vision_tower in DEFOCUS_PRESETS:
+        model = DefocusVisionModel(DefocusVisionConfig.from_preset(vision_tower))
+    else:
+        raise ValueError(f"vision_tower={vision_tower!r} is neither a De-focus model, config, directory nor preset "
+                         f"(presets: {', '.join(sorted(DEFOCUS_PRESETS))})")
+    if image_size is not None:
+        if image_size % model.config.patch_size:
+            raise ValueError(f"image_size={image_size} is not a multiple of patch_size={model.config.patch_size}")
+        model.config.image_size = image_size
+    return model
+
+
+def load_language_model(language_model: Union[PathLike, PretrainedConfig, nn.Module]) -> PreTrainedModel:
+    """A causal LM from a config (randomly initialised), a model or a local directory."""
+    if isinstance(language_model, PreTrainedModel):
+        return language_model
+    if isinstance(language_model, PretrainedConfig):
+        return AutoModelForCausalLM.from_config(language_model)
+    if _is_dir(language_model):
+        return AutoModelForCausalLM.from_pretrained(language_model)
+    raise ValueError(f"language_model={language_model!r} is neither a causal LM, its config, nor a local directory")
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Add the `<image>` token, a pad token and a chat template to `tokenizer` (in place; returned)."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        # LLaVA-1.5 pads Llama with <unk>; fall back to EOS (the attention mask hides pads either way).
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise ValueError("The tokenizer has no EOS token; answers could never end. Set `tokenizer.eos_token`.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = LLAVA_V1_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_processor(tokenizer: Any, vision_config: DefocusVisionConfig,
+                    image_processor: Optional[DefocusImageProcessor] = None) -> LlavaProcessor:
+    """`LlavaProcessor` for a De-focus tower: one placeholder per patch plus one for the CLS token."""
+    image_processor = image_processor or DefocusImageProcessor.from_vision_config(vision_config)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
+                          vision_feature_select_strategy="full", num_additional_image_tokens=1,
+                          image_token=IMAGE_TOKEN, chat_template=tokenizer.chat_template)
+
+
+def build_llava(
+    vision_tower: Union[str, PathLike, DefocusVisionConfig, nn.Module],
+    language_model: Union[PathLike, PretrainedConfig, nn.Module],
+    *,
+    tokenizer: Any = None,
+    image_processor: Optional[DefocusImageProcessor] = None,
+    vision_feature_layer: int = -1,
+    projector_hidden_act: str = "gelu",
+    image_size: Optional[int] = None,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Assemble a `LlavaForConditionalGeneration` from a De-focus encoder and a causal LM; returns `(model, processor)`.
+
+    The encoder and LM keep their weights; the 2-layer GELU projector (LLaVA-1.5's `mlp2x_gelu`) is new. The tokenizer
+    (loaded from `language_model` when it is a directory and none is given) gains `<image>`; the embeddings are
+    resized to match. `vision_feature_layer=-1` feeds the projector the final LayerNorm output, which is well scaled
+    (the raw residual stream of a deep pre-norm encoder is not).
+    """
+    vision = load_vision_tower(vision_tower, image_size=image_size)
+    if tokenizer is None:
+        if not _is_dir(language_model):
+            raise ValueError("Pass `tokenizer=` when `language_model` is not a directory that holds one")
+        tokenizer = AutoTokenizer.from_pretrained(language_model)
+    lm = load_language_model(language_model)
+    tokenizer = prepare_tokenizer(tokenizer)
+
+    text_config = lm.config
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act=projector_hidden_act,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=vision_feature_layer,
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+    )
+    # Build the shell on the meta device, then move the real encoder / LM in: no second copy of a 7B LM in memory.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    model.lm_head = lm.get_output_embeddings()
+    projector = type(model.model.multi_modal_projector)(config)
+    model.model.multi_modal_projector = projector.to(dtype=lm.dtype)
+    model.config.text_config = lm.config
+    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.device.type == "meta":
+            raise RuntimeError(f"build_llava left {name} uninitialised (on the meta device); please report this")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+    processor = build_processor(tokenizer, vision.config, image_processor)
+    return model, processor
+
+
+def chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, image: Union[Image.Image, PathLike],
+         question: str, **generate_kwargs: Any) -> str:
+    """Answer `question` about `image` (a PIL image or a file path) with the processor's chat template.
+
+    Greedy decoding of at most 64 new tokens unless `generate_kwargs` say otherwise.
+    """
+    image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    generate_kwargs.setdefault("max_new_tokens", 64)
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        output = model.generate(**inputs, **generate_kwargs)
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------------------------------- freezing helpers
+
+def _unwrap(model: nn.Module) -> LlavaForConditionalGeneration:
+    """The Llava model under PEFT / DeepSpeed / DDP wrappers."""
+    seen = 0
+    while not isinstance(model, LlavaForConditionalGeneration):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            raise TypeError(f"Expected a LlavaForConditionalGeneration (possibly wrapped), got {type(model).__name__}")
+        seen += 1
+        if seen > 8:
+            raise TypeError("Could not unwrap the model to a LlavaForConditionalGeneration")
+    return model
+
+
+def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The three trainable groups of a LLaVA model: vision tower, projector, language model (with its LM head)."""
+    llava = _unwrap(model)
+    return {
+        "vision_tower": [llava.model.vision_tower],
+        "projector": [llava.model.multi_modal_projector],
+        "language_model": [llava.model.language_model, llava.lm_head],
+    }
+
+
+def set_trainable(model: nn.Module, *, vision_tower: Optional[bool] = None, projector: Optional[bool] = None,
+                  language_model: Optional[bool] = None) -> None:
+    """Freeze (`False`) or unfreeze (`True`) each part; `None` leaves a part as it is."""
+    wanted = {"vision_tower": vision_tower, "projector": projector, "language_model": language_model}
+    for name, modules in model_parts(model).items():
+        if wanted[name] is None:
+            continue
+        for module in modules:
+            module.requires_grad_(wanted[name])
+
+
+def freeze_vision_tower(model: nn.Module) -> None:
+    set_trainable(model, vision_tower=False)
+
+
+def freeze_language_model(model: nn.Module) -> None:
+    set_trainable(model, language_model=False)
+
+
+def apply_lora(model: LlavaForConditionalGeneration, r: int = 128, alpha: int = 256, dropout: float = 0.05,
+               target_modules: Optional[list[str]] = None, train_vision_tower: bool = False) -> nn.Module:
+    """Wrap `model` with PEFT LoRA on the language model's linear layers (LLaVA-1.5's LoRA recipe).
+
+    The projector is a PEFT `modules_to_save` module: fully trainable and stored with the adapter. The vision tower
+    is frozen unless `train_vision_tower`. `target_modules` are suffixes of LM linear layer names (default: all).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    llava = _unwrap(model)
+    names = []
+    for name, module in llava.model.language_model.named_modules():
+        if isinstance(module, nn.Linear) and (target_modules is None or name.rsplit(".", 1)[-1] in target_modules):
+            names.append(f"model.language_model.{name}")
+    if not names:
+        raise ValueError(f"No linear layer of the language model matches target_modules={target_modules}")
+    set_trainable(llava, vision_tower=train_vision_tower)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names,
+                        modules_to_save=["multi_modal_projector"] + (["vision_tower"] if train_vision_tower else []))
+    return get_peft_model(llava, config)
+
+
+def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts (shared / tied tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        # DeepSpeed ZeRO-3 partitions parameters; `ds_numel` is the full size.
+        numel = getattr(param, "ds_numel", param.numel())
+        total += numel
+        trainable += numel if param.requires_grad else 0
+    return trainable, total
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "apply_lora",
+    "LLAVA_V1_CHAT_TEMPLATE",
+    "build_llava",
+    "build_processor",
+    "chat",
+    "count_trainable_parameters",
+    "freeze_language_model",
+    "freeze_vision_tower",
+    "load_language_model",
+    "load_vision_tower",
+    "model_parts",
+    "prepare_tokenizer",
+    "set_trainable",
+]

@@ -1,0 +1,254 @@
+"""The De-focus encoder inside the stock Llava classes: training signal, generation, save/load, PEFT, bad input."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import defocus_mllm
+from defocus_mllm import DefocusVisionConfig, build_llava, chat, count_trainable_parameters, set_trainable
+from defocus_mllm.llava import apply_lora
+from defocus_mllm.convert import convert_checkpoint
+from defocus_mllm.testing import build_tiny_llava, tiny_llama_config, train_tokenizer
+
+QUESTIONS = ["what shape is it?", "what color is the shape in this picture?", "is it red?"]
+
+
+def _image(seed: int, size=(40, 48)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, processor = build_tiny_llava()
+    # A freshly initialised tiny model answers everything alike; large weights make answers depend on the input,
+    # so that padding or batching mistakes show.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.eval(), processor
+
+
+def test_forward_with_labels_trains_the_projector(tiny):
+    model, processor = tiny
+    inputs = processor(images=[_image(0)], text=[_prompt(processor, QUESTIONS[0]) + " circle"], return_tensors="pt")
+    # one placeholder per 8x8 patch of the 32x32 crop, plus the CLS token
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == (32 // 8) ** 2 + 1
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    projector_grads = [p.grad for p in model.model.multi_modal_projector.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in projector_grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_batched_left_padded_greedy_generation_matches_one_by_one(tiny):
+    model, processor = tiny
+    processor.tokenizer.padding_side = "left"
+    images = [_image(i) for i in range(3)]
+    prompts = [_prompt(processor, q) for q in QUESTIONS]
+    batch = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # three different lengths
+    with torch.no_grad():
+        batched = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        for i in range(3):
+            alone = processor(images=[images[i]], text=[prompts[i]], return_tensors="pt")
+            single = model.generate(**alone, max_new_tokens=6, do_sample=False)[0, alone["input_ids"].shape[1]:]
+            assert batched[i, : len(single)].tolist() == single.tolist()
+        torch.manual_seed(0)
+        sampled = model.generate(**batch, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=0)
+    assert sampled.shape[0] == 3 and sampled.shape[1] > batch["input_ids"].shape[1]
+
+
+def test_chat_answers_and_accepts_a_path(tiny, tmp_path):
+    model, processor = tiny
+    path = tmp_path / "pic.png"
+    _image(1).save(path)
+    answer = chat(model, processor, path, QUESTIONS[1], max_new_tokens=4)
+    assert isinstance(answer, str) and answer == chat(model, processor, Image.open(path), QUESTIONS[1],
+                                                      max_new_tokens=4)
+
+
+def test_save_load_in_a_fresh_process_and_pipeline(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    image = _image(2)
+    image.save(tmp_path / "pic.png")
+    inputs = processor(images=[image], text=[_prompt(processor, QUESTIONS[0])], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in inputs.items()}},
+              str(tmp_path / "expected.safetensors"))
+    script = textwrap.dedent(f"""
+        import torch, transformers
+        from PIL import Image
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        import defocus_mllm
+        d = {str(tmp_path / "model")!r}
+        model = AutoModelForImageTextToText.from_pretrained(d).eval()
+        processor = AutoProcessor.from_pretrained(d)
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        image = Image.open({str(tmp_path / "pic.png")!r})
+        messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {QUESTIONS[0]!r}}}]}}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        assert torch.equal(inputs["input_ids"], expected["input_ids"])
+        assert torch.equal(inputs["pixel_values"], expected["pixel_values"])
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, expected["logits"])
+        pipe = transformers.pipeline("image-text-to-text", model=d)
+        chat = [{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "what?"}}]}}]
+        out = pipe(text=chat, max_new_tokens=4, return_full_text=False)
+        assert isinstance(out[0]["generated_text"], str), out
+        print("OK", type(processor.image_processor).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK DefocusImageProcessor" in result.stdout
+
+
+def test_processor_size_change_changes_the_number_of_image_tokens(tiny):
+    _, processor = tiny
+    image_processor = processor.image_processor
+    old = dict(image_processor.crop_size), dict(image_processor.size)
+    try:
+        image_processor.set_image_size(48)
+        inputs = processor(images=[_image(3)], text=["<image>\nhi"], return_tensors="pt")
+        assert inputs["pixel_values"].shape[-2:] == (48, 48)
+        assert (inputs["input_ids"] == processor.image_token_id).sum() == (48 // 8) ** 2 + 1
+        with pytest.raises(ValueError, match="multiple of the encoder's patch_size"):
+            image_processor.set_image_size(50)
+    finally:
+        image_processor.crop_size, image_processor.size = old
+
+
+def test_lora_on_the_language_model_trains_and_merges(tiny):
+    torch.manual_seed(0)
+    model, processor = build_tiny_llava()
+    projector_size = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainable, total = count_trainable_parameters(peft_model)
+    trainable_names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "multi_modal_projector.modules_to_save" in n for n in trainable_names)
+    assert sum(p.numel() for n, p in peft_model.named_parameters()
+               if p.requires_grad and "multi_modal_projector" in n) == projector_size
+    assert any("q_proj.lora_A" in n for n in trainable_names) and not any("k_proj.lora" in n for n in trainable_names)
+    assert 0 < trainable < total
+    inputs = processor(images=[_image(4)], text=[_prompt(processor, QUESTIONS[2]) + " yes"], return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = peft_model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        before = peft_model(**inputs).logits
+    merged = peft_model.merge_and_unload()
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_image_token_count_mismatch_is_an_error(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="number of images"):
+        processor(images=[_image(0), _image(1)], text=["<image>\nwhat is it?"], return_tensors="pt")
+
+
+def test_image_smaller_than_a_patch_is_an_error(tiny):
+    _, processor = tiny
+    with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
+        processor(images=[_image(0, size=(5, 30))], text=["<image>\nhi"], return_tensors="pt")
+
+
+def test_corrupt_and_missing_image_files_are_named(tiny, tmp_path):
+    model, processor = tiny
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        processor(images=[str(bad)], text=["<image>\nhi"], return_tensors="pt")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        chat(model, processor, bad, "hi")
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        chat(model, processor, tmp_path / "nowhere.png", "hi")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "1"])
+def test_non_rgb_images_are_converted(tiny, mode):
+    _, processor = tiny
+    image = _image(5).convert(mode)
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
+    if mode == "L":  # grey stays grey: the three channels agree before normalisation
+        std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
+        mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
+        raw = pixels[0] * std + mean
+        torch.testing.assert_close(raw[0], raw[1], atol=1e-5, rtol=0)
+
+
+def test_converted_release_encoder_serves_as_vision_tower(tmp_path):
+    from test_convert import release_state_dict
+
+    torch.save({"model": release_state_dict(seed=1)}, tmp_path / "release.pth")
+    convert_checkpoint(tmp_path / "release.pth", tmp_path / "converted", image_size=32)
+    tokenizer = train_tokenizer(QUESTIONS, vocab_size=128)
+    model, processor = build_llava(tmp_path / "converted", tiny_llama_config(len(tokenizer) + 1),
+                                   tokenizer=tokenizer)
+    encoder = defocus_mllm.DefocusForImageClassification.from_pretrained(tmp_path / "converted").defocus
+    for name, tensor in encoder.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
+    inputs = processor(images=[_image(6)], text=[_prompt(processor, QUESTIONS[0])], return_tensors="pt")
+    assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_build_llava_inputs_and_errors(tmp_path):
+    tokenizer = train_tokenizer(QUESTIONS, vocab_size=128)
+    lm_config = tiny_llama_config(len(tokenizer) + 1)
+    vision = DefocusVisionConfig.from_preset("mamba-tiny", hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    model, processor = build_llava(vision, lm_config, tokenizer=tokenizer, image_size=16)
+    assert model.config.vision_config.image_size == 16 and processor.image_processor.crop_size["height"] == 16
+    assert model.config.vision_feature_select_strategy == "full"
+    assert model.get_input_embeddings().num_embeddings >= len(processor.tokenizer)
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        build_llava(vision, lm_config, tokenizer=tokenizer, image_size=20)
+    with pytest.raises(ValueError, match="tokenizer="):
+        build_llava(vision, lm_config)
+    with pytest.raises(ValueError, match="preset"):
+        build_llava("no-such-preset", lm_config, tokenizer=tokenizer)
+    # a language model directory brings its own tokenizer
+    lm = defocus_mllm.llava.load_language_model(lm_config)
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    model, processor = build_llava(vision, tmp_path / "lm")
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    for name, tensor in lm.model.state_dict().items():
+        if "embed_tokens" not in name:
+            assert torch.equal(model.model.language_model.state_dict()[name], tensor), name
+
+
+def test_freezing_helpers(tiny):
+    model, _ = tiny
+    set_trainable(model, vision_tower=False, projector=True, language_model=False)
+    trainable, total = count_trainable_parameters(model)
+    assert trainable == sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    assert total == sum(p.numel() for p in model.parameters())
+    set_trainable(model, vision_tower=True, language_model=True)
+    assert count_trainable_parameters(model) == (total, total)
