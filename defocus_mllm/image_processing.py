@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 # The release evaluates at 224 after resizing the short side to 256.
@@ -90,6 +90,13 @@ class DefocusImageProcessor(LlavaImageProcessorPil):
             raise ValueError(f"image_size={image_size} is not a multiple of the encoder's patch_size={self.patch_size}")
         self.crop_size = {"height": image_size, "width": image_size}
         self.size = {"shortest_edge": int(RESIZE_RATIO * image_size)}
+
+    def _preprocess(self, images: list[np.ndarray], *args: Any, do_pad: Optional[bool] = None,
+                    size: Optional[SizeDict] = None, crop_size: Optional[SizeDict] = None, **kwargs: Any):
+        if do_pad and crop_size is not None:
+            # A padded image is square already: resize it straight to the crop, cropping nothing away (LLaVA-1.5).
+            size = SizeDict(shortest_edge=crop_size.height)
+        return super()._preprocess(images, *args, do_pad=do_pad, size=size, crop_size=crop_size, **kwargs)
 
     def fetch_images(self, image_url_or_urls: Any):
         # Local paths get our RGB conversion and an error that names the file; URLs keep the stock behaviour.

@@ -57,7 +57,7 @@ def build_tiny_llava(texts: Optional[Iterable[str]] = None, vision: Optional[Def
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     vision = vision or DefocusVisionConfig.from_preset("mamba-tiny", hidden_size=32, num_hidden_layers=2,
                                                        intermediate_size=64, image_size=32)
-    lm_config = tiny_llama_config(len(tokenizer) + 1, **lm_overrides)
+    lm_config = tiny_llama_config(len(tokenizer), **lm_overrides)
     return build_llava(vision, lm_config, tokenizer=tokenizer)
 
 

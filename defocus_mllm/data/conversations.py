@@ -1,0 +1,235 @@
+"""Sources of multimodal conversations, read into one form: `Conversation(id, images, messages, origin)`.
+
+* LLaVA JSON (`.json` list or `.jsonl`): `{"id", "image": "rel/path.jpg" (or a list), "conversations":
+  [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`; text-only samples have no
+  `image`. Paths are relative to an image folder.
+* Hugging Face datasets with `messages` (`[{"role", "content"}]`, content a string or a list of `{"type": "image"}`
+  / `{"type": "text", "text"}` parts) and `images` (a list of images) columns, from a local directory.
+* easy-VQA (the `easy-vqa` PyPI package, offline): questions grouped per image into multi-turn conversations.
+
+Messages always come out with string contents in which each image is a literal `<image>` marker, the form every
+chat template can render.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..llava import IMAGE_TOKEN
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadSampleError(ValueError):
+    """A training sample that cannot be used; the message names the file and the sample."""
+
+
+@dataclass
+class Conversation:
+    """One training sample. `images` are file paths or PIL images, one per `<image>` marker in `messages`."""
+
+    id: str
+    images: list[Any]
+    messages: list[dict[str, str]]
+    origin: str = ""  # "file:line" or "dataset[index]", for error messages
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def where(self) -> str:
+        return f"{self.origin} (sample {self.id!r})" if self.origin else f"sample {self.id!r}"
+
+
+def check_conversation(conv: Conversation) -> None:
+    """Raise `BadSampleError` if the sample has no assistant turn or its `<image>` markers and images disagree."""
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in conv.messages):
+        raise BadSampleError(f"{conv.where()}: the conversation has no assistant turn to learn from")
+    markers = sum(m["content"].count(IMAGE_TOKEN) for m in conv.messages)
+    if markers != len(conv.images):
+        raise BadSampleError(f"{conv.where()}: {markers} {IMAGE_TOKEN} marker(s) in the text but "
+                             f"{len(conv.images)} image(s)")
+
+
+def _text_of(content: Any, where: str) -> str:
+    """String content with `<image>` markers from a string or a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        images = sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image")
+        texts = [part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"]
+        return (IMAGE_TOKEN + "\n") * images + "\n".join(texts)
+    raise BadSampleError(f"{where}: message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def _llava_record(record: Any, origin: str, image_folder: Optional[Path]) -> Conversation:
+    if not isinstance(record, dict):
+        raise BadSampleError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+    sample_id = str(record.get("id", origin))
+    where = f"{origin} (sample {sample_id!r})"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadSampleError(f"{where}: missing or empty 'conversations' list")
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadSampleError(f"{where}: turn {k} needs 'from' and 'value'")
+        role = ROLE_NAMES.get(str(turn["from"]).lower())
+        if role is None:
+            raise BadSampleError(f"{where}: turn {k} has unknown speaker {turn['from']!r} (human/gpt/system)")
+        messages.append({"role": role, "content": str(turn["value"])})
+    image = record.get("image")
+    names = [] if image is None else [image] if isinstance(image, str) else list(image)
+    images = [(image_folder / name) if image_folder is not None else Path(name) for name in names]
+    # LLaVA data sometimes omits the marker of a single image; it then goes before the first question.
+    if len(images) == 1 and not any(IMAGE_TOKEN in m["content"] for m in messages):
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is not None:
+            first_user["content"] = IMAGE_TOKEN + "\n" + first_user["content"]
+    return Conversation(sample_id, images, messages, origin)
+
+
+def load_llava_json(path: Union[str, os.PathLike], image_folder: Union[str, os.PathLike, None] = None
+                    ) -> list[Conversation]:
+    """Read a LLaVA-format `.json` (a list) or `.jsonl` file. Malformed JSON raises `BadSampleError` naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Training data file not found: {path}")
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    records: list[tuple[Any, str]] = []
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((json.loads(line), f"{path}:{line_no}"))
+                except json.JSONDecodeError as err:
+                    raise BadSampleError(f"{path}:{line_no}: malformed JSON line ({err.msg} at column {err.colno})") \
+                        from err
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise BadSampleError(f"{path}: malformed JSON ({err.msg} at line {err.lineno}, column {err.colno})") \
+                from err
+        if not isinstance(data, list):
+            raise BadSampleError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+        records = [(r, f"{path}[{i}]") for i, r in enumerate(data)]
+    return [_llava_record(r, origin, folder) for r, origin in records]
+
+
+def load_hf_messages(dataset: Any, name: str = "dataset", messages_column: str = "messages",
+                     images_column: str = "images") -> list[Conversation]:
+    """Conversations from a Hugging Face `datasets.Dataset` with `messages` and (optional) `images` columns."""
+    for column in (messages_column,):
+        if column not in dataset.column_names:
+            raise BadSampleError(f"{name}: no {column!r} column (columns: {dataset.column_names})")
+    has_images = images_column in dataset.column_names
+    out = []
+    for i in range(len(dataset)):
+        row = dataset[i]
+        where = f"{name}[{i}]"
+        raw = row[messages_column]
+        if not isinstance(raw, list):
+            raise BadSampleError(f"{where}: {messages_column!r} must be a list of messages")
+        messages = []
+        for k, m in enumerate(raw):
+            role = ROLE_NAMES.get(str(m.get("role", "")).lower()) if isinstance(m, dict) else None
+            if role is None:
+                raise BadSampleError(f"{where}: message {k} needs a role of user/assistant/system")
+            messages.append({"role": role, "content": _text_of(m.get("content"), where)})
+        images = list(row[images_column] or []) if has_images else []
+        out.append(Conversation(str(row.get("id", i)), images, messages, where))
+    return out
+
+
+def load_hf_dataset(path: Union[str, os.PathLike], split: str = "train", **kwargs: Any) -> list[Conversation]:
+    """A local Hugging Face dataset directory (`save_to_disk`, or parquet / JSON files `load_dataset` reads)."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset not found: {path}")
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+    else:
+        loaded = datasets.load_dataset(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise BadSampleError(f"{path}: no split {split!r} (splits: {list(loaded)})")
+        loaded = loaded[split]
+    return load_hf_messages(loaded, name=f"{path}:{split}", **kwargs)
+
+
+def easy_vqa_prompt(question: str) -> str:
+    """The question as the evaluation asks it (LLaVA-1.5's short-answer instruction)."""
+    from ..evaluation.benchmarks import EASY_VQA_INSTRUCTION, with_instruction
+
+    return with_instruction(question, EASY_VQA_INSTRUCTION)
+
+
+def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0, limit: Optional[int] = None,
+                  captions: bool = False) -> list[Conversation]:
+    """easy-VQA questions as conversations about their image.
+
+    `turns_per_sample > 1` groups that many questions about one image into a multi-turn conversation (as LLaVA's
+    instruction data does): the image is encoded once for several answers. `captions=True` instead makes one
+    caption-style sample per image ("a red circle."), built from the answers, for projector pretraining.
+    `limit` caps the number of images.
+    """
+    try:
+        from easy_vqa import get_test_image_paths, get_test_questions, get_train_image_paths, get_train_questions
+    except ImportError as err:
+        raise ImportError("easy-VQA needs the `easy-vqa` package: pip install 'defocus-mllm[train]'") from err
+    if split not in ("train", "test"):
+        raise ValueError(f"easy-VQA has splits 'train' and 'test', not {split!r}")
+    questions, answers, image_ids = get_train_questions() if split == "train" else get_test_questions()
+    paths = get_train_image_paths() if split == "train" else get_test_image_paths()
+    by_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for q, a, image_id in zip(questions, answers, image_ids):
+        by_image[image_id].append((q, a))
+    rng = random.Random(seed)
+    out = []
+    for image_id in sorted(by_image)[:limit]:
+        qa = by_image[image_id]
+        origin = f"easy-vqa/{split}/image {image_id}"
+        if captions:
+            messages = [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe the image briefly."},
+                        {"role": "assistant", "content": _easy_vqa_caption(qa)}]
+            out.append(Conversation(f"{split}-{image_id}", [Path(paths[image_id])], messages, origin))
+            continue
+        qa = qa[:]
+        rng.shuffle(qa)
+        for start in range(0, len(qa), turns_per_sample):
+            messages = []
+            for q, a in qa[start:start + turns_per_sample]:
+                prefix = IMAGE_TOKEN + "\n" if not messages else ""
+                messages += [{"role": "user", "content": prefix + easy_vqa_prompt(q)},
+                             {"role": "assistant", "content": a}]
+            out.append(Conversation(f"{split}-{image_id}-{start}", [Path(paths[image_id])], messages, origin))
+    return out
+
+
+def _easy_vqa_caption(qa: list[tuple[str, str]]) -> str:
+    """'a red circle.' from an image's answers (every easy-VQA image holds one coloured shape)."""
+    shapes = {"circle", "rectangle", "triangle"}
+    shape = next((a for q, a in qa if a in shapes), None)
+    color = next((a for q, a in qa if "color" in q and a not in ("yes", "no")), None)
+    return " ".join(w for w in ("a", color, shape or "shape") if w) + "."
+
+
+__all__ = [
+    "BadSampleError",
+    "Conversation",
+    "check_conversation",
+    "easy_vqa_prompt",
+    "load_easy_vqa",
+    "load_hf_dataset",
+    "load_hf_messages",
+    "load_llava_json",
+]

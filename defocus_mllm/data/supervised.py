@@ -1,0 +1,201 @@
+"""Conversations -> model inputs for LLaVA training: chat template, assistant-only labels, image token expansion.
+
+Text is tokenized once, up front (cheap, and it validates every sample and gives the lengths for length-grouped
+batching); images are read lazily in `__getitem__`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..image_processing import load_image, to_rgb
+from ..llava import IMAGE_TOKEN
+from .conversations import BadSampleError, Conversation, check_conversation
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` with the chat template; return the text and the character spans of the assistant replies.
+
+    A reply's span runs from the end of the prompt that asks for it (`add_generation_prompt=True`) to the end of the
+    conversation rendered up to and including it, so it covers the end-of-turn tokens the model must learn to emit.
+    """
+    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
+                                                                   add_generation_prompt=gen)
+    text = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], gen=True)), len(render(messages[: i + 1]))
+        if not (text.startswith(render(messages[: i + 1])) and start <= end):
+            raise ValueError("The chat template does not render conversations prefix by prefix; assistant tokens "
+                             "cannot be located")
+        spans.append((start, end))
+    return text, spans
+
+
+@dataclass
+class TokenizedConversation:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], image_token_id: int,
+                          num_image_tokens: int) -> TokenizedConversation:
+    """Token ids and labels (`-100` except on assistant replies); each `<image>` becomes `num_image_tokens` ids."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and tokenizer.bos_token and not text.startswith(tokenizer.bos_token) and \
+            tokenizer("a")["input_ids"][:1] == [bos]:
+        ids, offsets = [bos] + ids, [(0, 0)] + offsets  # the tokenizer adds BOS by itself; the template did not
+    input_ids, labels = [], []
+    for token, (start, end) in zip(ids, offsets):
+        in_reply = any(s <= start < e for s, e in spans) and end > start
+        if token == image_token_id:
+            input_ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+        else:
+            input_ids.append(token)
+            labels.append(token if in_reply else IGNORE_INDEX)
+    return TokenizedConversation(input_ids, labels)
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """LLaVA instruction data as `input_ids`, `labels` and `pixel_values`.
+
+    Samples longer than `model_max_length` are truncated; when truncation would cut into image tokens (or leave no
+    reply to learn) the sample is dropped and counted. Bad samples (no assistant turn, image markers that do not
+    match the images, missing image files) raise `BadSampleError` naming the file and sample, or with
+    `skip_bad_samples=True` are dropped, counted and reported (`skipped`). Unreadable images found later, while
+    training, are skipped the same way (the collator drops them) or raise.
+    """
+
+    def __init__(self, conversations: Sequence[Conversation], tokenizer: Any, image_processor: Any,
+                 image_token_id: int, num_image_tokens: int, model_max_length: int = 2048,
+                 skip_bad_samples: bool = False, show_progress: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.skip_bad_samples = skip_bad_samples
+        self.skipped: list[str] = []
+        self.truncated = 0
+        self.dropped_too_long = 0
+        self.samples: list[tuple[Conversation, TokenizedConversation]] = []
+        for conv in tqdm(conversations, desc="Tokenizing", disable=not show_progress, mininterval=2):
+            try:
+                check_conversation(conv)
+                for image in conv.images:
+                    if not isinstance(image, Image.Image) and not _exists(image):
+                        raise BadSampleError(f"{conv.where()}: image file not found: {image}")
+                tokens = tokenize_conversation(tokenizer, conv.messages, image_token_id, num_image_tokens)
+            except BadSampleError as err:
+                self._skip(err)
+                continue
+            tokens = self._fit(tokens, image_token_id, model_max_length)
+            if tokens is None:
+                continue
+            self.samples.append((conv, tokens))
+        if self.dropped_too_long:
+            logger.warning("%d sample(s) dropped: model_max_length=%d would cut into their image tokens or leave no "
+                           "reply", self.dropped_too_long, model_max_length)
+        if self.truncated:
+            logger.warning("%d sample(s) truncated to model_max_length=%d", self.truncated, model_max_length)
+        if not self.samples:
+            raise ValueError("No usable training samples" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+
+    def _skip(self, err: Exception) -> None:
+        if not self.skip_bad_samples:
+            raise err
+        self.skipped.append(str(err))
+        logger.warning("Skipping bad sample: %s", err)
+
+    def _fit(self, tokens: TokenizedConversation, image_token_id: int, max_length: int
+             ) -> Optional[TokenizedConversation]:
+        if len(tokens.input_ids) <= max_length:
+            return tokens
+        image_positions = [i for i, t in enumerate(tokens.input_ids) if t == image_token_id]
+        kept_labels = tokens.labels[:max_length]
+        if (image_positions and image_positions[-1] >= max_length) or all(l == IGNORE_INDEX for l in kept_labels):
+            self.dropped_too_long += 1
+            return None
+        self.truncated += 1
+        return TokenizedConversation(tokens.input_ids[:max_length], kept_labels)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token counts, for `LengthGroupedSampler`."""
+        return [len(tokens.input_ids) for _, tokens in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Optional[dict[str, Any]]:
+        conv, tokens = self.samples[index]
+        item: dict[str, Any] = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels)}
+        if conv.images:
+            try:
+                images = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in conv.images]
+                item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            except (OSError, ValueError) as err:
+                error = BadSampleError(f"{conv.where()}: {err}")
+                self._skip(error)
+                return None
+        return item
+
+    def report(self) -> str:
+        """One line on what was skipped, truncated or dropped."""
+        return (f"{len(self.samples)} samples used; {len(self.skipped)} bad sample(s) skipped; "
+                f"{self.dropped_too_long} dropped as too long; {self.truncated} truncated")
+
+
+def _exists(path: Any) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()
+
+
+@dataclass
+class SupervisedCollator:
+    """Right-pads `input_ids` (pad id) and `labels` (-100), builds the attention mask and concatenates the images of
+    the batch in sample order (the order of their `<image>` placeholders). `None` items (skipped bad images) are
+    dropped."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[Optional[dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        items = [item for item in items if item is not None]
+        if not items:
+            raise ValueError("Every sample of this batch was skipped as bad")
+        longest = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SupervisedCollator",
+    "SupervisedDataset",
+    "TokenizedConversation",
+    "assistant_char_spans",
+    "tokenize_conversation",
+]

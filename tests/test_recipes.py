@@ -1,0 +1,159 @@
+"""The LLaVA recipes end to end on small easy-VQA subsets: in process, resumed, and under `accelerate launch` with
+DeepSpeed ZeRO-2 (stage 1 -> stage 2) and ZeRO-3 (stage 2) on two CPU processes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+
+import defocus_mllm  # noqa: F401
+from defocus_mllm import chat
+from defocus_mllm.data.conversations import BadSampleError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_size=64,patch_size=16,image_size=32",
+        "--tiny_lm_hidden_size", "32", "--tiny_vocab_size", "300", "--max_train_samples", "48",
+        "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+        "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1"]
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _answer(model_dir: Path) -> str:
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    from easy_vqa import get_test_image_paths
+
+    return chat(model, processor, get_test_image_paths()[0], "what shape is in the image?", max_new_tokens=3)
+
+
+def test_finetune_trains_saves_and_reports_what_eval_run_reports(tmp_path):
+    out = tmp_path / "ft"
+    metrics = _recipe("finetune").main([*TINY, "--output_dir", str(out), "--max_steps", "6", "--eval_easy_vqa", "true",
+                                        "--eval_limit", "24", "--eval_batch_size", "8"])
+    assert metrics["easy_vqa_questions"] == 24 and 0.0 <= metrics["easy_vqa_accuracy"] <= 100.0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"] if (
+        out / "trainer_state.json").exists() else None
+    assert (out / "model.safetensors").exists() and (out / "projector.safetensors").exists()
+    assert isinstance(_answer(out), str)
+    assert history is None or history  # the Trainer state is only written with checkpoints
+    # eval/run.py on the saved directory agrees with what the recipe printed
+    result = subprocess.run([sys.executable, str(ROOT / "eval" / "run.py"), "--model", str(out), "--benchmark",
+                             "easy-vqa", "--limit", "24", "--batch-size", "8", "--output", str(tmp_path / "eval")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["metrics"]["accuracy"] == pytest.approx(metrics["easy_vqa_accuracy"])
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_ends_with_the_same_weights(tmp_path):
+    finetune = _recipe("finetune")
+    common = [*TINY, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "3",
+              "--learning_rate", "3e-3",
+              "--seed", "7"]
+    finetune.main([*common, "--output_dir", str(tmp_path / "straight")])
+
+    from defocus_mllm.training import DataArguments, LlavaTrainingArguments, ModelArguments, parse_recipe_args
+    from defocus_mllm.training import train_llava
+
+    args = parse_recipe_args((ModelArguments, DataArguments, LlavaTrainingArguments),
+                             [*common, "--output_dir", str(tmp_path / "resumed")],
+                             default_config=str(finetune.DEFAULT_CONFIG))
+    train_llava(*args, callbacks=[_StopAt(3)])  # interrupted right after checkpoint-3
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "resumed" / "checkpoint-6").exists()
+    finetune.main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "last"])
+
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    first = load_file(str(tmp_path / "resumed" / "checkpoint-3" / "model.safetensors"))
+    assert any(not torch.equal(first[k], straight[k]) for k in straight)  # the last three steps did change weights
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_finetune_with_its_own_projector_lr_saves_a_merged_model(tmp_path):
+    out = tmp_path / "lora"
+    _recipe("finetune").main([*TINY, "--output_dir", str(out), "--max_steps", "2", "--lora_enable", "true",
+                              "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "2e-4", "--projector_lr",
+                              "2e-5"])
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k or "modules_to_save" in k for k in weights)
+    assert isinstance(_answer(out), str)
+
+
+def test_bad_data_stops_with_a_named_sample_or_is_skipped_and_reported(tmp_path):
+    from easy_vqa import get_train_image_paths
+
+    image = Path(get_train_image_paths()[0])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(image.read_bytes())
+    good = {"id": "good", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nwhat shape?"},
+                                                               {"from": "gpt", "value": "circle"}]}
+    bad = {**good, "id": "lost", "image": "missing.png"}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([good, bad] + [{**good, "id": f"g{i}"} for i in range(6)]))
+    args = [*TINY, "--data_path", str(data), "--image_folder", str(folder), "--max_steps", "1"]
+    with pytest.raises(BadSampleError, match=r"data\.json\[1\] \(sample 'lost'\): image file not found"):
+        _recipe("finetune").main([*args, "--output_dir", str(tmp_path / "strict")])
+    metrics = _recipe("finetune").main([*args, "--output_dir", str(tmp_path / "skip"), "--skip_bad_samples", "true"])
+    assert metrics["skipped_samples"] == 1
+    assert "sample 'lost'" in (tmp_path / "skip" / "skipped_samples.txt").read_text()
+
+
+def _launch(tmp_path: Path, recipe: str, ds_config: str, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--use_deepspeed",
+           "--deepspeed_config_file", str(ROOT / "recipes" / "deepspeed" / ds_config),
+           str(ROOT / "recipes" / f"{recipe}.py"), *TINY, *args]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_stage1_then_stage2_and_zero3_stage2(tmp_path):
+    stage1, stage2, stage2_z3 = tmp_path / "stage1", tmp_path / "stage2", tmp_path / "stage2_zero3"
+    _launch(tmp_path, "pretrain", "zero2.json", "--output_dir", str(stage1), "--max_steps", "3")
+    assert (stage1 / "projector.safetensors").exists()
+    _launch(tmp_path, "finetune", "zero2.json", "--output_dir", str(stage2), "--model_name_or_path", str(stage1),
+            "--max_steps", "3")
+    _launch(tmp_path, "finetune", "zero3.json", "--output_dir", str(stage2_z3), "--model_name_or_path", str(stage1),
+            "--max_steps", "3")
+    projector1 = load_file(str(stage1 / "projector.safetensors"))
+    for out in (stage2, stage2_z3):
+        assert isinstance(_answer(out), str)
+        projector2 = load_file(str(out / "projector.safetensors"))
+        assert projector1.keys() == projector2.keys()
+        assert any(not torch.equal(projector1[k], projector2[k]) for k in projector1)  # stage 2 trained it further
+        weights = load_file(str(out / "model.safetensors"))
+        assert all(v.numel() > 0 for v in weights.values())  # ZeRO-3 gathered full tensors on save
+    # stage 1 trained the projector alone: the language model is the one stage 2 started from
+    s1 = load_file(str(stage1 / "model.safetensors"))
+    s2 = load_file(str(stage2 / "model.safetensors"))
+    changed = [k for k in s1 if "language_model" in k and not torch.equal(s1[k], s2[k])]
+    assert changed  # and stage 2 trained the language model

@@ -1,0 +1,174 @@
+"""LLaVA training data: the three sources, assistant-only labels, image token expansion, truncation, bad samples."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defocus_mllm.data.conversations import (
+    BadSampleError,
+    Conversation,
+    load_easy_vqa,
+    load_hf_dataset,
+    load_llava_json,
+)
+from defocus_mllm.data.supervised import IGNORE_INDEX, SupervisedCollator, SupervisedDataset, tokenize_conversation
+from defocus_mllm.llava import prepare_tokenizer
+from defocus_mllm.testing import train_tokenizer
+
+NUM_IMAGE_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["what color is the shape?", "blue", "red circle", "describe the picture", "a cat on a mat",
+             "USER: ASSISTANT: A chat between"]
+    return prepare_tokenizer(train_tokenizer(texts, vocab_size=200))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+class _Processor:
+    """Stands in for the image processor: the dataset only needs `pixel_values` of a fixed shape."""
+
+    def __call__(self, images, return_tensors):
+        return {"pixel_values": torch.stack([torch.tensor(np.asarray(im.resize((8, 8))), dtype=torch.float32)
+                                             .permute(2, 0, 1) for im in images])}
+
+
+def _dataset(convs, tokenizer, **kw):
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    return SupervisedDataset(convs, tokenizer, _Processor(), image_id, NUM_IMAGE_TOKENS, show_progress=False, **kw)
+
+
+def _llava_record(i, image="a.png", turns=None):
+    turns = turns or [{"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "blue"}]
+    record = {"id": f"s{i}", "conversations": turns}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+def test_labels_cover_exactly_the_assistant_replies(tokenizer):
+    messages = [{"role": "user", "content": "<image>\nwhat color is the shape?"},
+                {"role": "assistant", "content": "blue"},
+                {"role": "user", "content": "describe the picture"},
+                {"role": "assistant", "content": "a red circle"}]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    tokens = tokenize_conversation(tokenizer, messages, image_id, NUM_IMAGE_TOKENS)
+    assert tokens.input_ids.count(image_id) == NUM_IMAGE_TOKENS
+    assert len(tokens.input_ids) == len(tokens.labels)
+    learned = [t for t in tokens.labels if t != IGNORE_INDEX]
+    text = tokenizer.decode(learned, skip_special_tokens=False)
+    assert text.replace(" ", "") == "blue</s>aredcircle</s>".replace(" ", "")
+    # the replies in the labels are exactly the tokens at those positions
+    for t, l in zip(tokens.input_ids, tokens.labels):
+        assert l == IGNORE_INDEX or l == t
+
+
+def test_llava_json_and_jsonl_and_text_only(tokenizer, image_folder, tmp_path):
+    records = [_llava_record(0), _llava_record(1, image="b.png"),
+               _llava_record(2, image=None, turns=[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}])]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for name in ("data.json", "data.jsonl"):
+        convs = load_llava_json(tmp_path / name, image_folder)
+        assert [len(c.images) for c in convs] == [1, 1, 0]
+        dataset = _dataset(convs, tokenizer)
+        batch = SupervisedCollator(tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+        assert batch["pixel_values"].shape == (2, 3, 8, 8)  # the text-only sample brings no image
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+        assert (batch["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum() == 2 * NUM_IMAGE_TOKENS
+        assert sorted(dataset.lengths) == sorted(batch["attention_mask"].sum(1).tolist())
+
+
+def test_hf_messages_dataset(tokenizer, image_folder, tmp_path):
+    import datasets
+
+    image = Image.open(image_folder / "a.png")
+    rows = {"messages": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]],
+            "images": [[image]]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf"))
+    convs = load_hf_dataset(tmp_path / "hf")
+    assert convs[0].messages[0]["content"] == "<image>\nwhat color?" and len(convs[0].images) == 1
+    item = _dataset(convs, tokenizer)[0]
+    assert item["pixel_values"].shape == (1, 3, 8, 8)
+
+
+def test_easy_vqa_conversations():
+    convs = load_easy_vqa("train", turns_per_sample=3, limit=5)
+    assert {len(c.images) for c in convs} == {1}
+    assert all(1 <= len(c.messages) // 2 <= 3 and c.messages[0]["content"].startswith("<image>\n") for c in convs)
+    assert all("Answer the question using a single word or phrase." in c.messages[0]["content"] for c in convs)
+    captions = load_easy_vqa("train", captions=True, limit=5)
+    assert len(captions) == 5 and all(c.messages[1]["content"].startswith("a ") for c in captions)
+
+
+def test_truncation_drops_samples_whose_image_would_be_cut(tokenizer, image_folder, tmp_path):
+    long_question = "what color is the shape? " * 10
+    records = [_llava_record(0),  # fits
+               _llava_record(1, turns=[{"from": "human", "value": long_question + "<image>"},
+                                       {"from": "gpt", "value": "blue"}]),  # image tokens past the limit
+               _llava_record(2, turns=[{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "red"},
+                                       {"from": "human", "value": long_question}, {"from": "gpt", "value": "blue"}])]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    convs = load_llava_json(tmp_path / "data.json", image_folder)
+    limit = max(len(tokenize_conversation(tokenizer, convs[0].messages, tokenizer.convert_tokens_to_ids("<image>"),
+                                          NUM_IMAGE_TOKENS).input_ids), 60)
+    dataset = _dataset(convs, tokenizer, model_max_length=limit)
+    assert dataset.dropped_too_long == 1 and dataset.truncated == 1 and len(dataset) == 2
+    assert max(dataset.lengths) == limit
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_image", r"data\.json\[0\] \(sample 's0'\): image file not found: .*nope\.png"),
+    ("no_assistant", r"data\.json\[0\] \(sample 's0'\): the conversation has no assistant turn"),
+    ("marker_mismatch", r"data\.json\[0\] \(sample 's0'\): 2 <image> marker\(s\) in the text but 1 image"),
+])
+def test_bad_samples_name_file_and_sample_or_are_skipped(case, message, tokenizer, image_folder, tmp_path):
+    bad = {"missing_image": _llava_record(0, image="nope.png"),
+           "no_assistant": _llava_record(0, turns=[{"from": "human", "value": "<image>\nhi"}]),
+           "marker_mismatch": _llava_record(0, turns=[{"from": "human", "value": "<image>\n<image>\nhi"},
+                                                      {"from": "gpt", "value": "blue"}])}[case]
+    (tmp_path / "data.json").write_text(json.dumps([bad, _llava_record(1)]))
+    convs = load_llava_json(tmp_path / "data.json", image_folder)
+    with pytest.raises(BadSampleError, match=message):
+        _dataset(convs, tokenizer)
+    dataset = _dataset(convs, tokenizer, skip_bad_samples=True)
+    assert len(dataset) == 1 and len(dataset.skipped) == 1 and "1 bad sample(s) skipped" in dataset.report()
+
+
+def test_malformed_json_line_is_named(tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps(_llava_record(0)) + "\n{\"id\": \"s1\", \"conversations\": [\n")
+    with pytest.raises(BadSampleError, match=r"data\.jsonl:2: malformed JSON line"):
+        load_llava_json(tmp_path / "data.jsonl")
+    (tmp_path / "data.json").write_text("[{]")
+    with pytest.raises(BadSampleError, match=r"data\.json: malformed JSON"):
+        load_llava_json(tmp_path / "data.json")
+    (tmp_path / "speaker.json").write_text(json.dumps([_llava_record(0, turns=[{"from": "bot", "value": "x"}])]))
+    with pytest.raises(BadSampleError, match=r"speaker\.json\[0\] \(sample 's0'\): turn 0 has unknown speaker"):
+        load_llava_json(tmp_path / "speaker.json")
+
+
+def test_corrupt_image_found_while_training_is_named_or_skipped(tokenizer, image_folder):
+    (image_folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    conv = Conversation("s0", [image_folder / "a.png"],
+                        [{"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "blue"}],
+                        "data.json[0]")
+    with pytest.raises(BadSampleError, match=r"data\.json\[0\] \(sample 's0'\): Cannot read image file .*a\.png"):
+        _dataset([conv], tokenizer)[0]
+    dataset = _dataset([conv, Conversation("s1", [image_folder / "b.png"], conv.messages)], tokenizer,
+                       skip_bad_samples=True)
+    batch = SupervisedCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    assert batch["input_ids"].shape[0] == 1 and len(dataset.skipped) == 1
