@@ -59,6 +59,21 @@ LLAVA_V1_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
 )
 
+# Prepended to a tokenizer's own chat template for the processor: most text templates print `content` as a string,
+# while processors pass lists of typed parts. This turns each list into "<image>\n" per image + the joined text.
+FLATTEN_CONTENT_PRELUDE = (
+    "{%- set flat = namespace(messages=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set flat.messages = flat.messages + [m] -%}"
+    "{%- else -%}"
+    "{%- set n_images = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
+    "{%- set flat.messages = flat.messages + [{'role': m['role'], 'content': '<image>\\n' * n_images ~ text}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = flat.messages -%}"
+)
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -126,9 +141,12 @@ def build_processor(tokenizer: Any, vision_config: DefocusVisionConfig,
                     image_processor: Optional[DefocusImageProcessor] = None) -> LlavaProcessor:
     """`LlavaProcessor` for a De-focus tower: one placeholder per patch plus one for the CLS token."""
     image_processor = image_processor or DefocusImageProcessor.from_vision_config(vision_config)
+    template = tokenizer.chat_template
+    if template != LLAVA_V1_CHAT_TEMPLATE and not template.startswith(FLATTEN_CONTENT_PRELUDE):
+        template = FLATTEN_CONTENT_PRELUDE + template
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
                           vision_feature_select_strategy="full", num_additional_image_tokens=1,
-                          image_token=IMAGE_TOKEN, chat_template=tokenizer.chat_template)
+                          image_token=IMAGE_TOKEN, chat_template=template)
 
 
 def build_llava(

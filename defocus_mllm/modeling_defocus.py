@@ -100,7 +100,8 @@ class DefocusPreTrainedModel(PreTrainedModel):
             # PyTorch's default conv init, which the release keeps for the patch embedding and the causal conv
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
-                fan_in = module.weight[0].numel()
+                # from the module's attributes: under ZeRO-3 the weight tensor itself may be an empty shard
+                fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
                 init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)

@@ -10,19 +10,15 @@ overridden on the command line (`--learning_rate 1e-3`). The saved directory loa
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch.utils.data
 import transformers
-import yaml
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from defocus_mllm import DefocusForImageClassification, DefocusVisionConfig
@@ -34,6 +30,7 @@ from defocus_mllm.data.image_classification import (
     ImageFolderDataset,
 )
 from defocus_mllm.encoder_pretraining import EncoderPretrainingTrainer, keep_main_logits, top_k_accuracy
+from defocus_mllm.training import parse_overrides, parse_recipe_args
 
 logger = logging.getLogger("pretrain_encoder")
 
@@ -85,37 +82,7 @@ class DataArguments:
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """`--config FILE.yaml` gives defaults for any field; other command-line flags override them."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if known.config:
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{known.config}: expected a mapping of argument names to values")
-        fields = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown argument(s) {unknown}")
-        if isinstance(values.get("config_overrides"), dict):
-            values["config_overrides"] = json.dumps(values["config_overrides"])
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=rest)
-
-
-def parse_config_overrides(text: Optional[str]) -> dict:
-    if not text:
-        return {}
-    if text.lstrip().startswith("{"):
-        return json.loads(text)
-    overrides = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"config_overrides: {item!r} is not key=value")
-        overrides[key.strip()] = yaml.safe_load(value)  # numbers, booleans and strings as YAML reads them
-    return overrides
+    return parse_recipe_args((ModelArguments, DataArguments, TrainingArguments), argv)
 
 
 def build_datasets(data_args: DataArguments, train_tf, eval_tf):
@@ -156,7 +123,7 @@ def _subset(dataset, n: int):
 
 
 def build_model(model_args: ModelArguments, classes: list[str]) -> DefocusForImageClassification:
-    overrides = parse_config_overrides(model_args.config_overrides)
+    overrides = parse_overrides(model_args.config_overrides)
     for name in ("image_size", "drop_path_rate", "min_drop_path_rate", "use_scheduled_drop_path", "aux_loss_mode"):
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)

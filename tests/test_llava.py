@@ -252,3 +252,16 @@ def test_freezing_helpers(tiny):
     assert total == sum(p.numel() for p in model.parameters())
     set_trainable(model, vision_tower=True, language_model=True)
     assert count_trainable_parameters(model) == (total, total)
+
+
+def test_a_tokenizer_with_its_own_string_only_template_gets_image_parts_flattened():
+    tokenizer = train_tokenizer(QUESTIONS + ["<|im_start|> <|im_end|> user assistant"], vocab_size=128)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    model, processor = build_llava(DefocusVisionConfig.from_preset("mamba-tiny", num_hidden_layers=1, image_size=32),
+                                   tiny_llama_config(len(tokenizer) + 1), tokenizer=tokenizer)
+    prompt = _prompt(processor, "what shape is it?")
+    assert prompt == "<|im_start|>user\n<image>\nwhat shape is it?<|im_end|>\n<|im_start|>assistant\n"
+    assert processor.tokenizer.chat_template == tokenizer.chat_template  # training renders strings with it directly
+    inputs = processor(images=[_image(7)], text=[prompt], return_tensors="pt")
+    assert torch.isfinite(model(**inputs).logits).all()

@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
@@ -46,11 +44,8 @@ def test_finetune_trains_saves_and_reports_what_eval_run_reports(tmp_path):
     metrics = _recipe("finetune").main([*TINY, "--output_dir", str(out), "--max_steps", "6", "--eval_easy_vqa", "true",
                                         "--eval_limit", "24", "--eval_batch_size", "8"])
     assert metrics["easy_vqa_questions"] == 24 and 0.0 <= metrics["easy_vqa_accuracy"] <= 100.0
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"] if (
-        out / "trainer_state.json").exists() else None
     assert (out / "model.safetensors").exists() and (out / "projector.safetensors").exists()
     assert isinstance(_answer(out), str)
-    assert history is None or history  # the Trainer state is only written with checkpoints
     # eval/run.py on the saved directory agrees with what the recipe printed
     result = subprocess.run([sys.executable, str(ROOT / "eval" / "run.py"), "--model", str(out), "--benchmark",
                              "easy-vqa", "--limit", "24", "--batch-size", "8", "--output", str(tmp_path / "eval")],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -15,7 +16,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..image_processing import load_image, to_rgb
-from ..llava import IMAGE_TOKEN
 from .conversations import BadSampleError, Conversation, check_conversation
 
 logger = logging.getLogger(__name__)
@@ -160,8 +160,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 def _exists(path: Any) -> bool:
-    from pathlib import Path
-
     return Path(path).is_file()
 
 
