@@ -6,9 +6,15 @@ from typing import Callable
 
 from torch import nn
 
+from .attention import DefocusAttentionMixer
 from .mamba import DefocusMambaMixer
+from .retention import DefocusRetentionMixer
 
-MIXER_CLASSES: dict[str, Callable[..., nn.Module]] = {"mamba": DefocusMambaMixer}
+MIXER_CLASSES: dict[str, Callable[..., nn.Module]] = {
+    "mamba": DefocusMambaMixer,
+    "attention": DefocusAttentionMixer,
+    "retention": DefocusRetentionMixer,
+}
 
 
 def build_mixer(config, layer_idx: int) -> nn.Module:
@@ -20,4 +26,4 @@ def build_mixer(config, layer_idx: int) -> nn.Module:
     return cls(config, layer_idx)
 
 
-__all__ = ["MIXER_CLASSES", "DefocusMambaMixer", "build_mixer"]
+__all__ = ["MIXER_CLASSES", "DefocusAttentionMixer", "DefocusMambaMixer", "DefocusRetentionMixer", "build_mixer"]
