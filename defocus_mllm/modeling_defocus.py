@@ -65,20 +65,45 @@ class DefocusPatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
+class DefocusMLP(nn.Module):
+    """The feed-forward sub-block of the attention / retention variants: `Linear -> GELU -> Linear`."""
+
+    def __init__(self, hidden_size: int, inner_size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, inner_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(inner_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
 class DefocusBlock(GradientCheckpointingLayer):
-    """`x = x + drop_path(mixer(RMSNorm(x)))` with the residual stream in fp32."""
+    """`x = x + drop_path(mixer(RMSNorm(x)))` with the residual stream in fp32.
+
+    Mixers that declare `has_feed_forward` (attention, retention) get a second pre-norm sub-block
+    `x = x + drop_path(mlp(RMSNorm(x)))` when `config.mlp_ratio > 0`; Mamba's gated projection is its own MLP.
+    """
 
     def __init__(self, config: DefocusVisionConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.norm = DefocusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = build_mixer(config, layer_idx)
+        self.norm2 = self.mlp = None
+        if getattr(self.mixer, "has_feed_forward", False) and config.mlp_ratio > 0:
+            self.norm2 = DefocusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = DefocusMLP(config.hidden_size, int(config.hidden_size * config.mlp_ratio))
         self.drop_path_rate = 0.0  # set at run time by `DefocusPreTrainedModel.set_drop_path_rate`
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = hidden_states.float()
         out = self.mixer(self.norm(hidden_states))
-        return residual + drop_path(out, self.drop_path_rate, self.training).float()
+        hidden_states = residual + drop_path(out, self.drop_path_rate, self.training).float()
+        if self.mlp is not None:
+            out = self.mlp(self.norm2(hidden_states))
+            hidden_states = hidden_states + drop_path(out, self.drop_path_rate, self.training).float()
+        return hidden_states
 
 
 class DefocusPreTrainedModel(PreTrainedModel):
@@ -277,6 +302,7 @@ __all__ = [
     "DefocusBlock",
     "DefocusForImageClassification",
     "DefocusImageClassifierOutput",
+    "DefocusMLP",
     "DefocusPreTrainedModel",
     "DefocusRMSNorm",
     "DefocusVisionModel",
