@@ -25,7 +25,8 @@ class DefocusVisionConfig(PretrainedConfig):
         mixer (`str`): `"mamba"` (the released De-focus Mamba), `"attention"` (De-focus ViT) or `"retention"`
             (De-focus RetNet).
         hidden_size, num_hidden_layers: width and depth of the residual stream.
-        intermediate_size (`int`): Mamba's inner width `D` (2x hidden in the release).
+        intermediate_size (`int`): Mamba's inner width `D` (2x hidden in the release); for `mixer="retention"` the
+            width of the values and the gate (2x hidden in RetNet).
         state_size (`int`): Mamba's state size `N`.
         time_step_rank (`int`): rank `R` of the `dt` projection.
         conv_kernel (`int`): width of the causal depthwise convolution.
@@ -147,8 +148,19 @@ class DefocusVisionConfig(PretrainedConfig):
                 (not self.use_rope or self.state_size % 2 == 0, f"state_size={self.state_size} must be even for the rotary filter"),
             ]
         else:
-            checks.append((self.hidden_size % self.num_attention_heads == 0,
-                           f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"))
+            heads = self.num_attention_heads
+            checks += [
+                (heads > 0 and self.hidden_size % heads == 0,
+                 f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads={heads}"),
+                (not self.use_rope or heads <= 0 or (self.hidden_size // heads) % 2 == 0,
+                 f"the head width hidden_size / num_attention_heads = {self.hidden_size}/{heads} must be even for the "
+                 "rotary filter (use_rope=True)"),
+                (self.mlp_ratio >= 0, f"mlp_ratio={self.mlp_ratio} must be >= 0 (0: no MLP)"),
+            ]
+            if self.mixer == "retention":
+                checks.append((heads > 0 and self.intermediate_size % heads == 0,
+                               f"intermediate_size={self.intermediate_size} (the retention value width) is not a "
+                               f"multiple of num_attention_heads={heads}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"DefocusVisionConfig: {message}")
@@ -176,6 +188,28 @@ def _mamba(hidden: int, depth: int, **extra: Any) -> dict[str, Any]:
     return preset
 
 
+def _vit(hidden: int, depth: int, heads: int, **extra: Any) -> dict[str, Any]:
+    preset = dict(mixer="attention", hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
+                  mlp_ratio=4.0, use_rope=True, rope_mode="learnable", decay_mode="learnable", num_labels=1000)
+    preset.update(extra)
+    return preset
+
+
+def _retnet(hidden: int, depth: int, heads: int, **extra: Any) -> dict[str, Any]:
+    # RetNet's 2x-wide values and gate; an MLP of 2.4x lands the base size on the paper's 92.7M (1k head)
+    preset = dict(mixer="retention", hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads,
+                  intermediate_size=2 * hidden, mlp_ratio=2.4, use_rope=True, rope_mode="learnable",
+                  decay_mode="learnable", num_labels=1000)
+    preset.update(extra)
+    return preset
+
+
+# Plain baselines of the paper's comparison: no learnable filter, no aux loss, DeiT's constant drop path.
+_NO_FILTER = dict(use_rope=False, decay_mode="none", aux_loss_mode="none")
+_DEFOCUS_DROP_PATH = dict(drop_path_rate=0.75, min_drop_path_rate=0.1, use_scheduled_drop_path=True)
+# The miniature study's size: `mamba-tiny`'s width (64), depth (4), patch and image size, with 4 heads.
+_TINY = dict(patch_size=8, image_size=64, num_labels=10)
+
 # The released De-focus Mamba sizes (SPEC §2.2). `*-causal` presets are the plain causal baselines
 # of the paper's comparison: the same network without the learnable bandpass filter.
 DEFOCUS_PRESETS: dict[str, dict[str, Any]] = {
@@ -189,4 +223,19 @@ DEFOCUS_PRESETS: dict[str, dict[str, Any]] = {
     # A few-million-parameter encoder for CPU work (tests, offline recipes, the miniature study).
     "mamba-tiny": dict(mixer="mamba", hidden_size=64, num_hidden_layers=4, intermediate_size=128, state_size=16,
                        time_step_rank=8, group_norm_size=32, patch_size=8, image_size=64, num_labels=10),
+    # De-focus ViT (SPEC §2.3) and its baselines: DeiT sizes, no absolute position embedding.
+    "vit-small": _vit(384, 12, 6, drop_path_rate=0.3),
+    "vit-base": _vit(768, 12, 12, **_DEFOCUS_DROP_PATH),
+    "vit-base-causal": _vit(768, 12, 12, drop_path_rate=0.1, **_NO_FILTER),
+    "vit-base-noncausal": _vit(768, 12, 12, causal=False, drop_path_rate=0.1, **_NO_FILTER),
+    # De-focus RetNet; the causal RetNet baseline keeps RetNet's fixed multi-scale decay but no learnable filter.
+    "retnet-base": _retnet(768, 12, 12, **_DEFOCUS_DROP_PATH),
+    "retnet-base-causal": _retnet(768, 12, 12, use_rope=False, decay_mode="fixed", aux_loss_mode="none",
+                                  drop_path_rate=0.1),
+    "vit-tiny": _vit(64, 4, 4, **_TINY),
+    "vit-tiny-causal": _vit(64, 4, 4, **_TINY, **_NO_FILTER),
+    "vit-tiny-noncausal": _vit(64, 4, 4, causal=False, **_TINY, **_NO_FILTER),
+    "retnet-tiny": _retnet(64, 4, 4, **_TINY),
+    "retnet-tiny-causal": _retnet(64, 4, 4, use_rope=False, decay_mode="fixed", aux_loss_mode="none", **_TINY),
 }
+DEFOCUS_PRESETS["mamba-tiny-causal"] = dict(DEFOCUS_PRESETS["mamba-tiny"], use_rope=False, aux_loss_mode="none")
