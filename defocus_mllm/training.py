@@ -333,7 +333,7 @@ def train_llava(model_args: ModelArguments, data_args: DataArguments, args: Llav
                                 num_image_tokens, model_max_length=data_args.model_max_length,
                                 skip_bad_samples=data_args.skip_bad_samples,
                                 show_progress=args.process_index == 0)
-    if args.gradient_checkpointing:
+    if args.activation_checkpointing:
         model.config.use_cache = False
         model.enable_input_require_grads()
     model = configure_trainable(model, args)
