@@ -10,6 +10,16 @@ import defocus_mllm  # noqa: F401  (registers the Auto classes)
 from defocus_mllm import DEFOCUS_PRESETS, DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.mixers import DefocusAttentionMixer, DefocusRetentionMixer
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds contention on a shared 2-core machine (where it
+    made this file 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CAUSAL_TINY = ["vit-tiny", "vit-tiny-causal", "retnet-tiny", "retnet-tiny-causal", "mamba-tiny", "mamba-tiny-causal"]
 
 
@@ -214,8 +224,9 @@ def test_baselines_differ_only_by_the_learnable_filter_and_the_aux_head(defocus,
 
 @pytest.mark.parametrize("name", sorted(DEFOCUS_PRESETS))
 def test_every_preset_saves_loads_and_trains_on_cpu(name, tmp_path):
-    # the big presets at one layer and a 2x2 patch grid; the tiny ones as they are
-    overrides = {} if "tiny" in name else dict(num_hidden_layers=1, image_size=32, patch_size=16, num_labels=10)
+    # the big presets at one layer and a 2x2 patch grid, the tiny ones at full depth on a 4x4 grid
+    overrides = dict(image_size=32) if "tiny" in name else dict(num_hidden_layers=1, image_size=32, patch_size=16,
+                                                                num_labels=10)
     config = DefocusVisionConfig.from_preset(name, **overrides)
     torch.manual_seed(0)
     model = DefocusForImageClassification(config).train()
