@@ -387,6 +387,15 @@ def train_llava(model_args: ModelArguments, data_args: DataArguments, args: Llav
     return metrics
 
 
+def run_recipe(stage: str, default_config: str, argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """What `recipes/pretrain.py` and `recipes/finetune.py` do: parse the arguments, set up logging, train."""
+    model_args, data_args, training_args = parse_recipe_args(
+        (ModelArguments, DataArguments, LlavaTrainingArguments), argv, default_config=default_config)
+    training_args.stage = stage
+    setup_logging(training_args)
+    return train_llava(model_args, data_args, training_args)
+
+
 __all__ = [
     "DataArguments",
     "LlavaTrainer",
@@ -398,6 +407,7 @@ __all__ = [
     "load_projector",
     "parse_overrides",
     "parse_recipe_args",
+    "run_recipe",
     "save_projector",
     "setup_logging",
     "train_llava",

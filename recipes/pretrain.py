@@ -12,24 +12,13 @@ default `recipes/configs/pretrain_easy_vqa.yaml` is used.
 from pathlib import Path
 from typing import Optional
 
-from defocus_mllm.training import (
-    DataArguments,
-    LlavaTrainingArguments,
-    ModelArguments,
-    parse_recipe_args,
-    setup_logging,
-    train_llava,
-)
+from defocus_mllm.training import run_recipe
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain_easy_vqa.yaml"
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    model_args, data_args, training_args = parse_recipe_args(
-        (ModelArguments, DataArguments, LlavaTrainingArguments), argv, default_config=str(DEFAULT_CONFIG))
-    training_args.stage = "pretrain"
-    setup_logging(training_args)
-    return train_llava(model_args, data_args, training_args)
+    return run_recipe("pretrain", str(DEFAULT_CONFIG), argv)
 
 
 if __name__ == "__main__":
