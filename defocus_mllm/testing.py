@@ -61,4 +61,21 @@ def build_tiny_llava(texts: Optional[Iterable[str]] = None, vision: Optional[Def
     return build_llava(vision, lm_config, tokenizer=tokenizer)
 
 
-__all__ = ["SPECIAL_TOKENS", "build_tiny_llava", "tiny_llama_config", "train_tokenizer"]
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's `accelerate launch --main_process_port` (two launches on the
+    default port at once, from parallel test runs, abort each other's process groups)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch_command(*launch_args: str) -> list[str]:
+    """`python -m accelerate.commands.launch --main_process_port <free> *launch_args` as an argument list."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *launch_args]
+
+
+__all__ = ["SPECIAL_TOKENS", "accelerate_launch_command", "free_port", "build_tiny_llava", "tiny_llama_config", "train_tokenizer"]

@@ -10,7 +10,6 @@ import json
 import os
 import string
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, generate_answers, get_benchmark, run_benchmark
 from test_evaluation_loaders import FIXTURES, make_fixture
+from defocus_mllm.testing import accelerate_launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "eval" / "run.py"
@@ -261,8 +261,8 @@ def test_accelerate_launch_splits_questions_over_two_processes(model_dir, tmp_pa
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     # without CUDA, --multi_gpu starts the processes and the library joins them into one gloo group
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "29517", str(RUN_PY), "--model", str(model_dir), "--benchmark", "easy-vqa",
+    cmd = [*accelerate_launch_command("--multi_gpu"), "--num_processes", "2",
+           str(RUN_PY), "--model", str(model_dir), "--benchmark", "easy-vqa",
            "--limit", "7", "--batch-size", "2", "--max-new-tokens", "3", "--output", str(out), "--quiet"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -32,6 +32,7 @@ from defocus_mllm.data.image_classification import (
     RepeatedAugmentationSampler,
 )
 from defocus_mllm.encoder_pretraining import encoder_param_groups, layer_id, top_k_accuracy
+from defocus_mllm.testing import accelerate_launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "pretrain_encoder.py"
@@ -227,7 +228,7 @@ def test_recipe_trains_on_a_saved_hf_dataset_with_layer_decay(tmp_path, shapes_f
 
 def _launch(tmp_path: Path, shapes_folder: Path, output: Path, *launch_args: str) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(RECIPE),
+    cmd = [*accelerate_launch_command(*launch_args), str(RECIPE),
            "--config", str(TINY_CONFIG), "--train_dir", str(shapes_folder / "train"),
            "--validation_dir", str(shapes_folder / "val"), "--output_dir", str(output), "--num_train_epochs", "3",
            "--disable_tqdm", "true", "--use_cpu", "true"]

@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
+from defocus_mllm.testing import accelerate_launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_size=64,patch_size=16,image_size=32",
@@ -123,7 +124,7 @@ def test_bad_data_stops_with_a_named_sample_or_is_skipped_and_reported(tmp_path)
 
 def _launch(tmp_path: Path, recipe: str, ds_config: str, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--use_deepspeed",
+    cmd = [*accelerate_launch_command("--num_processes", "2", "--use_deepspeed"),
            "--deepspeed_config_file", str(ROOT / "recipes" / "deepspeed" / ds_config),
            str(ROOT / "recipes" / f"{recipe}.py"), *TINY, *args]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
