@@ -32,7 +32,8 @@ from defocus_mllm.data.image_classification import (
     RepeatedAugmentationSampler,
 )
 from defocus_mllm.encoder_pretraining import encoder_param_groups, layer_id, top_k_accuracy
-from defocus_mllm.testing import accelerate_launch_command
+from defocus_mllm.llava import build_llava
+from defocus_mllm.testing import accelerate_launch_command, tiny_llama_config, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "pretrain_encoder.py"
@@ -220,6 +221,18 @@ def test_recipe_trains_on_a_saved_hf_dataset_with_layer_decay(tmp_path, shapes_f
     assert {"eval_top1", "eval_top5", "train_loss"} <= set(metrics)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "circle", "1": "square", "2": "triangle"}
+    # the saved classifier directory is a LLaVA vision tower: its encoder weights, the head dropped
+    tokenizer = train_tokenizer(["what shape is it?", "circle", "square", "triangle"], vocab_size=128)
+    llava, processor = build_llava(vision_tower=tmp_path / "out", language_model=tiny_llama_config(len(tokenizer) + 1),
+                                   tokenizer=tokenizer)
+    classifier = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    tower = llava.model.vision_tower.state_dict()
+    assert tower.keys() == classifier.defocus.state_dict().keys()
+    assert all(torch.equal(tower[name], t) for name, t in classifier.defocus.state_dict().items())
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[draw_shape("circle", rng)], text=[prompt], return_tensors="pt")
+    assert inputs["pixel_values"].shape[-1] == 32 and torch.isfinite(llava(**inputs).logits).all()
     with pytest.raises(ValueError, match="unknown argument"):
         bad = tmp_path / "bad.yaml"
         bad.write_text("learning_rat: 0.1\n")
