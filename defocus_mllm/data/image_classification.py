@@ -1,5 +1,6 @@
 """Image-classification data for encoder pretraining: an image-folder tree or a Hugging Face dataset.
 
+* `ImageListDataset`: `(path, class id)` pairs.
 * `ImageFolderDataset`: the ImageNet layout, `root/<class name>/<image>`; class ids follow the sorted class names
   (as torchvision's `ImageFolder`), and a validation folder reuses the training folder's mapping.
 * `HFImageClassificationDataset`: any `datasets.Dataset` with an image column and an integer label column.
@@ -48,7 +49,30 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     return classes
 
 
-class ImageFolderDataset(Dataset):
+class ImageListDataset(Dataset):
+    """`(path, class id)` pairs -> `{"pixel_values": transform(image), "labels": class id}`, images read lazily."""
+
+    def __init__(self, samples: Sequence[tuple[str | os.PathLike, int]], transform: Transform,
+                 classes: Sequence[str]) -> None:
+        if not samples:
+            raise ValueError("An image-classification dataset needs at least one image")
+        self.samples = [(str(path), int(label)) for path, label in samples]
+        self.classes = list(classes)
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[index]
+        return {"pixel_values": self.transform(load_rgb_image(path)), "labels": label}
+
+
+class ImageFolderDataset(ImageListDataset):
     """`root/<class>/<image>` -> `{"pixel_values": transform(image), "labels": class id}`.
 
     Args:
@@ -66,26 +90,15 @@ class ImageFolderDataset(Dataset):
         unknown = sorted(set(found) - set(self.class_to_idx))
         if unknown:
             raise ValueError(f"Image folder {self.root} has classes absent from the training classes: {unknown[:5]}")
-        self.samples: list[tuple[str, int]] = []
+        samples: list[tuple[str, int]] = []
         for name in found:
             for dirpath, _, filenames in sorted(os.walk(self.root / name, followlinks=True)):
                 for filename in sorted(filenames):
                     if filename.lower().endswith(IMAGE_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, filename), self.class_to_idx[name]))
-        if not self.samples:
+                        samples.append((os.path.join(dirpath, filename), self.class_to_idx[name]))
+        if not samples:
             raise ValueError(f"Image folder {self.root} has no images with extensions {IMAGE_EXTENSIONS}")
-        self.transform = transform
-
-    @property
-    def targets(self) -> list[int]:
-        return [label for _, label in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path, label = self.samples[index]
-        return {"pixel_values": self.transform(load_rgb_image(path)), "labels": label}
+        super().__init__(samples, transform, self.classes)
 
 
 class HFImageClassificationDataset(Dataset):
