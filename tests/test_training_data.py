@@ -10,7 +10,9 @@ from PIL import Image
 from defocus_mllm.data.conversations import (
     BadSampleError,
     Conversation,
+    easy_vqa_color_and_shape,
     load_easy_vqa,
+    load_easy_vqa_labels,
     load_hf_dataset,
     load_llava_json,
 )
@@ -113,6 +115,50 @@ def test_easy_vqa_conversations():
     assert all("Answer the question using a single word or phrase." in c.messages[0]["content"] for c in convs)
     captions = load_easy_vqa("train", captions=True, limit=5)
     assert len(captions) == 5 and all(c.messages[1]["content"].startswith("a ") for c in captions)
+    # the curriculum: every open question alone first, then all questions (the same conversations as without it)
+    plain = load_easy_vqa("train", turns_per_sample=2, limit=20)
+    curriculum = load_easy_vqa("train", turns_per_sample=2, limit=20, open_questions_first=True)
+    n_open = sum("-open-" in c.id for c in curriculum)
+    assert all("-open-" in c.id for c in curriculum[:n_open]) and n_open > 10
+    opening = [m["content"] for c in curriculum[:n_open] for m in c.messages[1::2]]
+    assert "yes" not in opening and "no" not in opening
+    assert len(opening) == sum(m["content"] not in ("yes", "no") for c in plain for m in c.messages[1::2])
+    assert sorted(c.id for c in curriculum[n_open:]) == sorted(c.id for c in plain)
+
+
+def test_easy_vqa_color_and_shape_from_open_and_yes_no_answers():
+    assert easy_vqa_color_and_shape([("what color is the rectangle?", "brown")]) == ("brown", "rectangle")
+    assert easy_vqa_color_and_shape([("what is the red shape?", "circle")]) == ("red", "circle")
+    # "no" to a positive question and "yes" to a negated one both rule a value out; two of three shapes out = known
+    ruled_out = [("does the image contain a circle?", "no"), ("is there not a triangle in the image?", "yes"),
+                 ("is no yellow shape present?", "yes"), ("is there a teal shape?", "yes")]
+    assert easy_vqa_color_and_shape(ruled_out) == ("teal", "rectangle")
+    assert easy_vqa_color_and_shape([("is there a blue shape?", "no")]) == (None, None)
+
+
+def _easy_vqa_answer(question: str, color: str, shape: str) -> str:
+    """What an image holding one `color` `shape` answers to an easy-VQA question."""
+    words = question.rstrip("?").split()
+    if words[0] == "what":
+        return color if "color" in words else shape
+    named = [w for w in words if w in (color, shape) or w in ("circle", "rectangle", "triangle") or w in (
+        "red", "green", "blue", "black", "gray", "teal", "brown", "yellow")]
+    present = all(w in (color, shape) for w in named)
+    return "yes" if present != ("not" in words or "no" in words) else "no"
+
+
+def test_easy_vqa_labels_answer_every_question_of_their_image():
+    from easy_vqa import get_test_questions
+
+    paths, labels, classes = load_easy_vqa_labels("test")
+    assert len(classes) == 24 and len(paths) == len(labels) > 800  # of 1,000 test images
+    label_of = {int(p.stem): classes[y].split() for p, y in zip(paths, labels)}
+    checked = 0
+    for question, answer, image_id in zip(*get_test_questions()):
+        if image_id in label_of:
+            assert _easy_vqa_answer(question, *label_of[image_id]) == answer, (image_id, question)
+            checked += 1
+    assert checked > 7000
 
 
 def test_truncation_drops_samples_whose_image_would_be_cut(tokenizer, image_folder, tmp_path):

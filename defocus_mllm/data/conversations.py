@@ -173,15 +173,12 @@ def easy_vqa_prompt(question: str) -> str:
     return with_instruction(question, EASY_VQA_INSTRUCTION)
 
 
-def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0, limit: Optional[int] = None,
-                  captions: bool = False) -> list[Conversation]:
-    """easy-VQA questions as conversations about their image.
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 
-    `turns_per_sample > 1` groups that many questions about one image into a multi-turn conversation (as LLaVA's
-    instruction data does): the image is encoded once for several answers. `captions=True` instead makes one
-    caption-style sample per image ("a red circle."), built from the answers, for projector pretraining.
-    `limit` caps the number of images.
-    """
+
+def _easy_vqa_by_image(split: str) -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
+    """`({image id: [(question, answer), ...]}, {image id: image path})` of one easy-VQA split."""
     try:
         from easy_vqa import get_test_image_paths, get_test_questions, get_train_image_paths, get_train_questions
     except ImportError as err:
@@ -193,17 +190,46 @@ def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0
     by_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for q, a, image_id in zip(questions, answers, image_ids):
         by_image[image_id].append((q, a))
+    return by_image, paths
+
+
+def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0, limit: Optional[int] = None,
+                  captions: bool = False, open_questions_first: bool = False) -> list[Conversation]:
+    """easy-VQA questions as conversations about their image.
+
+    `turns_per_sample > 1` groups that many questions about one image into a multi-turn conversation (as LLaVA's
+    instruction data does): the image is encoded once for several answers. `captions=True` instead makes one
+    caption-style sample per image ("a red circle."), built from the answers, for projector pretraining.
+    `open_questions_first=True` puts a curriculum in the order of the list: first the open questions alone ("what
+    color is the shape?"), shuffled, then every question, shuffled; train on it in order (sequential sampling).
+    `limit` caps the number of images.
+    """
+    if open_questions_first:
+        open_part = _easy_vqa_conversations(split, turns_per_sample, seed, limit, captions, open_only=True)
+        rest = _easy_vqa_conversations(split, turns_per_sample, seed, limit, captions)
+        rng = random.Random(seed)
+        rng.shuffle(open_part)
+        rng.shuffle(rest)
+        return open_part + rest
+    return _easy_vqa_conversations(split, turns_per_sample, seed, limit, captions)
+
+
+def _easy_vqa_conversations(split: str, turns_per_sample: int, seed: int, limit: Optional[int], captions: bool,
+                            open_only: bool = False) -> list[Conversation]:
+    by_image, paths = _easy_vqa_by_image(split)
     rng = random.Random(seed)
     out = []
     for image_id in sorted(by_image)[:limit]:
         qa = by_image[image_id]
         origin = f"easy-vqa/{split}/image {image_id}"
         if captions:
+            color, shape = easy_vqa_color_and_shape(qa)
+            caption = " ".join(w for w in ("a", color, shape or "shape") if w) + "."
             messages = [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe the image briefly."},
-                        {"role": "assistant", "content": _easy_vqa_caption(qa)}]
+                        {"role": "assistant", "content": caption}]
             out.append(Conversation(f"{split}-{image_id}", [Path(paths[image_id])], messages, origin))
             continue
-        qa = qa[:]
+        qa = [(q, a) for q, a in qa if a not in ("yes", "no")] if open_only else qa[:]
         rng.shuffle(qa)
         for start in range(0, len(qa), turns_per_sample):
             messages = []
@@ -211,24 +237,62 @@ def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0
                 prefix = IMAGE_TOKEN + "\n" if not messages else ""
                 messages += [{"role": "user", "content": prefix + easy_vqa_prompt(q)},
                              {"role": "assistant", "content": a}]
-            out.append(Conversation(f"{split}-{image_id}-{start}", [Path(paths[image_id])], messages, origin))
+            name = f"{split}-{image_id}-{'open-' if open_only else ''}{start}"
+            out.append(Conversation(name, [Path(paths[image_id])], messages, origin))
     return out
 
 
-def _easy_vqa_caption(qa: list[tuple[str, str]]) -> str:
-    """'a red circle.' from an image's answers (every easy-VQA image holds one coloured shape)."""
-    shapes = {"circle", "rectangle", "triangle"}
-    shape = next((a for q, a in qa if a in shapes), None)
-    color = next((a for q, a in qa if "color" in q and a not in ("yes", "no")), None)
-    return " ".join(w for w in ("a", color, shape or "shape") if w) + "."
+def easy_vqa_color_and_shape(qa: list[tuple[str, str]]) -> tuple[Optional[str], Optional[str]]:
+    """`(color, shape)` of the one shape in an easy-VQA image, deduced from its `(question, answer)` pairs; `None`
+    where they do not pin it down.
+
+    Open questions name it ("what color is the rectangle?" -> brown, and the shape is a rectangle); yes/no questions
+    confirm or rule out a value ("is no yellow shape present?" -> yes rules yellow out).
+    """
+    candidates = {"shape": set(EASY_VQA_SHAPES), "color": set(EASY_VQA_COLORS)}
+    kind_of = {**{s: "shape" for s in EASY_VQA_SHAPES}, **{c: "color" for c in EASY_VQA_COLORS}}
+
+    def narrow(word: str, present: bool) -> None:
+        pool = candidates[kind_of[word]]
+        pool.intersection_update({word}) if present else pool.discard(word)
+
+    for question, answer in qa:
+        words = question.rstrip("?").split()
+        named = [w for w in words if w in kind_of]
+        if answer in kind_of:  # an open question; every attribute it names is present
+            narrow(answer, True)
+            for word in named:
+                narrow(word, True)
+        elif answer in ("yes", "no"):
+            negated = "not" in words or "no" in words
+            for word in named:
+                narrow(word, (answer == "yes") != negated)
+    return tuple(next(iter(pool)) if len(pool) == 1 else None  # type: ignore[return-value]
+                 for pool in (candidates["color"], candidates["shape"]))
+
+
+def load_easy_vqa_labels(split: str = "train") -> tuple[list[Path], list[int], list[str]]:
+    """easy-VQA's images as an image-classification set: `(paths, labels, class names)`, one class per
+    "<color> <shape>" (24), read off each image's answers; images whose answers leave it open are left out."""
+    by_image, paths = _easy_vqa_by_image(split)
+    classes = [f"{c} {s}" for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES]
+    image_paths, labels = [], []
+    for image_id in sorted(by_image):
+        color, shape = easy_vqa_color_and_shape(by_image[image_id])
+        if color and shape:
+            image_paths.append(Path(paths[image_id]))
+            labels.append(classes.index(f"{color} {shape}"))
+    return image_paths, labels, classes
 
 
 __all__ = [
     "BadSampleError",
     "Conversation",
     "check_conversation",
+    "easy_vqa_color_and_shape",
     "easy_vqa_prompt",
     "load_easy_vqa",
+    "load_easy_vqa_labels",
     "load_hf_dataset",
     "load_hf_messages",
     "load_llava_json",
