@@ -25,7 +25,7 @@ from transformers import HfArgumentParser, LlavaForConditionalGeneration, Traine
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from .configuration_defocus import DefocusVisionConfig
+from .configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
 from .data.conversations import Conversation, load_easy_vqa, load_hf_dataset, load_llava_json
 from .data.supervised import SupervisedCollator, SupervisedDataset
 from .llava import LLAVA_V1_SYSTEM, apply_lora, build_llava, count_trainable_parameters, model_parts, set_trainable
@@ -56,6 +56,13 @@ class ModelArguments:
     tiny_vocab_size: int = field(default=400, metadata={"help": "offline default: BPE vocabulary size"})
     vision_overrides: Optional[str] = field(default=None, metadata={
         "help": "encoder config overrides for a preset tower, JSON or key=value,key=value"})
+    vision_warmup_epochs: float = field(default=0.0, metadata={
+        "help": "offline stand-in for LLaVA's pretrained vision encoder: before training LLaVA, train a freshly built "
+                "preset tower as an image classifier for this many epochs (0: off; skipped for saved models)"})
+    vision_warmup_data: str = field(default="easy-vqa", metadata={
+        "help": "warm-up images: 'easy-vqa' (classes '<color> <shape>' read off the training answers) or an image "
+                "folder tree <root>/<class>/<image>"})
+    vision_warmup_lr: float = field(default=2e-3, metadata={"help": "warm-up learning rate"})
 
 
 @dataclass
@@ -67,6 +74,9 @@ class DataArguments:
     dataset_split: str = "train"
     easy_vqa_turns: int = field(default=4, metadata={"help": "easy-VQA questions per conversation (per image)"})
     easy_vqa_captions: bool = field(default=False, metadata={"help": "easy-VQA as captions (stage-1 data)"})
+    easy_vqa_open_questions_first: bool = field(default=False, metadata={
+        "help": "curriculum: the open questions ('what color ...?') alone first, then every question; needs "
+                "train_sampling_strategy=sequential"})
     max_train_samples: Optional[int] = None
     model_max_length: int = 2048
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5: pad to square) or 'crop'"})
@@ -223,7 +233,8 @@ def load_conversations(data_args: DataArguments, seed: int = 0) -> list[Conversa
     path = data_args.data_path
     if path == "easy-vqa":
         convs = load_easy_vqa(data_args.dataset_split, turns_per_sample=data_args.easy_vqa_turns, seed=seed,
-                              captions=data_args.easy_vqa_captions)
+                              captions=data_args.easy_vqa_captions,
+                              open_questions_first=data_args.easy_vqa_open_questions_first)
     elif Path(path).is_dir():
         convs = load_hf_dataset(path, split=data_args.dataset_split)
     elif Path(path).suffix in (".json", ".jsonl"):
@@ -316,6 +327,51 @@ def configure_trainable(model: nn.Module, args: LlavaTrainingArguments) -> nn.Mo
     return model
 
 
+def warm_up_vision_tower(model: nn.Module, image_processor: Any, model_args: ModelArguments,
+                         args: LlavaTrainingArguments) -> dict[str, float]:
+    """Train the LLaVA's (fresh) vision tower in place as an image classifier, the offline stand-in for the
+    pretrained encoder LLaVA starts from. Returns the warm-up's training metrics.
+
+    From scratch, a tiny encoder learns what the questions ask about (shapes above all) far more slowly through a
+    language model's answers than from labels. A few epochs as a '<color> <shape>' classifier (the same training
+    images, their labels read off the training answers) give stage 2 features worth reading. Not for DeepSpeed runs.
+    """
+    from .data.conversations import load_easy_vqa_labels
+    from .data.image_classification import ImageClassificationCollator, ImageFolderDataset, ImageListDataset
+    from .encoder_pretraining import EncoderPretrainingTrainer
+    from .modeling_defocus import DefocusForImageClassification
+
+    if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError("vision_warmup_epochs > 0 runs without DeepSpeed: warm the encoder up in a plain run (or with "
+                         "recipes/pretrain_encoder.py) and pass the result as vision_tower")
+
+    def transform(image):  # the LLaVA processor's own preprocessing, so stage 2 sees the same inputs
+        return image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    if model_args.vision_warmup_data == "easy-vqa":
+        paths, labels, classes = load_easy_vqa_labels("train")
+        dataset: Any = ImageListDataset(list(zip(paths, labels)), transform, classes)
+    else:
+        dataset = ImageFolderDataset(model_args.vision_warmup_data, transform)
+    tower = model_parts(model)["vision_tower"][0]
+    config = tower.config.__class__.from_dict(tower.config.to_dict())
+    config.num_labels = len(dataset.classes)
+    classifier = DefocusForImageClassification(config)
+    classifier.defocus = tower  # shared, so training the classifier trains the LLaVA's tower in place
+    warmup_args = TrainingArguments(
+        output_dir=str(Path(args.output_dir) / "vision-warmup"), num_train_epochs=model_args.vision_warmup_epochs,
+        learning_rate=model_args.vision_warmup_lr, per_device_train_batch_size=args.per_device_train_batch_size,
+        lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, weight_decay=0.0, seed=args.seed,
+        logging_steps=args.logging_steps, save_strategy="no", report_to=args.report_to, use_cpu=args.use_cpu,
+        bf16=args.bf16, dataloader_num_workers=args.dataloader_num_workers, disable_tqdm=args.disable_tqdm)
+    trainer = EncoderPretrainingTrainer(model=classifier, args=warmup_args, train_dataset=dataset,
+                                       data_collator=ImageClassificationCollator())
+    logger.info("vision warm-up: %d images in %d classes, %.1f epochs", len(dataset), len(dataset.classes),
+                model_args.vision_warmup_epochs)
+    metrics = trainer.train().metrics
+    return {f"vision_warmup_{k}": v for k, v in metrics.items()}
+
+
 # ------------------------------------------------------------------------------------------------------- the run
 
 def train_llava(model_args: ModelArguments, data_args: DataArguments, args: LlavaTrainingArguments,
@@ -325,8 +381,20 @@ def train_llava(model_args: ModelArguments, data_args: DataArguments, args: Llav
     started = time.time()
     set_seed(args.seed)
     conversations = load_conversations(data_args, seed=args.seed)
+    if data_args.easy_vqa_open_questions_first and args.train_sampling_strategy != "sequential":
+        logger.warning("easy_vqa_open_questions_first orders the data, but train_sampling_strategy=%s shuffles it: "
+                       "set it to 'sequential' to keep the curriculum", args.train_sampling_strategy)
     model, processor = build_model(model_args, data_args, conversations)
     image_processor = processor.image_processor
+    resume = args.resume_from_checkpoint
+    if resume == "last":  # newest checkpoint-* in output_dir; a fresh start when there is none
+        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    warmup_metrics: dict[str, float] = {}
+    if model_args.vision_warmup_epochs > 0:
+        if model_args.model_name_or_path or model_args.vision_tower not in DEFOCUS_PRESETS or resume:
+            logger.info("vision warm-up skipped: the vision tower is not a fresh preset (or the run resumes)")
+        else:
+            warmup_metrics = warm_up_vision_tower(model, image_processor, model_args, args)
     num_image_tokens = (image_processor.crop_size["height"] // processor.patch_size) * (
         image_processor.crop_size["width"] // processor.patch_size) + processor.num_additional_image_tokens
     dataset = SupervisedDataset(conversations, processor.tokenizer, image_processor, model.config.image_token_id,
@@ -345,11 +413,8 @@ def train_llava(model_args: ModelArguments, data_args: DataArguments, args: Llav
                            data_collator=SupervisedCollator(processor.tokenizer.pad_token_id),
                            processing_class=processor, projector_lr=args.projector_lr,
                            vision_tower_lr=args.vision_tower_lr, callbacks=callbacks)
-    resume = args.resume_from_checkpoint
-    if resume == "last":  # newest checkpoint-* in output_dir; a fresh start when there is none
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     result = trainer.train(resume_from_checkpoint=resume)
-    metrics: dict[str, Any] = dict(result.metrics)
+    metrics: dict[str, Any] = {**warmup_metrics, **result.metrics}
 
     final = model.merge_and_unload() if args.lora_enable else model
     if trainer.is_world_process_zero():
@@ -411,4 +476,5 @@ __all__ = [
     "save_projector",
     "setup_logging",
     "train_llava",
+    "warm_up_vision_tower",
 ]

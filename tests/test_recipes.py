@@ -16,13 +16,15 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
-from defocus_mllm.testing import accelerate_launch_command
+from defocus_mllm.testing import accelerate_launch_command, build_tiny_llava
+from defocus_mllm.training import LlavaTrainingArguments, ModelArguments, warm_up_vision_tower
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_size=64,patch_size=16,image_size=32",
         "--tiny_lm_hidden_size", "32", "--tiny_vocab_size", "300", "--max_train_samples", "48",
         "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
-        "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1"]
+        "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1",
+        "--vision_warmup_epochs", "0"]
 
 
 def _recipe(name: str):
@@ -43,8 +45,9 @@ def _answer(model_dir: Path) -> str:
 def test_finetune_trains_saves_and_reports_what_eval_run_reports(tmp_path):
     out = tmp_path / "ft"
     metrics = _recipe("finetune").main([*TINY, "--output_dir", str(out), "--max_steps", "6", "--eval_easy_vqa", "true",
-                                        "--eval_limit", "24", "--eval_batch_size", "8"])
+                                        "--eval_limit", "24", "--eval_batch_size", "8", "--vision_warmup_epochs", "0.02"])
     assert metrics["easy_vqa_questions"] == 24 and 0.0 <= metrics["easy_vqa_accuracy"] <= 100.0
+    assert metrics["vision_warmup_train_loss"] > 0  # the offline default warms its fresh encoder up first
     assert (out / "model.safetensors").exists() and (out / "projector.safetensors").exists()
     assert isinstance(_answer(out), str)
     # eval/run.py on the saved directory agrees with what the recipe printed
@@ -153,3 +156,30 @@ def test_deepspeed_zero2_stage1_then_stage2_and_zero3_stage2(tmp_path):
     s2 = load_file(str(stage2 / "model.safetensors"))
     changed = [k for k in s1 if "language_model" in k and not torch.equal(s1[k], s2[k])]
     assert changed  # and stage 2 trained the language model
+
+
+def _colour_folder(root: Path) -> Path:
+    from PIL import Image
+
+    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), tuple(max(0, c - 20 * i) for c in colour)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_vision_warmup_trains_the_llava_tower_in_place(tmp_path, monkeypatch):
+    model, processor = build_tiny_llava()
+    tower = model.model.vision_tower
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    model_args = ModelArguments(vision_warmup_epochs=2, vision_warmup_data=str(_colour_folder(tmp_path / "images")))
+    args = LlavaTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True,
+                                  report_to="none", disable_tqdm=True)
+    metrics = warm_up_vision_tower(model, processor.image_processor, model_args, args)
+    assert metrics["vision_warmup_epoch"] == pytest.approx(2.0) and metrics["vision_warmup_train_loss"] > 0
+    assert model.model.vision_tower is tower
+    changed = [k for k, v in tower.state_dict().items() if not torch.equal(v, before[k])]
+    assert "patch_embed.proj.weight" in changed and len(changed) > len(before) // 2
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="without DeepSpeed"):
+        warm_up_vision_tower(model, processor.image_processor, model_args, args)
