@@ -77,6 +77,9 @@ class DataArguments:
     easy_vqa_open_questions_first: bool = field(default=False, metadata={
         "help": "curriculum: the open questions ('what color ...?') alone first, then every question; needs "
                 "train_sampling_strategy=sequential"})
+    easy_vqa_balance_yes_no: bool = field(default=False, metadata={
+        "help": "keep as many 'yes' as 'no' answers (plain and negated questions apart), so that the question's form "
+                "alone cannot answer them"})
     max_train_samples: Optional[int] = None
     model_max_length: int = 2048
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5: pad to square) or 'crop'"})
@@ -234,7 +237,8 @@ def load_conversations(data_args: DataArguments, seed: int = 0) -> list[Conversa
     if path == "easy-vqa":
         convs = load_easy_vqa(data_args.dataset_split, turns_per_sample=data_args.easy_vqa_turns, seed=seed,
                               captions=data_args.easy_vqa_captions,
-                              open_questions_first=data_args.easy_vqa_open_questions_first)
+                              open_questions_first=data_args.easy_vqa_open_questions_first,
+                              balance_yes_no=data_args.easy_vqa_balance_yes_no)
     elif Path(path).is_dir():
         convs = load_hf_dataset(path, split=data_args.dataset_split)
     elif Path(path).suffix in (".json", ".jsonl"):

@@ -124,6 +124,18 @@ def test_easy_vqa_conversations():
     assert "yes" not in opening and "no" not in opening
     assert len(opening) == sum(m["content"] not in ("yes", "no") for c in plain for m in c.messages[1::2])
     assert sorted(c.id for c in curriculum[n_open:]) == sorted(c.id for c in plain)
+    # balanced yes/no: as many "yes" as "no" among plain and among negated questions; open questions all kept
+    balanced = load_easy_vqa("train", limit=300, balance_yes_no=True)
+    counts = {}
+    for c in balanced:
+        question, answer = c.messages[0]["content"].split("\n")[1], c.messages[1]["content"]
+        negated = " not " in f" {question} " or " no " in f" {question} "
+        counts[(negated, answer)] = counts.get((negated, answer), 0) + 1
+    assert counts[(False, "yes")] == counts[(False, "no")] > 20 and counts[(True, "yes")] == counts[(True, "no")] > 20
+    def open_answers(convs):
+        return sorted(c.messages[1]["content"] for c in convs if c.messages[1]["content"] not in ("yes", "no"))
+
+    assert open_answers(balanced) == open_answers(load_easy_vqa("train", limit=300))
 
 
 def test_easy_vqa_color_and_shape_from_open_and_yes_no_answers():

@@ -194,7 +194,8 @@ def _easy_vqa_by_image(split: str) -> tuple[dict[int, list[tuple[str, str]]], di
 
 
 def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0, limit: Optional[int] = None,
-                  captions: bool = False, open_questions_first: bool = False) -> list[Conversation]:
+                  captions: bool = False, open_questions_first: bool = False,
+                  balance_yes_no: bool = False) -> list[Conversation]:
     """easy-VQA questions as conversations about their image.
 
     `turns_per_sample > 1` groups that many questions about one image into a multi-turn conversation (as LLaVA's
@@ -202,24 +203,51 @@ def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0
     caption-style sample per image ("a red circle."), built from the answers, for projector pretraining.
     `open_questions_first=True` puts a curriculum in the order of the list: first the open questions alone ("what
     color is the shape?"), shuffled, then every question, shuffled; train on it in order (sequential sampling).
-    `limit` caps the number of images.
+    `balance_yes_no=True` keeps as many "yes" as "no" answers among the plain and among the negated yes/no
+    questions (a random subset of the majority answer): easy-VQA's are 5:1, so the question's form alone answers
+    83% of them and a model never needs the image for them. `limit` caps the number of images.
     """
+    by_image, paths = _easy_vqa_by_image(split)
+    by_image = {image_id: by_image[image_id] for image_id in sorted(by_image)[:limit]}
+    if balance_yes_no:
+        by_image = _balance_yes_no(by_image, seed)
     if open_questions_first:
-        open_part = _easy_vqa_conversations(split, turns_per_sample, seed, limit, captions, open_only=True)
-        rest = _easy_vqa_conversations(split, turns_per_sample, seed, limit, captions)
+        open_part = _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions, open_only=True)
+        rest = _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions)
         rng = random.Random(seed)
         rng.shuffle(open_part)
         rng.shuffle(rest)
         return open_part + rest
-    return _easy_vqa_conversations(split, turns_per_sample, seed, limit, captions)
+    return _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions)
 
 
-def _easy_vqa_conversations(split: str, turns_per_sample: int, seed: int, limit: Optional[int], captions: bool,
+def _is_negated(question: str) -> bool:
+    words = question.rstrip("?").split()
+    return "not" in words or "no" in words
+
+
+def _balance_yes_no(by_image: dict[int, list[tuple[str, str]]], seed: int) -> dict[int, list[tuple[str, str]]]:
+    groups: dict[tuple[bool, str], list[tuple[int, int]]] = defaultdict(list)  # (negated, answer) -> (image, index)
+    for image_id, qa in by_image.items():
+        for index, (q, a) in enumerate(qa):
+            if a in ("yes", "no"):
+                groups[(_is_negated(q), a)].append((image_id, index))
+    rng = random.Random(seed)
+    dropped = set()
+    for negated in (False, True):
+        yes, no = groups[(negated, "yes")], groups[(negated, "no")]
+        larger, smaller = (yes, no) if len(yes) > len(no) else (no, yes)
+        dropped.update(rng.sample(larger, len(larger) - len(smaller)))
+    return {image_id: [qa for index, qa in enumerate(qas) if (image_id, index) not in dropped]
+            for image_id, qas in by_image.items()}
+
+
+def _easy_vqa_conversations(split: str, by_image: dict[int, list[tuple[str, str]]], paths: dict[int, str],
+                            turns_per_sample: int, seed: int, captions: bool,
                             open_only: bool = False) -> list[Conversation]:
-    by_image, paths = _easy_vqa_by_image(split)
     rng = random.Random(seed)
     out = []
-    for image_id in sorted(by_image)[:limit]:
+    for image_id in sorted(by_image):
         qa = by_image[image_id]
         origin = f"easy-vqa/{split}/image {image_id}"
         if captions:
@@ -264,7 +292,7 @@ def easy_vqa_color_and_shape(qa: list[tuple[str, str]]) -> tuple[Optional[str], 
             for word in named:
                 narrow(word, True)
         elif answer in ("yes", "no"):
-            negated = "not" in words or "no" in words
+            negated = _is_negated(question)
             for word in named:
                 narrow(word, (answer == "yes") != negated)
     return tuple(next(iter(pool)) if len(pool) == 1 else None  # type: ignore[return-value]
