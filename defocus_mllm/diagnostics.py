@@ -330,6 +330,20 @@ def _require_matplotlib():
 # --------------------------------------------------------------------------------------------------- figures
 
 
+
+def _map_panels(axes: np.ndarray, results: Sequence[Mapping[str, Any]], cols: int):
+    """`(row, column, ax, result, layer, map)` for each panel of a models x layers grid; spare panels are hidden."""
+    for r, res in enumerate(results):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(res["maps"]):
+                ax.set_axis_off()
+                continue
+            layer, amap = list(res["maps"].items())[c]
+            yield r, c, ax, res, layer, amap
+
 def _save_figures(results: list[dict[str, Any]], out_dir: Path) -> list[str]:
     Figure = _require_matplotlib()
     from matplotlib.colors import LogNorm
@@ -344,25 +358,17 @@ def _save_figures(results: list[dict[str, Any]], out_dir: Path) -> list[str]:
     axes = np.array(fig.subplots(rows, cols, squeeze=False))
     norm = LogNorm(vmin=1e-4, vmax=1.0)
     image_artist = None
-    for r, res in enumerate(results):
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(res["maps"]):
-                ax.set_axis_off()
-                continue
-            layer, amap = list(res["maps"].items())[c]
-            data = amap[0].numpy().copy()
-            data[data <= 0] = np.nan  # masked (future) keys are blank, not the darkest colour
-            image_artist = ax.imshow(data, cmap=cmap, norm=norm, interpolation="nearest")
-            numbers = res["metrics"]["layers"][layer]
-            ax.set_title(f"layer {layer}\nH={numbers['entropy']:.2f}  top1%={numbers['top_key_share']:.2f}",
-                         fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"{res['name']}\nquery token", fontsize=8)
-            if r == rows - 1:
-                ax.set_xlabel("key token", fontsize=8)
+    for r, c, ax, res, layer, amap in _map_panels(axes, results, cols):
+        data = amap[0].numpy().copy()
+        data[data <= 0] = np.nan  # masked (future) keys are blank, not the darkest colour
+        image_artist = ax.imshow(data, cmap=cmap, norm=norm, interpolation="nearest")
+        numbers = res["metrics"]["layers"][layer]
+        ax.set_title(f"layer {layer}\nH={numbers['entropy']:.2f}  top1%={numbers['top_key_share']:.2f}",
+                     fontsize=8)
+        if c == 0:
+            ax.set_ylabel(f"{res['name']}\nquery token", fontsize=8)
+        if r == rows - 1:
+            ax.set_xlabel("key token", fontsize=8)
     fig.colorbar(image_artist, ax=axes, shrink=0.8, label="attention (row-normalised)")
     fig.suptitle("Attention maps (CLS token last); H: normalised row entropy, top1%: mass on the top 1% of keys",
                  fontsize=9)
@@ -376,23 +382,15 @@ def _save_figures(results: list[dict[str, Any]], out_dir: Path) -> list[str]:
     axes = np.array(fig.subplots(rows, cols, squeeze=False))
     vmax = max(float(m[0, -1, :-1].max()) for res in results for m in res["maps"].values())
     image_artist = None
-    for r, res in enumerate(results):
+    for r, c, ax, res, layer, amap in _map_panels(axes, results, cols):
         h, w = res["grid"]
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(res["maps"]):
-                ax.set_axis_off()
-                continue
-            layer, amap = list(res["maps"].items())[c]
-            cls_row = amap[0, -1, :-1].reshape(h, w).numpy()
-            ax.imshow(res["image"], extent=(0, w, h, 0))
-            image_artist = ax.imshow(cls_row, cmap="magma", alpha=0.75, vmin=0.0, vmax=vmax, extent=(0, w, h, 0),
-                                     interpolation="nearest")
-            ax.set_title(f"layer {layer}", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(res["name"], fontsize=8)
+        cls_row = amap[0, -1, :-1].reshape(h, w).numpy()
+        ax.imshow(res["image"], extent=(0, w, h, 0))
+        image_artist = ax.imshow(cls_row, cmap="magma", alpha=0.75, vmin=0.0, vmax=vmax, extent=(0, w, h, 0),
+                                 interpolation="nearest")
+        ax.set_title(f"layer {layer}", fontsize=8)
+        if c == 0:
+            ax.set_ylabel(res["name"], fontsize=8)
     fig.colorbar(image_artist, ax=axes, shrink=0.8, label="CLS attention weight")
     fig.suptitle("CLS-token attention over the image patches (brighter: more attention)", fontsize=9)
     path = out_dir / "cls_attention.png"
