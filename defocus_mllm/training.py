@@ -8,6 +8,7 @@ The recipes only parse arguments (`parse_recipe_args`: a YAML file of defaults, 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -358,7 +359,7 @@ def warm_up_vision_tower(model: nn.Module, image_processor: Any, model_args: Mod
     else:
         dataset = ImageFolderDataset(model_args.vision_warmup_data, transform)
     tower = model_parts(model)["vision_tower"][0]
-    config = tower.config.__class__.from_dict(tower.config.to_dict())
+    config = copy.deepcopy(tower.config)
     config.num_labels = len(dataset.classes)
     classifier = DefocusForImageClassification(config)
     classifier.defocus = tower  # shared, so training the classifier trains the LLaVA's tower in place

@@ -9,6 +9,8 @@ from PIL import Image
 
 from defocus_mllm.data.conversations import (
     BadSampleError,
+    EASY_VQA_COLORS,
+    EASY_VQA_SHAPES,
     Conversation,
     easy_vqa_color_and_shape,
     load_easy_vqa,
@@ -153,8 +155,7 @@ def _easy_vqa_answer(question: str, color: str, shape: str) -> str:
     words = question.rstrip("?").split()
     if words[0] == "what":
         return color if "color" in words else shape
-    named = [w for w in words if w in (color, shape) or w in ("circle", "rectangle", "triangle") or w in (
-        "red", "green", "blue", "black", "gray", "teal", "brown", "yellow")]
+    named = [w for w in words if w in EASY_VQA_SHAPES or w in EASY_VQA_COLORS]
     present = all(w in (color, shape) for w in named)
     return "yes" if present != ("not" in words or "no" in words) else "no"
 

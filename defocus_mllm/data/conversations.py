@@ -175,6 +175,7 @@ def easy_vqa_prompt(question: str) -> str:
 
 EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
 EASY_VQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+_YES_NO = ("yes", "no")
 
 
 def _easy_vqa_by_image(split: str) -> tuple[dict[int, list[tuple[str, str]]], dict[int, str]]:
@@ -230,7 +231,7 @@ def _balance_yes_no(by_image: dict[int, list[tuple[str, str]]], seed: int) -> di
     groups: dict[tuple[bool, str], list[tuple[int, int]]] = defaultdict(list)  # (negated, answer) -> (image, index)
     for image_id, qa in by_image.items():
         for index, (q, a) in enumerate(qa):
-            if a in ("yes", "no"):
+            if a in _YES_NO:
                 groups[(_is_negated(q), a)].append((image_id, index))
     rng = random.Random(seed)
     dropped = set()
@@ -257,7 +258,7 @@ def _easy_vqa_conversations(split: str, by_image: dict[int, list[tuple[str, str]
                         {"role": "assistant", "content": caption}]
             out.append(Conversation(f"{split}-{image_id}", [Path(paths[image_id])], messages, origin))
             continue
-        qa = [(q, a) for q, a in qa if a not in ("yes", "no")] if open_only else qa[:]
+        qa = [(q, a) for q, a in qa if a not in _YES_NO] if open_only else qa[:]
         rng.shuffle(qa)
         for start in range(0, len(qa), turns_per_sample):
             messages = []
@@ -291,7 +292,7 @@ def easy_vqa_color_and_shape(qa: list[tuple[str, str]]) -> tuple[Optional[str], 
             narrow(answer, True)
             for word in named:
                 narrow(word, True)
-        elif answer in ("yes", "no"):
+        elif answer in _YES_NO:
             negated = _is_negated(question)
             for word in named:
                 narrow(word, (answer == "yes") != negated)
