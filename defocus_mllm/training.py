@@ -75,9 +75,12 @@ class DataArguments:
     dataset_split: str = "train"
     easy_vqa_turns: int = field(default=4, metadata={"help": "easy-VQA questions per conversation (per image)"})
     easy_vqa_captions: bool = field(default=False, metadata={"help": "easy-VQA as captions (stage-1 data)"})
-    easy_vqa_open_questions_first: bool = field(default=False, metadata={
-        "help": "curriculum: the open questions ('what color ...?') alone first, then every question; needs "
+    easy_vqa_curriculum: Optional[str] = field(default=None, metadata={
+        "help": "easy-VQA in ordered phases, e.g. 'described*3, open, all*2': 'described' (text only, the image "
+                "replaced by its description), 'open' (open questions alone), 'all'; '*N' passes; needs "
                 "train_sampling_strategy=sequential"})
+    easy_vqa_max_images: Optional[int] = field(default=None, metadata={
+        "help": "easy-VQA: use the questions of the first N images only (every phase of a curriculum keeps them)"})
     easy_vqa_balance_yes_no: bool = field(default=False, metadata={
         "help": "keep as many 'yes' as 'no' answers (plain and negated questions apart), so that the question's form "
                 "alone cannot answer them"})
@@ -235,10 +238,12 @@ class LlavaTrainer(Trainer):
 def load_conversations(data_args: DataArguments, seed: int = 0) -> list[Conversation]:
     """The training conversations named by `data_args.data_path`."""
     path = data_args.data_path
+    if data_args.easy_vqa_curriculum and path != "easy-vqa":
+        raise ValueError(f"easy_vqa_curriculum applies to data_path=easy-vqa, not {path!r}")
     if path == "easy-vqa":
         convs = load_easy_vqa(data_args.dataset_split, turns_per_sample=data_args.easy_vqa_turns, seed=seed,
                               captions=data_args.easy_vqa_captions,
-                              open_questions_first=data_args.easy_vqa_open_questions_first,
+                              curriculum=data_args.easy_vqa_curriculum, limit=data_args.easy_vqa_max_images,
                               balance_yes_no=data_args.easy_vqa_balance_yes_no)
     elif Path(path).is_dir():
         convs = load_hf_dataset(path, split=data_args.dataset_split)
@@ -386,8 +391,8 @@ def train_llava(model_args: ModelArguments, data_args: DataArguments, args: Llav
     started = time.time()
     set_seed(args.seed)
     conversations = load_conversations(data_args, seed=args.seed)
-    if data_args.easy_vqa_open_questions_first and args.train_sampling_strategy != "sequential":
-        logger.warning("easy_vqa_open_questions_first orders the data, but train_sampling_strategy=%s shuffles it: "
+    if data_args.easy_vqa_curriculum and args.train_sampling_strategy != "sequential":
+        logger.warning("easy_vqa_curriculum orders the data, but train_sampling_strategy=%s shuffles it: "
                        "set it to 'sequential' to keep the curriculum", args.train_sampling_strategy)
     model, processor = build_model(model_args, data_args, conversations)
     image_processor = processor.image_processor

@@ -24,7 +24,7 @@ TINY = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_s
         "--tiny_lm_hidden_size", "32", "--tiny_vocab_size", "300", "--max_train_samples", "48",
         "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
         "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1",
-        "--vision_warmup_epochs", "0"]
+        "--vision_warmup_epochs", "0", "--easy_vqa_curriculum", ""]
 
 
 def _recipe(name: str):
@@ -44,8 +44,11 @@ def _answer(model_dir: Path) -> str:
 
 def test_finetune_trains_saves_and_reports_what_eval_run_reports(tmp_path):
     out = tmp_path / "ft"
+    # the default's curriculum on 8 images: text-only (described) samples, then open questions, then all
     metrics = _recipe("finetune").main([*TINY, "--output_dir", str(out), "--max_steps", "6", "--eval_easy_vqa", "true",
-                                        "--eval_limit", "24", "--eval_batch_size", "8", "--vision_warmup_epochs", "0.02"])
+                                        "--eval_limit", "24", "--eval_batch_size", "8", "--vision_warmup_epochs", "0.02",
+                                        "--easy_vqa_curriculum", "described, open, all", "--easy_vqa_max_images", "8",
+                                        "--max_train_samples", "100"])
     assert metrics["easy_vqa_questions"] == 24 and 0.0 <= metrics["easy_vqa_accuracy"] <= 100.0
     assert metrics["vision_warmup_train_loss"] > 0  # the offline default warms its fresh encoder up first
     assert (out / "model.safetensors").exists() and (out / "projector.safetensors").exists()

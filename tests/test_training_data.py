@@ -117,15 +117,35 @@ def test_easy_vqa_conversations():
     assert all("Answer the question using a single word or phrase." in c.messages[0]["content"] for c in convs)
     captions = load_easy_vqa("train", captions=True, limit=5)
     assert len(captions) == 5 and all(c.messages[1]["content"].startswith("a ") for c in captions)
-    # the curriculum: every open question alone first, then all questions (the same conversations as without it)
+    # the curriculum: phases in order, each shuffled; "all" repeated twice holds the plain conversations twice
     plain = load_easy_vqa("train", turns_per_sample=2, limit=20)
-    curriculum = load_easy_vqa("train", turns_per_sample=2, limit=20, open_questions_first=True)
-    n_open = sum("-open-" in c.id for c in curriculum)
-    assert all("-open-" in c.id for c in curriculum[:n_open]) and n_open > 10
-    opening = [m["content"] for c in curriculum[:n_open] for m in c.messages[1::2]]
-    assert "yes" not in opening and "no" not in opening
-    assert len(opening) == sum(m["content"] not in ("yes", "no") for c in plain for m in c.messages[1::2])
-    assert sorted(c.id for c in curriculum[n_open:]) == sorted(c.id for c in plain)
+    curriculum = load_easy_vqa("train", turns_per_sample=2, limit=20, curriculum="described, open, all*2")
+    phase = [c.id.split("-")[2] if c.id.split("-")[2] in ("described", "open") else "all" for c in curriculum]
+    assert phase == sorted(phase, key=["described", "open", "all"].index) and phase.count("all") == 2 * len(plain)
+    described = [c for c, p in zip(curriculum, phase) if p == "described"]
+    opening = [c for c, p in zip(curriculum, phase) if p == "open"]
+    every = [c for c, p in zip(curriculum, phase) if p == "all"]
+    assert len(opening) > 10 and not {m["content"] for c in opening for m in c.messages[1::2]} & {"yes", "no"}
+    assert sum(len(c.messages) for c in opening) // 2 == sum(
+        m["content"] not in ("yes", "no") for c in plain for m in c.messages[1::2])
+
+    def questions(convs):
+        return sorted((m["content"].split("\n")[-2], r["content"]) for c in convs
+                      for m, r in zip(c.messages[::2], c.messages[1::2]))
+
+    first_pass = [c for c in every if not c.id.endswith("-pass2")]
+    assert sorted(c.id for c in first_pass) == sorted(c.id for c in plain) and len(set(c.id for c in every)) == len(every)
+    assert questions(every) == sorted(questions(plain) * 2)
+    # described: no image; the first question opens with the image's colour and shape, which answer every question
+    assert described and not any(c.images for c in described)
+    assert not any("<image>" in m["content"] for c in described for m in c.messages)
+    for conv in described:
+        color, shape = conv.messages[0]["content"].split("\n")[0].rstrip(".").split()[1:]
+        for question, answer in zip(conv.messages[::2], conv.messages[1::2]):
+            assert _easy_vqa_answer(question["content"].split("\n")[-2], color, shape) == answer["content"]
+    for bad in ("open, everything", "all*0", "all*two", ""):
+        with pytest.raises(ValueError, match="curriculum"):
+            load_easy_vqa("train", limit=2, curriculum=bad or ",")
     # balanced yes/no: as many "yes" as "no" among plain and among negated questions; open questions all kept
     balanced = load_easy_vqa("train", limit=300, balance_yes_no=True)
     counts = {}

@@ -194,16 +194,36 @@ def _easy_vqa_by_image(split: str) -> tuple[dict[int, list[tuple[str, str]]], di
     return by_image, paths
 
 
+EASY_VQA_PHASES = ("described", "open", "all")
+
+
+def parse_easy_vqa_curriculum(spec: str) -> list[tuple[str, int]]:
+    """`"described*3, open, all*2"` -> `[("described", 3), ("open", 1), ("all", 2)]`."""
+    phases = []
+    for part in (p.strip() for p in spec.split(",")):
+        name, _, times = part.partition("*")
+        name = name.strip()
+        if name not in EASY_VQA_PHASES or (times and not times.strip().isdigit()) or (times and int(times) < 1):
+            raise ValueError(f"easy-VQA curriculum {spec!r}: bad phase {part!r}; phases are "
+                             f"{', '.join(EASY_VQA_PHASES)}, each optionally '*N' (N passes), separated by commas")
+        phases.append((name, int(times) if times else 1))
+    return phases
+
+
 def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0, limit: Optional[int] = None,
-                  captions: bool = False, open_questions_first: bool = False,
+                  captions: bool = False, curriculum: Optional[str] = None,
                   balance_yes_no: bool = False) -> list[Conversation]:
     """easy-VQA questions as conversations about their image.
 
     `turns_per_sample > 1` groups that many questions about one image into a multi-turn conversation (as LLaVA's
     instruction data does): the image is encoded once for several answers. `captions=True` instead makes one
     caption-style sample per image ("a red circle."), built from the answers, for projector pretraining.
-    `open_questions_first=True` puts a curriculum in the order of the list: first the open questions alone ("what
-    color is the shape?"), shuffled, then every question, shuffled; train on it in order (sequential sampling).
+    `curriculum` orders the list in phases, each shuffled on its own, to be trained on in order (sequential
+    sampling), e.g. `"described*3, open, all*2"`:
+      * `described`: text-only conversations in which the image is replaced by its description ("a red circle.",
+        read off the image's answers): the tiny LM learns to compare and negate from words, cheaply (no image);
+      * `open`: the open questions alone ("what color is the shape?"), which teach it to read the image;
+      * `all`: every question. `*N` repeats a phase N times, each pass regrouped and reshuffled.
     `balance_yes_no=True` keeps as many "yes" as "no" answers among the plain and among the negated yes/no
     questions (a random subset of the majority answer): easy-VQA's are 5:1, so the question's form alone answers
     83% of them and a model never needs the image for them. `limit` caps the number of images.
@@ -212,14 +232,19 @@ def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0
     by_image = {image_id: by_image[image_id] for image_id in sorted(by_image)[:limit]}
     if balance_yes_no:
         by_image = _balance_yes_no(by_image, seed)
-    if open_questions_first:
-        open_part = _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions, open_only=True)
-        rest = _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions)
-        rng = random.Random(seed)
-        rng.shuffle(open_part)
-        rng.shuffle(rest)
-        return open_part + rest
-    return _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions)
+    if not curriculum:
+        return _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions)
+    rng = random.Random(seed)
+    out: list[Conversation] = []
+    for phase, times in parse_easy_vqa_curriculum(curriculum):
+        for repeat in range(times):
+            part = _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed + repeat, captions,
+                                           phase=phase)
+            for conv in part if repeat else ():
+                conv.id += f"-pass{repeat + 1}"
+            rng.shuffle(part)
+            out += part
+    return out
 
 
 def _is_negated(question: str) -> bool:
@@ -245,29 +270,34 @@ def _balance_yes_no(by_image: dict[int, list[tuple[str, str]]], seed: int) -> di
 
 def _easy_vqa_conversations(split: str, by_image: dict[int, list[tuple[str, str]]], paths: dict[int, str],
                             turns_per_sample: int, seed: int, captions: bool,
-                            open_only: bool = False) -> list[Conversation]:
+                            phase: str = "all") -> list[Conversation]:
     rng = random.Random(seed)
     out = []
     for image_id in sorted(by_image):
         qa = by_image[image_id]
         origin = f"easy-vqa/{split}/image {image_id}"
+        color, shape = easy_vqa_color_and_shape(qa) if captions or phase == "described" else (None, None)
         if captions:
-            color, shape = easy_vqa_color_and_shape(qa)
             caption = " ".join(w for w in ("a", color, shape or "shape") if w) + "."
             messages = [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe the image briefly."},
                         {"role": "assistant", "content": caption}]
             out.append(Conversation(f"{split}-{image_id}", [Path(paths[image_id])], messages, origin))
             continue
-        qa = [(q, a) for q, a in qa if a not in _YES_NO] if open_only else qa[:]
+        if phase == "described" and not (color and shape):
+            continue  # its answers leave the description open
+        # the first question carries the image, or in a described conversation the words in its place
+        described = phase == "described"
+        opening, images = (f"a {color} {shape}.", []) if described else (IMAGE_TOKEN, [Path(paths[image_id])])
+        qa = [(q, a) for q, a in qa if a not in _YES_NO] if phase == "open" else qa[:]
         rng.shuffle(qa)
         for start in range(0, len(qa), turns_per_sample):
             messages = []
             for q, a in qa[start:start + turns_per_sample]:
-                prefix = IMAGE_TOKEN + "\n" if not messages else ""
+                prefix = opening + "\n" if not messages else ""
                 messages += [{"role": "user", "content": prefix + easy_vqa_prompt(q)},
                              {"role": "assistant", "content": a}]
-            name = f"{split}-{image_id}-{'open-' if open_only else ''}{start}"
-            out.append(Conversation(name, [Path(paths[image_id])], messages, origin))
+            name = f"{split}-{image_id}-{'' if phase == 'all' else phase + '-'}{start}"
+            out.append(Conversation(name, images, messages, origin))
     return out
 
 
@@ -325,4 +355,5 @@ __all__ = [
     "load_hf_dataset",
     "load_hf_messages",
     "load_llava_json",
+    "parse_easy_vqa_curriculum",
 ]
