@@ -146,6 +146,8 @@ def test_easy_vqa_conversations():
     for bad in ("open, everything", "all*0", "all*two", ""):
         with pytest.raises(ValueError, match="curriculum"):
             load_easy_vqa("train", limit=2, curriculum=bad or ",")
+    with pytest.raises(ValueError, match="curriculum"):
+        load_easy_vqa("train", limit=2, captions=True, curriculum="all")
     # balanced yes/no: as many "yes" as "no" among plain and among negated questions; open questions all kept
     balanced = load_easy_vqa("train", limit=300, balance_yes_no=True)
     counts = {}

@@ -232,6 +232,8 @@ def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0
     by_image = {image_id: by_image[image_id] for image_id in sorted(by_image)[:limit]}
     if balance_yes_no:
         by_image = _balance_yes_no(by_image, seed)
+    if curriculum and captions:
+        raise ValueError("easy-VQA captions (stage-1 data) take no curriculum")
     if not curriculum:
         return _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions)
     rng = random.Random(seed)
@@ -276,17 +278,17 @@ def _easy_vqa_conversations(split: str, by_image: dict[int, list[tuple[str, str]
     for image_id in sorted(by_image):
         qa = by_image[image_id]
         origin = f"easy-vqa/{split}/image {image_id}"
-        color, shape = easy_vqa_color_and_shape(qa) if captions or phase == "described" else (None, None)
+        described = phase == "described"
+        color, shape = easy_vqa_color_and_shape(qa) if captions or described else (None, None)
         if captions:
             caption = " ".join(w for w in ("a", color, shape or "shape") if w) + "."
             messages = [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe the image briefly."},
                         {"role": "assistant", "content": caption}]
             out.append(Conversation(f"{split}-{image_id}", [Path(paths[image_id])], messages, origin))
             continue
-        if phase == "described" and not (color and shape):
+        if described and not (color and shape):
             continue  # its answers leave the description open
         # the first question carries the image, or in a described conversation the words in its place
-        described = phase == "described"
         opening, images = (f"a {color} {shape}.", []) if described else (IMAGE_TOKEN, [Path(paths[image_id])])
         qa = [(q, a) for q, a in qa if a not in _YES_NO] if phase == "open" else qa[:]
         rng.shuffle(qa)
