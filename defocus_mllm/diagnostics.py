@@ -330,7 +330,6 @@ def _require_matplotlib():
 # --------------------------------------------------------------------------------------------------- figures
 
 
-
 def _map_panels(axes: np.ndarray, results: Sequence[Mapping[str, Any]], cols: int):
     """`(row, column, ax, result, layer, map)` for each panel of a models x layers grid; spare panels are hidden."""
     for r, res in enumerate(results):
@@ -343,6 +342,7 @@ def _map_panels(axes: np.ndarray, results: Sequence[Mapping[str, Any]], cols: in
                 continue
             layer, amap = list(res["maps"].items())[c]
             yield r, c, ax, res, layer, amap
+
 
 def _save_figures(results: list[dict[str, Any]], out_dir: Path) -> list[str]:
     Figure = _require_matplotlib()

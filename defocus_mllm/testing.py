@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+from types import ModuleType
 from typing import Any, Iterable, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -79,3 +83,12 @@ def accelerate_launch_command(*launch_args: str) -> list[str]:
 
 
 __all__ = ["SPECIAL_TOKENS", "accelerate_launch_command", "free_port", "build_tiny_llava", "tiny_llama_config", "train_tokenizer"]
+
+
+def load_script(path: str | os.PathLike, name: str) -> ModuleType:
+    """Import a script that is not part of the package (a recipe, an `eval/` command) as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

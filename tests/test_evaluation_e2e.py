@@ -5,7 +5,6 @@ not accuracy."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import string
@@ -18,20 +17,13 @@ import torch
 import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, generate_answers, get_benchmark, run_benchmark
 from test_evaluation_loaders import FIXTURES, make_fixture
-from defocus_mllm.testing import accelerate_launch_command
+from defocus_mllm.testing import accelerate_launch_command, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "eval" / "run.py"
 
 
-def _load_run_module():
-    spec = importlib.util.spec_from_file_location("eval_run", RUN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load_run_module()
+run = load_script(RUN_PY, "eval_run")
 
 
 def _build_tiny_llava(path: Path):

@@ -1,12 +1,12 @@
 """eval/overfocus_study.py end to end at smoke size (--quick): five models trained, evaluated, diagnosed, written."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from defocus_mllm.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "eval" / "overfocus_study.py"
@@ -14,11 +14,7 @@ FIVE = ["vit-noncausal", "vit-causal", "mamba-causal", "defocus-vit", "defocus-m
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("overfocus_study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY, "overfocus_study")
 
 
 def test_quick_study_writes_table_json_and_figures_for_five_models(tmp_path):

@@ -1,12 +1,10 @@
 """Encoder pretraining: augmentation, image-classification data, optimizer groups, metrics, and the recipe itself
 (in-process on a Hugging Face dataset; under `accelerate launch`, single process and 2-process DeepSpeed ZeRO-2)."""
 
-import importlib.util
 import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from defocus_mllm.data.image_classification import (
 )
 from defocus_mllm.encoder_pretraining import encoder_param_groups, layer_id, top_k_accuracy
 from defocus_mllm.llava import build_llava
-from defocus_mllm.testing import accelerate_launch_command, tiny_llama_config, train_tokenizer
+from defocus_mllm.testing import accelerate_launch_command, load_script, tiny_llama_config, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "pretrain_encoder.py"
@@ -68,11 +66,7 @@ def shapes_folder(tmp_path_factory) -> Path:
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("pretrain_encoder_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE, "pretrain_encoder_recipe")
 
 
 # --- augmentation ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The LLaVA recipes end to end on small easy-VQA subsets: in process, resumed, and under `accelerate launch` with
 DeepSpeed ZeRO-2 (stage 1 -> stage 2) and ZeRO-3 (stage 2) on two CPU processes."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
-from defocus_mllm.testing import accelerate_launch_command, build_tiny_llava
+from defocus_mllm.testing import accelerate_launch_command, build_tiny_llava, load_script
 from defocus_mllm.training import LlavaTrainingArguments, ModelArguments, warm_up_vision_tower
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +27,7 @@ TINY = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_s
 
 
 def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "recipes" / f"{name}.py", f"recipe_{name}")
 
 
 def _answer(model_dir: Path) -> str:

@@ -228,17 +228,18 @@ def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0
     questions (a random subset of the majority answer): easy-VQA's are 5:1, so the question's form alone answers
     83% of them and a model never needs the image for them. `limit` caps the number of images.
     """
+    if curriculum and captions:
+        raise ValueError("easy-VQA captions (stage-1 data) take no curriculum")
+    phases = parse_easy_vqa_curriculum(curriculum) if curriculum else None
     by_image, paths = _easy_vqa_by_image(split)
     by_image = {image_id: by_image[image_id] for image_id in sorted(by_image)[:limit]}
     if balance_yes_no:
         by_image = _balance_yes_no(by_image, seed)
-    if curriculum and captions:
-        raise ValueError("easy-VQA captions (stage-1 data) take no curriculum")
-    if not curriculum:
+    if phases is None:
         return _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed, captions)
     rng = random.Random(seed)
     out: list[Conversation] = []
-    for phase, times in parse_easy_vqa_curriculum(curriculum):
+    for phase, times in phases:
         for repeat in range(times):
             part = _easy_vqa_conversations(split, by_image, paths, turns_per_sample, seed + repeat, captions,
                                            phase=phase)
@@ -274,11 +275,11 @@ def _easy_vqa_conversations(split: str, by_image: dict[int, list[tuple[str, str]
                             turns_per_sample: int, seed: int, captions: bool,
                             phase: str = "all") -> list[Conversation]:
     rng = random.Random(seed)
+    described = phase == "described"
     out = []
     for image_id in sorted(by_image):
         qa = by_image[image_id]
         origin = f"easy-vqa/{split}/image {image_id}"
-        described = phase == "described"
         color, shape = easy_vqa_color_and_shape(qa) if captions or described else (None, None)
         if captions:
             caption = " ".join(w for w in ("a", color, shape or "shape") if w) + "."
