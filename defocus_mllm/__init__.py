@@ -1,5 +1,8 @@
 """defocus-mllm: De-focus Attention Networks (1D causal vision encoders) for the Hugging Face multimodal stack.
 
+Layers, each importing only the ones before it: `ops` (scan kernels) -> `encoder` (the De-focus vision model) ->
+`llava` (the multimodal model) -> `data` -> `training` -> `evaluation`. docs/architecture.md has the map.
+
 Importing the package registers `DefocusVisionConfig` (`model_type="defocus_vision"`) with `AutoConfig`, and the
 encoder with `AutoModel` and `AutoModelForImageClassification`, so that stock classes such as
 `LlavaForConditionalGeneration` can build it from a config.
@@ -7,8 +10,14 @@ encoder with `AutoModel` and `AutoModelForImageClassification`, so that stock cl
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
-from .configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
-from .image_processing import DefocusImageProcessor
+from .encoder import (
+    DEFOCUS_PRESETS,
+    DefocusForImageClassification,
+    DefocusImageProcessor,
+    DefocusPreTrainedModel,
+    DefocusVisionConfig,
+    DefocusVisionModel,
+)
 from .llava import (
     build_llava,
     chat,
@@ -17,7 +26,6 @@ from .llava import (
     freeze_vision_tower,
     set_trainable,
 )
-from .modeling_defocus import DefocusForImageClassification, DefocusPreTrainedModel, DefocusVisionModel
 
 __version__ = "0.1.0"
 

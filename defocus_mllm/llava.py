@@ -25,11 +25,24 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
-from .image_processing import DefocusImageProcessor, load_image, to_rgb
-from .modeling_defocus import DefocusForImageClassification, DefocusVisionModel
+from .encoder.configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
+from .encoder.image_processing import DefocusImageProcessor, load_image, to_rgb
+from .encoder.modeling_defocus import DefocusForImageClassification, DefocusVisionModel
 
 IMAGE_TOKEN = "<image>"
+
+# LLaVA-1.5's answer-format instructions, appended to a question on a new line (its `llava/eval` question files).
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+LETTER_ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+UNANSWERABLE_INSTRUCTION = "When the provided information is insufficient, respond with 'Unanswerable'."
+
+
+def with_instruction(question: str, instruction: str) -> str:
+    """`question + "\\n" + instruction` unless the question already ends with it (LLaVA's files)."""
+    question = question.rstrip()
+    if not instruction or question.endswith(instruction):
+        return question
+    return f"{question}\n{instruction}"
 
 # LLaVA-v1 ("vicuna_v1") conversation format, used when the tokenizer brings no chat template of its own:
 #   "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."
@@ -313,6 +326,10 @@ def count_trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 __all__ = [
     "IMAGE_TOKEN",
+    "LETTER_ANSWER_INSTRUCTION",
+    "SHORT_ANSWER_INSTRUCTION",
+    "UNANSWERABLE_INSTRUCTION",
+    "with_instruction",
     "apply_lora",
     "LLAVA_V1_CHAT_TEMPLATE",
     "build_llava",

@@ -8,7 +8,7 @@
 Five encoders of one size (width 64, depth 4, 64 tokens + CLS) are trained with the same seed, data, data order,
 optimizer and number of steps on the majority-colour task (`defocus_mllm.data.synthetic`: the label is the colour
 that occurs most often, so every object in the image counts), then evaluated on held-out images and diagnosed with
-`defocus_mllm.diagnostics`. Training runs on the encoder pretraining `Trainer` (`EncoderPretrainingTrainer`) with the
+`defocus_mllm.encoder.diagnostics`. Training runs on the encoder pretraining `Trainer` (`EncoderPretrainingTrainer`) with the
 scheduled drop-path callback for the De-focus models, as `recipes/pretrain_encoder.py` does.
 
 Writes to `--out`: `overfocus_study.json` (settings and every number), `overfocus_table.md` (the table),
@@ -35,8 +35,8 @@ import torch
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from defocus_mllm import DefocusForImageClassification, DefocusVisionConfig
-from defocus_mllm.augment import ImageClassificationTransform
-from defocus_mllm.callbacks import ScheduledDropPathCallback
+from defocus_mllm.data.augment import ImageClassificationTransform
+from defocus_mllm.training.callbacks import ScheduledDropPathCallback
 from defocus_mllm.data.image_classification import ImageClassificationCollator
 from defocus_mllm.data.synthetic import (
     MAJORITY_COLOUR_NAMES,
@@ -44,9 +44,9 @@ from defocus_mllm.data.synthetic import (
     majority_colour_images,
     partial_view_accuracy,
 )
-from defocus_mllm.diagnostics import attention_maps, diagnose, gradient_map, overfocus_metrics
-from defocus_mllm.encoder_pretraining import EncoderPretrainingTrainer, keep_main_logits
-from defocus_mllm.image_processing import DefocusImageProcessor
+from defocus_mllm.encoder.diagnostics import attention_maps, diagnose, gradient_map, overfocus_metrics
+from defocus_mllm.training.encoder_trainer import EncoderPretrainingTrainer, keep_main_logits
+from defocus_mllm.encoder.image_processing import DefocusImageProcessor
 
 # The paper's training strategies for the De-focus models (scaled to depth 4 as in recipes/configs/encoder_tiny.yaml:
 # drop path scheduled 0.05 -> 0.3, aux loss on every image token); the baselines get DeiT's constant 0.1 and no aux

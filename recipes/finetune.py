@@ -10,16 +10,75 @@ test questions. Any field of `defocus_mllm.training.{ModelArguments, DataArgumen
 last extends `transformers.TrainingArguments`) can be set in the YAML file and overridden on the command line.
 """
 
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from defocus_mllm.training import run_recipe
+from transformers import TrainerCallback, set_seed
+
+from defocus_mllm.evaluation import run_benchmark
+from defocus_mllm.llava import count_trainable_parameters
+from defocus_mllm.training import (
+    DataArguments,
+    LlavaTrainer,
+    LlavaTrainingArguments,
+    ModelArguments,
+    build_llava_model,
+    build_supervised_dataset,
+    configure_trainable,
+    load_conversations,
+    parse_recipe_args,
+    resolve_resume_checkpoint,
+    save_llava,
+    setup_logging,
+    wants_vision_warmup,
+    warm_up_vision_tower,
+)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "finetune_easy_vqa.yaml"
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    return run_recipe("finetune", str(DEFAULT_CONFIG), argv)
+def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None) -> dict[str, Any]:
+    started = time.time()
+    model_args, data_args, args = parse_recipe_args((ModelArguments, DataArguments, LlavaTrainingArguments), argv,
+                                                    default_config=str(DEFAULT_CONFIG))
+    args.stage = "finetune"
+    setup_logging(args)
+    set_seed(args.seed)
+
+    # Data and model: a saved directory (e.g. the stage-1 output), or an encoder + LM joined by `build_llava`.
+    conversations = load_conversations(data_args, seed=args.seed)
+    model, processor = build_llava_model(model_args, data_args, conversations)
+    resume = resolve_resume_checkpoint(args)
+    metrics: dict[str, Any] = {}
+    if wants_vision_warmup(model_args, resume):
+        metrics.update(warm_up_vision_tower(model, processor.image_processor, model_args, args))
+    dataset = build_supervised_dataset(conversations, model, processor, data_args, args)
+    model = configure_trainable(model, args)
+    trainable, total = count_trainable_parameters(model)
+    print(f"finetune: {len(dataset)} conversations; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable")
+
+    # Train, save (LoRA merged), and score on easy-VQA with the same code `eval/run.py` runs.
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=dataset.collator(),
+                           processing_class=processor, projector_lr=args.projector_lr,
+                           vision_tower_lr=args.vision_tower_lr, callbacks=callbacks)
+    metrics.update(trainer.train(resume_from_checkpoint=resume).metrics)
+    model = save_llava(trainer, processor, dataset, args)
+    metrics.update(skipped_samples=len(dataset.skipped), train_time_s=time.time() - started)
+    if args.eval_easy_vqa:
+        report = run_benchmark(model.eval(), processor, "easy-vqa", limit=args.eval_limit,
+                               batch_size=args.eval_batch_size, output_dir=Path(args.output_dir) / "eval-easy-vqa",
+                               show_progress=args.process_index == 0)
+        metrics.update(easy_vqa_accuracy=report["metrics"]["accuracy"], easy_vqa_questions=report["num_questions"],
+                       easy_vqa_vqa_accuracy=report["metrics"]["vqa_accuracy"])
+    metrics["total_time_s"] = time.time() - started
+    trainer.log_metrics("final", metrics)
+    trainer.save_metrics("final", metrics)
+    if "easy_vqa_accuracy" in metrics and trainer.is_world_process_zero():
+        print(f"easy-VQA accuracy: {metrics['easy_vqa_accuracy']:.2f}% on {metrics['easy_vqa_questions']} test "
+              f"questions (VQA accuracy {metrics['easy_vqa_vqa_accuracy']:.2f}); {metrics['total_time_s'] / 60:.1f} "
+              f"min in total; model saved to {args.output_dir}")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -10,15 +10,49 @@ default `recipes/configs/pretrain_easy_vqa.yaml` is used.
 """
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from defocus_mllm.training import run_recipe
+from transformers import TrainerCallback, set_seed
+
+from defocus_mllm.training import (
+    DataArguments,
+    LlavaTrainer,
+    LlavaTrainingArguments,
+    ModelArguments,
+    build_llava_model,
+    build_supervised_dataset,
+    configure_trainable,
+    load_conversations,
+    parse_recipe_args,
+    resolve_resume_checkpoint,
+    save_llava,
+    setup_logging,
+)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain_easy_vqa.yaml"
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    return run_recipe("pretrain", str(DEFAULT_CONFIG), argv)
+def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None) -> dict[str, Any]:
+    model_args, data_args, args = parse_recipe_args((ModelArguments, DataArguments, LlavaTrainingArguments), argv,
+                                                    default_config=str(DEFAULT_CONFIG))
+    args.stage = "pretrain"
+    setup_logging(args)
+    set_seed(args.seed)
+
+    # Image-text pairs, and the model whose projector learns to map the frozen encoder into the frozen LM.
+    conversations = load_conversations(data_args, seed=args.seed)
+    model, processor = build_llava_model(model_args, data_args, conversations)
+    dataset = build_supervised_dataset(conversations, model, processor, data_args, args)
+    model = configure_trainable(model, args)  # the projector alone
+
+    trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=dataset.collator(),
+                           processing_class=processor, projector_lr=args.projector_lr, callbacks=callbacks)
+    metrics = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args)).metrics
+    save_llava(trainer, processor, dataset, args)
+    metrics["skipped_samples"] = len(dataset.skipped)
+    trainer.log_metrics("final", metrics)
+    trainer.save_metrics("final", metrics)
+    return metrics
 
 
 if __name__ == "__main__":

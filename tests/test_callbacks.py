@@ -5,7 +5,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from defocus_mllm import DefocusForImageClassification, DefocusVisionConfig
-from defocus_mllm.callbacks import ScheduledDropPathCallback, scheduled_drop_path_rate
+from defocus_mllm.training.callbacks import ScheduledDropPathCallback, scheduled_drop_path_rate
 
 
 def test_schedule_is_linear_from_min_to_max():

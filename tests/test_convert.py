@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForImageClassification
 
 import defocus_mllm  # noqa: F401
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
-from defocus_mllm.convert import CheckpointError, convert_checkpoint, load_checkpoint
+from defocus_mllm.encoder.convert import CheckpointError, convert_checkpoint, load_checkpoint
 
 HIDDEN, DEPTH, INNER, STATE, RANK, GROUP, PATCH, CLASSES = 32, 2, 64, 8, 4, 16, 8, 5
 
@@ -153,7 +153,7 @@ def test_plain_and_detection_layouts(tmp_path):
 def test_cli_converts_and_reports_bad_files(tmp_path):
     sd = release_state_dict()
     torch.save({"model": sd}, tmp_path / "ckpt.pth")
-    cmd = [sys.executable, "-m", "defocus_mllm.convert", str(tmp_path / "ckpt.pth"), str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "defocus_mllm.encoder.convert", str(tmp_path / "ckpt.pth"), str(tmp_path / "out"),
            "--group-norm-size", str(GROUP), "--image-size", "32"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

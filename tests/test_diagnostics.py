@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from defocus_mllm import DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
-from defocus_mllm.diagnostics import (
+from defocus_mllm.encoder.diagnostics import (
     attention_entropy,
     attention_maps,
     gradient_map,

@@ -17,7 +17,7 @@ import torch
 import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, generate_answers, get_benchmark, run_benchmark
 from test_evaluation_loaders import FIXTURES, make_fixture
-from defocus_mllm.testing import accelerate_launch_command, load_script
+from helpers import accelerate_launch_command, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "eval" / "run.py"

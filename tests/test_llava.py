@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 import defocus_mllm
 from defocus_mllm import DefocusVisionConfig, build_llava, chat, count_trainable_parameters, set_trainable
 from defocus_mllm.llava import apply_lora
-from defocus_mllm.convert import convert_checkpoint
-from defocus_mllm.testing import build_tiny_llava, tiny_llama_config, train_tokenizer
+from defocus_mllm.encoder.convert import convert_checkpoint
+from defocus_mllm.training.tiny_lm import tiny_llama_config, train_tokenizer
+from helpers import build_tiny_llava
 
 QUESTIONS = ["what shape is it?", "what color is the shape in this picture?", "is it red?"]
 

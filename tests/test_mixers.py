@@ -8,7 +8,7 @@ from transformers import AutoModelForImageClassification
 
 import defocus_mllm  # noqa: F401  (registers the Auto classes)
 from defocus_mllm import DEFOCUS_PRESETS, DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
-from defocus_mllm.mixers import DefocusAttentionMixer, DefocusRetentionMixer
+from defocus_mllm.encoder.mixers import DefocusAttentionMixer, DefocusRetentionMixer
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from defocus_mllm.testing import load_script
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "eval" / "overfocus_study.py"

@@ -15,7 +15,7 @@ from transformers import AutoModelForImageClassification, EvalPrediction
 
 import defocus_mllm  # noqa: F401  (registers the Auto classes)
 from defocus_mllm import DefocusForImageClassification, DefocusVisionConfig
-from defocus_mllm.augment import (
+from defocus_mllm.data.augment import (
     ImageClassificationTransform,
     MixupCutmix,
     RandAugment,
@@ -29,9 +29,10 @@ from defocus_mllm.data.image_classification import (
     ImageFolderDataset,
     RepeatedAugmentationSampler,
 )
-from defocus_mllm.encoder_pretraining import encoder_param_groups, layer_id, top_k_accuracy
+from defocus_mllm.training.encoder_trainer import encoder_param_groups, layer_id, top_k_accuracy
 from defocus_mllm.llava import build_llava
-from defocus_mllm.testing import accelerate_launch_command, load_script, tiny_llama_config, train_tokenizer
+from defocus_mllm.training.tiny_lm import tiny_llama_config, train_tokenizer
+from helpers import accelerate_launch_command, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "pretrain_encoder.py"
@@ -121,10 +122,10 @@ def test_rand_augment_parses_the_release_string_and_keeps_the_image_size():
     assert sum(not np.array_equal(o, np.asarray(image)) for o in outputs) >= 10
     with pytest.raises(ValueError, match="bad part"):
         RandAugment("rand-q3")
-    factory = load_augment_factory("defocus_mllm.augment:rand_augment")
+    factory = load_augment_factory("defocus_mllm.data.augment:rand_augment")
     assert isinstance(factory(image_size=32), RandAugment)
     with pytest.raises(ValueError, match="augment_fn"):
-        load_augment_factory("defocus_mllm.augment:nope")
+        load_augment_factory("defocus_mllm.data.augment:nope")
 
 
 # --- data -----------------------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def test_recipe_trains_on_a_saved_hf_dataset_with_layer_decay(tmp_path, shapes_f
     recipe = load_recipe()
     metrics = recipe.main(["--config", str(TINY_CONFIG), "--dataset_name", str(tmp_path / "hf"),
                            "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "2", "--layer_decay", "0.7",
-                           "--repeated_aug", "2", "--augment_fn", "defocus_mllm.augment:rand_augment",
+                           "--repeated_aug", "2", "--augment_fn", "defocus_mllm.data.augment:rand_augment",
                            "--disable_tqdm", "true"])
     assert {"eval_top1", "eval_top5", "train_loss"} <= set(metrics)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -230,7 +231,7 @@ def test_recipe_trains_on_a_saved_hf_dataset_with_layer_decay(tmp_path, shapes_f
     with pytest.raises(ValueError, match="unknown argument"):
         bad = tmp_path / "bad.yaml"
         bad.write_text("learning_rat: 0.1\n")
-        recipe.parse_args(["--config", str(bad)])
+        recipe.main(["--config", str(bad)])
 
 
 def _launch(tmp_path: Path, shapes_folder: Path, output: Path, *launch_args: str) -> Path:

@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
-from defocus_mllm.testing import accelerate_launch_command, build_tiny_llava, load_script
+from helpers import accelerate_launch_command, build_tiny_llava, load_script
 from defocus_mllm.training import LlavaTrainingArguments, ModelArguments, warm_up_vision_tower
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,13 +74,8 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(tmp_path):
               "--seed", "7"]
     finetune.main([*common, "--output_dir", str(tmp_path / "straight")])
 
-    from defocus_mllm.training import DataArguments, LlavaTrainingArguments, ModelArguments, parse_recipe_args
-    from defocus_mllm.training import train_llava
-
-    args = parse_recipe_args((ModelArguments, DataArguments, LlavaTrainingArguments),
-                             [*common, "--output_dir", str(tmp_path / "resumed")],
-                             default_config=str(finetune.DEFAULT_CONFIG))
-    train_llava(*args, callbacks=[_StopAt(3)])  # interrupted right after checkpoint-3
+    # interrupted right after checkpoint-3
+    finetune.main([*common, "--output_dir", str(tmp_path / "resumed")], callbacks=[_StopAt(3)])
     assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
     assert not (tmp_path / "resumed" / "checkpoint-6").exists()
     finetune.main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "last"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from defocus_mllm.augment import ImageClassificationTransform
+from defocus_mllm.data.augment import ImageClassificationTransform
 from defocus_mllm.data.synthetic import (
     MAJORITY_COLOUR_NAMES,
     TensorImageDataset,

@@ -7,20 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from defocus_mllm.data.conversations import (
-    BadSampleError,
+from defocus_mllm.data.conversations import BadSampleError, Conversation, load_hf_dataset, load_llava_json
+from defocus_mllm.data.easy_vqa import (
     EASY_VQA_COLORS,
     EASY_VQA_SHAPES,
-    Conversation,
     easy_vqa_color_and_shape,
     load_easy_vqa,
     load_easy_vqa_labels,
-    load_hf_dataset,
-    load_llava_json,
 )
 from defocus_mllm.data.supervised import IGNORE_INDEX, SupervisedCollator, SupervisedDataset, tokenize_conversation
 from defocus_mllm.llava import prepare_tokenizer
-from defocus_mllm.testing import train_tokenizer
+from defocus_mllm.training.tiny_lm import train_tokenizer
 
 NUM_IMAGE_TOKENS = 5
 

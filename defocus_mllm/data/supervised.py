@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..image_processing import load_image, to_rgb
+from ..encoder.image_processing import load_image, to_rgb
 from .conversations import BadSampleError, Conversation, check_conversation
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 self._skip(error)
                 return None
         return item
+
+    def collator(self) -> "SupervisedCollator":
+        """The collator that batches this dataset's items (padding with the tokenizer's pad token)."""
+        return SupervisedCollator(self.tokenizer.pad_token_id)
 
     def report(self) -> str:
         """One line on what was skipped, truncated or dropped."""

@@ -23,6 +23,11 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from ..data.easy_vqa import EASY_VQA_INSTRUCTION, easy_vqa_prompt, easy_vqa_questions
+from ..llava import LETTER_ANSWER_INSTRUCTION as LETTER_ANSWER
+from ..llava import SHORT_ANSWER_INSTRUCTION as SHORT_ANSWER
+from ..llava import UNANSWERABLE_INSTRUCTION as UNANSWERABLE
+from ..llava import with_instruction
 from .answer_processing import normalize_answer, vqa_accuracy
 from .metrics import (
     SQA_OPTIONS,
@@ -55,19 +60,6 @@ from .sources import (
     require,
     resolve,
 )
-
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
-UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
-
-
-def with_instruction(question: str, instruction: str) -> str:
-    """``question + "\\n" + instruction`` unless the question already ends with it (LLaVA's files)."""
-    question = question.rstrip()
-    if not instruction or question.endswith(instruction):
-        return question
-    return f"{question}\n{instruction}"
-
 
 def _answers_from(obj: Mapping[str, Any]) -> list[str] | None:
     """Ground truth carried inline by a question record: ``answers`` (strings or VQA-style dicts),
@@ -752,9 +744,6 @@ class MMBench(Benchmark):
 # easy-VQA
 # =============================================================================================
 
-EASY_VQA_INSTRUCTION = SHORT_ANSWER
-
-
 class EasyVQA(Benchmark):
     """The easy-VQA test split from the ``easy-vqa`` PyPI package (1,000 images, 9,673 questions)."""
 
@@ -765,21 +754,17 @@ class EasyVQA(Benchmark):
 
     def load(self, data=None, *, split=None, question_file=None, image_folder=None, annotation_file=None,
              limit=None, check_images=True):
-        try:
-            from easy_vqa import get_test_image_paths, get_test_questions, get_train_image_paths, get_train_questions
-        except ImportError as e:
-            raise BenchmarkDataError("easy-VQA needs the `easy-vqa` package (pip install easy-vqa)") from e
         self.split = split or "test"
-        if self.split not in ("test", "train"):
-            raise BenchmarkDataError(f"easy-VQA has splits 'test' and 'train', not {self.split!r}")
-        questions, answers, image_ids = get_test_questions() if self.split == "test" else get_train_questions()
-        paths = get_test_image_paths() if self.split == "test" else get_train_image_paths()
+        try:
+            questions, answers, image_ids, paths = easy_vqa_questions(self.split)
+        except (ImportError, ValueError) as e:
+            raise BenchmarkDataError(str(e)) from e
         samples = []
         for i, (q, a, image_id) in enumerate(zip(questions, answers, image_ids)):
             if image_id not in paths:
                 raise BenchmarkDataError(f"easy-VQA {self.split} question {i}: image {image_id} missing from the package")
             # the question's index in the package's list is its id (the package has no ids of its own)
-            samples.append(Sample(i, with_instruction(q, self.instruction), PathImage(Path(paths[image_id])), [a],
+            samples.append(Sample(i, easy_vqa_prompt(q), PathImage(Path(paths[image_id])), [a],
                                   {"image_id": image_id}))
         if limit is not None:
             samples = samples[:limit]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .filters import DefocusHeadFilter
+from ..filters import DefocusHeadFilter
 
 
 def group_rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -251,6 +251,8 @@ def load_augment_factory(path: str) -> Callable[..., PilAugment]:
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
+    # configs written before the package was split into layers name the old module
+    module_name = {"defocus_mllm.augment": __name__}.get(module_name, module_name)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from ..ops import causal_conv1d_silu, selective_scan
-from .filters import apply_rotary, rope_angles
+from ...ops import causal_conv1d_silu, selective_scan
+from ..filters import apply_rotary, rope_angles
 
 
 def default_rope_frequencies(state_size: int) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import EvalPrediction, Trainer
 
-from .augment import MixupCutmix
-from .data.image_classification import RepeatedAugmentationSampler
+from ..data.augment import MixupCutmix
+from ..data.image_classification import RepeatedAugmentationSampler
 
 # Parameters without weight decay besides every 1-D tensor and bias (the release: cls / position embeddings and the
 # state-space parameters A_log and D; D, the rotary `freq` and all norms are 1-D anyway).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .filters import DefocusHeadFilter
+from ..filters import DefocusHeadFilter
 
 
 class DefocusAttentionMixer(nn.Module):

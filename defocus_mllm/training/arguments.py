@@ -1,0 +1,193 @@
+"""The recipes' arguments: one dataclass per concern, every field settable in a YAML file (`--config`) and on the
+command line (`--learning_rate 1e-3`), which overrides the file.
+
+* LLaVA stages (`recipes/pretrain.py`, `recipes/finetune.py`): `ModelArguments`, `DataArguments`,
+  `LlavaTrainingArguments` (extends `transformers.TrainingArguments`).
+* Encoder pretraining (`recipes/pretrain_encoder.py`): `EncoderModelArguments`, `EncoderDataArguments`, and
+  `transformers.TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------- LLaVA stages
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "a saved LLaVA directory to continue from (e.g. the stage-1 output); else one is built from "
+                "vision_tower + language_model"})
+    vision_tower: str = field(default="mamba-tiny", metadata={
+        "help": "De-focus encoder: preset name, or a saved / converted directory"})
+    language_model: Optional[str] = field(default=None, metadata={
+        "help": "local directory of a causal LM (with its tokenizer); empty: a tiny Llama with a tokenizer trained "
+                "on the training text (the offline default)"})
+    vision_feature_layer: int = -1
+    image_size: Optional[int] = field(default=None, metadata={"help": "encoder input size (default: the encoder's)"})
+    pretrain_projector: Optional[str] = field(default=None, metadata={
+        "help": f"stage-1 output directory or {PROJECTOR_FILE} to load the projector from"})
+    tiny_lm_hidden_size: int = field(default=128, metadata={"help": "offline default: width of the tiny Llama"})
+    tiny_lm_layers: int = field(default=2, metadata={"help": "offline default: depth of the tiny Llama"})
+    tiny_vocab_size: int = field(default=400, metadata={"help": "offline default: BPE vocabulary size"})
+    vision_overrides: Optional[str] = field(default=None, metadata={
+        "help": "encoder config overrides for a preset tower, JSON or key=value,key=value"})
+    vision_warmup_epochs: float = field(default=0.0, metadata={
+        "help": "offline stand-in for LLaVA's pretrained vision encoder: before training LLaVA, train a freshly built "
+                "preset tower as an image classifier for this many epochs (0: off; skipped for saved models)"})
+    vision_warmup_data: str = field(default="easy-vqa", metadata={
+        "help": "warm-up images: 'easy-vqa' (classes '<color> <shape>' read off the training answers) or an image "
+                "folder tree <root>/<class>/<image>"})
+    vision_warmup_lr: float = field(default=2e-3, metadata={"help": "warm-up learning rate"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(default="easy-vqa", metadata={
+        "help": "'easy-vqa' (offline, from the easy-vqa package), a LLaVA .json/.jsonl file, or a Hugging Face "
+                "dataset directory with messages/images columns"})
+    image_folder: Optional[str] = field(default=None, metadata={"help": "root of the LLaVA JSON image paths"})
+    dataset_split: str = "train"
+    easy_vqa_turns: int = field(default=4, metadata={"help": "easy-VQA questions per conversation (per image)"})
+    easy_vqa_captions: bool = field(default=False, metadata={"help": "easy-VQA as captions (stage-1 data)"})
+    easy_vqa_curriculum: Optional[str] = field(default=None, metadata={
+        "help": "easy-VQA in ordered phases, e.g. 'described*3, open, all*2': 'described' (text only, the image "
+                "replaced by its description), 'open' (open questions alone), 'all'; '*N' passes; needs "
+                "train_sampling_strategy=sequential"})
+    easy_vqa_max_images: Optional[int] = field(default=None, metadata={
+        "help": "easy-VQA: use the questions of the first N images only (every phase of a curriculum keeps them)"})
+    easy_vqa_balance_yes_no: bool = field(default=False, metadata={
+        "help": "keep as many 'yes' as 'no' answers (plain and negated questions apart), so that the question's form "
+                "alone cannot answer them"})
+    max_train_samples: Optional[int] = None
+    model_max_length: int = 2048
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5: pad to square) or 'crop'"})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "drop bad samples (counted, reported) instead "
+                                                                     "of stopping"})
+
+
+@dataclass
+class LlavaTrainingArguments(TrainingArguments):
+    stage: str = field(default="finetune", metadata={"help": "'pretrain' (projector only) or 'finetune'"})
+    projector_lr: Optional[float] = field(default=None, metadata={"help": "learning rate of the projector "
+                                                                          "(default: learning_rate)"})
+    vision_tower_lr: Optional[float] = field(default=None, metadata={"help": "learning rate of an unfrozen encoder"})
+    train_vision_tower: bool = False
+    lora_enable: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    eval_easy_vqa: bool = field(default=False, metadata={"help": "after training, answer the easy-VQA test "
+                                                                 "questions and print the accuracy"})
+    eval_limit: Optional[int] = None
+    eval_batch_size: int = 64
+
+
+# ------------------------------------------------------------------------------------------- encoder pretraining
+
+@dataclass
+class EncoderModelArguments:
+    preset: str = field(default="mamba-tiny", metadata={"help": "DEFOCUS_PRESETS name to build a fresh encoder from"})
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "start from a saved / converted model "
+                                                                               "directory instead of a preset"})
+    config_overrides: Optional[str] = field(default=None, metadata={
+        "help": "config fields to override: JSON ('{\"mixer\": \"attention\"}') or 'key=value,key=value'"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "training resolution (default: the config's)"})
+    drop_path_rate: Optional[float] = field(default=None, metadata={"help": "final drop-path rate"})
+    min_drop_path_rate: Optional[float] = field(default=None, metadata={"help": "first-epoch rate of the schedule"})
+    use_scheduled_drop_path: Optional[bool] = field(default=None, metadata={"help": "grow the rate linearly per epoch"})
+    aux_loss_mode: Optional[str] = field(default=None, metadata={"help": "per_token | pooled | none"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "folded into mixup targets, or the hard-label loss"})
+    layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay (1.0: off)"})
+
+
+@dataclass
+class EncoderDataArguments:
+    train_dir: Optional[str] = field(default=None, metadata={"help": "image folder: train_dir/<class>/<image>"})
+    validation_dir: Optional[str] = field(default=None, metadata={"help": "image folder with the same classes"})
+    dataset_name: Optional[str] = field(default=None, metadata={"help": "Hugging Face dataset (name, or a directory "
+                                                                         "saved with save_to_disk)"})
+    dataset_config_name: Optional[str] = None
+    train_split: str = "train"
+    validation_split: Optional[str] = "validation"
+    image_column: str = "image"
+    label_column: str = "label"
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    crop_scale_min: float = field(default=0.08, metadata={"help": "random resized crop: smallest area fraction"})
+    hflip: float = 0.5
+    color_jitter: float = field(default=0.4, metadata={"help": "used only without augment_fn (as in timm)"})
+    augment_fn: Optional[str] = field(default=None, metadata={
+        "help": "stronger PIL augmentation, 'module:factory' called as factory(image_size=, mean=), e.g. "
+                "'defocus_mllm.data.augment:rand_augment' (the release's rand-m9-mstd0.5-inc1)"})
+    random_erase: float = 0.25
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    repeated_aug: int = field(default=1, metadata={"help": "DeiT repeated augmentation: copies per image (1: off)"})
+    lr_reference_batch: Optional[int] = field(default=None, metadata={
+        "help": "scale learning_rate linearly by global_batch / this (the release: 5e-4 per 512 images)"})
+
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+
+def parse_recipe_args(dataclass_types: Sequence[type], argv: Optional[list[str]] = None,
+                      default_config: Optional[str] = None) -> tuple:
+    """Parse `--config FILE.yaml` (defaults for any field; `default_config` when none is given) and command-line
+    overrides (`--learning_rate 1e-3`) into the dataclasses."""
+    parser = HfArgumentParser(dataclass_types)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    config = known.config or default_config
+    if config:
+        with open(config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{config}: expected a mapping of argument names to values")
+        fields = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{config}: unknown argument(s) {unknown}")
+        values = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()}
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=rest)
+
+
+def parse_overrides(text: Optional[str]) -> dict[str, Any]:
+    """`'{"a": 1}'` (JSON) or `'a=1,b=x'` (values read as YAML scalars) into a dict."""
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    overrides = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"overrides: {item!r} is not key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+__all__ = [
+    "DataArguments",
+    "EncoderDataArguments",
+    "EncoderModelArguments",
+    "LlavaTrainingArguments",
+    "ModelArguments",
+    "PROJECTOR_FILE",
+    "parse_overrides",
+    "parse_recipe_args",
+]

@@ -1,0 +1,174 @@
+"""The steps of a LLaVA stage between parsing and training: its data, its model, what trains, and how the result is
+saved. `recipes/pretrain.py` and `recipes/finetune.py` call them in order."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
+
+from ..data.conversations import Conversation, load_hf_dataset, load_llava_json
+from ..data.easy_vqa import load_easy_vqa
+from ..data.supervised import SupervisedDataset
+from ..encoder.configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
+from ..llava import LLAVA_V1_SYSTEM, apply_lora, build_llava, model_parts, set_trainable
+from .arguments import PROJECTOR_FILE, DataArguments, LlavaTrainingArguments, ModelArguments, parse_overrides
+from .tiny_lm import tiny_llama_config, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def load_conversations(data_args: DataArguments, seed: int = 0) -> list[Conversation]:
+    """The training conversations named by `data_args.data_path`."""
+    path = data_args.data_path
+    if data_args.easy_vqa_curriculum and path != "easy-vqa":
+        raise ValueError(f"easy_vqa_curriculum applies to data_path=easy-vqa, not {path!r}")
+    if path == "easy-vqa":
+        convs = load_easy_vqa(data_args.dataset_split, turns_per_sample=data_args.easy_vqa_turns, seed=seed,
+                              captions=data_args.easy_vqa_captions,
+                              curriculum=data_args.easy_vqa_curriculum, limit=data_args.easy_vqa_max_images,
+                              balance_yes_no=data_args.easy_vqa_balance_yes_no)
+    elif Path(path).is_dir():
+        convs = load_hf_dataset(path, split=data_args.dataset_split)
+    elif Path(path).suffix in (".json", ".jsonl"):
+        convs = load_llava_json(path, data_args.image_folder)
+    else:
+        raise FileNotFoundError(f"data_path={path!r}: not 'easy-vqa', a .json/.jsonl file, or a dataset directory")
+    if data_args.max_train_samples is not None:
+        convs = convs[: data_args.max_train_samples]
+    return convs
+
+
+def corpus_for_tokenizer(conversations: Sequence[Conversation]) -> list[str]:
+    """The text a from-scratch tokenizer is trained on: every message and the chat template's own words."""
+    texts = [m["content"] for c in conversations for m in c.messages]
+    return texts + [LLAVA_V1_SYSTEM, "USER: ASSISTANT:"]
+
+
+def build_llava_model(model_args: ModelArguments, data_args: DataArguments, conversations: Sequence[Conversation]):
+    """`(model, processor)` from a saved directory, or assembled by `build_llava` (the offline default when no
+    language model is named: a tiny Llama and a tokenizer trained on `conversations`)."""
+    if model_args.model_name_or_path:
+        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    else:
+        vision: Any = model_args.vision_tower
+        overrides = parse_overrides(model_args.vision_overrides)
+        if overrides:
+            if not isinstance(vision, str) or Path(vision).is_dir():
+                raise ValueError("vision_overrides apply to a preset vision_tower only")
+            vision = DefocusVisionConfig.from_preset(vision, **overrides)
+        if model_args.language_model:
+            model, processor = build_llava(vision, model_args.language_model,
+                                           vision_feature_layer=model_args.vision_feature_layer,
+                                           image_size=model_args.image_size)
+        else:
+            corpus = corpus_for_tokenizer(conversations)
+            if data_args.data_path == "easy-vqa":
+                # Both stages must share one vocabulary: stage 2 continues from the stage-1 directory.
+                corpus += corpus_for_tokenizer(load_easy_vqa(data_args.dataset_split,
+                                                             captions=not data_args.easy_vqa_captions))
+            tokenizer = train_tokenizer(corpus, vocab_size=model_args.tiny_vocab_size)
+            lm_config = tiny_llama_config(len(tokenizer), hidden_size=model_args.tiny_lm_hidden_size,
+                                          num_hidden_layers=model_args.tiny_lm_layers,
+                                          max_position_embeddings=data_args.model_max_length)
+            model, processor = build_llava(vision, lm_config, tokenizer=tokenizer,
+                                           vision_feature_layer=model_args.vision_feature_layer,
+                                           image_size=model_args.image_size)
+    processor.image_processor.do_pad = data_args.image_aspect_ratio == "pad"
+    if model_args.pretrain_projector:
+        load_projector(model, model_args.pretrain_projector)
+    return model, processor
+
+
+def save_projector(model: nn.Module, output_dir: str | os.PathLike) -> Path:
+    """Write the projector weights alone (LLaVA's `mm_projector.bin`, as safetensors)."""
+    projector = model_parts(model)["projector"][0]
+    path = Path(output_dir) / PROJECTOR_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}, str(path))
+    return path
+
+
+def load_projector(model: nn.Module, source: str | os.PathLike) -> None:
+    """Load projector weights from a stage-1 output directory or a `projector.safetensors` file (never a pickle)."""
+    path = Path(source)
+    path = path / PROJECTOR_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"Projector weights not found: {path}")
+    projector = model_parts(model)["projector"][0]
+    state = load_file(str(path))
+    missing, unexpected = projector.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model's projector: missing {missing}, unexpected {unexpected}")
+
+
+def configure_trainable(model: nn.Module, args: LlavaTrainingArguments) -> nn.Module:
+    """Stage 1: the projector alone. Stage 2: projector + LM (full, or LoRA adapters), encoder when asked."""
+    if args.stage == "pretrain":
+        set_trainable(model, vision_tower=False, projector=True, language_model=False)
+        return model
+    if args.stage != "finetune":
+        raise ValueError(f"stage={args.stage!r} must be 'pretrain' or 'finetune'")
+    if args.lora_enable:
+        return apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          train_vision_tower=args.train_vision_tower)
+    set_trainable(model, vision_tower=args.train_vision_tower, projector=True, language_model=True)
+    return model
+
+
+def wants_vision_warmup(model_args: ModelArguments, resume: Optional[str]) -> bool:
+    """The warm-up trains a freshly built preset tower only: not a saved model, and not again on resume."""
+    if model_args.vision_warmup_epochs <= 0:
+        return False
+    if model_args.model_name_or_path or model_args.vision_tower not in DEFOCUS_PRESETS or resume:
+        logger.info("vision warm-up skipped: the vision tower is not a fresh preset (or the run resumes)")
+        return False
+    return True
+
+
+def build_supervised_dataset(conversations: Sequence[Conversation], model: nn.Module, processor: Any,
+                             data_args: DataArguments, args: LlavaTrainingArguments) -> SupervisedDataset:
+    """Tokenised conversations with their images, as many `<image>` placeholders per image as the tower has tokens."""
+    image_processor = processor.image_processor
+    num_image_tokens = (image_processor.crop_size["height"] // processor.patch_size) * (
+        image_processor.crop_size["width"] // processor.patch_size) + processor.num_additional_image_tokens
+    return SupervisedDataset(conversations, processor.tokenizer, image_processor, model.config.image_token_id,
+                             num_image_tokens, model_max_length=data_args.model_max_length,
+                             skip_bad_samples=data_args.skip_bad_samples, show_progress=args.process_index == 0)
+
+
+def save_llava(trainer: Trainer, processor: Any, dataset: SupervisedDataset, args: LlavaTrainingArguments) -> nn.Module:
+    """Save a directory `AutoModelForImageTextToText` loads (LoRA merged first), the processor, the projector alone
+    (`projector.safetensors`, what stage 2 may start from) and the list of skipped samples. Returns the saved model."""
+    model = trainer.model.merge_and_unload() if args.lora_enable else trainer.model
+    if trainer.is_world_process_zero():
+        model.config.use_cache = True
+    trainer.model = model
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(args.output_dir)
+        save_projector(model, args.output_dir)
+    logger.info(dataset.report())
+    if dataset.skipped and trainer.is_world_process_zero():
+        with open(Path(args.output_dir) / "skipped_samples.txt", "w") as f:
+            f.write("\n".join(dataset.skipped) + "\n")
+        print(f"{len(dataset.skipped)} bad sample(s) were skipped; see {args.output_dir}/skipped_samples.txt")
+    return model
+
+
+__all__ = [
+    "build_llava_model",
+    "build_supervised_dataset",
+    "configure_trainable",
+    "corpus_for_tokenizer",
+    "load_conversations",
+    "load_projector",
+    "save_llava",
+    "save_projector",
+    "wants_vision_warmup",
+]

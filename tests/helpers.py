@@ -1,0 +1,57 @@
+"""Helpers shared by the tests: tiny local models, script imports and `accelerate launch` command lines.
+
+Not part of the package: nothing in `defocus_mllm` imports this module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any, Iterable, Optional
+
+from defocus_mllm import DefocusVisionConfig, build_llava
+from defocus_mllm.training.tiny_lm import tiny_llama_config, train_tokenizer
+
+
+def build_tiny_llava(texts: Optional[Iterable[str]] = None, vision: Optional[DefocusVisionConfig] = None,
+                     vocab_size: int = 256, **lm_overrides: Any):
+    """`(model, processor)`: a tiny De-focus Mamba encoder and a tiny Llama joined by `build_llava`.
+
+    The tokenizer is trained on `texts` (a small default corpus when none is given).
+    """
+    if texts is None:
+        texts = ["what shape is in the image?", "what color is the shape?", "is there a red circle?",
+                 "yes", "no", "circle", "rectangle", "triangle", "red", "green", "blue", "USER: ASSISTANT:"]
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    vision = vision or DefocusVisionConfig.from_preset("mamba-tiny", hidden_size=32, num_hidden_layers=2,
+                                                       intermediate_size=64, image_size=32)
+    lm_config = tiny_llama_config(len(tokenizer), **lm_overrides)
+    return build_llava(vision, lm_config, tokenizer=tokenizer)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's `accelerate launch --main_process_port` (two launches on the
+    default port at once, from parallel test runs, abort each other's process groups)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch_command(*launch_args: str) -> list[str]:
+    """`python -m accelerate.commands.launch --main_process_port <free> *launch_args` as an argument list."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *launch_args]
+
+
+def load_script(path: str | os.PathLike, name: str) -> ModuleType:
+    """Import a script that is not part of the package (a recipe, an `eval/` command) as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
