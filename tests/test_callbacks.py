@@ -1,4 +1,4 @@
-"""Scheduled drop path (SPEC §2.5): the schedule and the callback that applies it each epoch."""
+"""Scheduled drop path (docs/method.md §4.2): the schedule and the callback that applies it each epoch."""
 
 import pytest
 import torch

@@ -1,72 +1,34 @@
-"""The attention (De-focus ViT) and retention (De-focus RetNet) mixers, the ablation switches and every preset."""
+"""The token mixers alone: De-focus ViT attention against its explicit formula, the three forms of retention, the
+attention maps, and the mixer contract and registry. The filter alone: tests/test_filters.py; the mixers inside the
+model (causality, presets, save / load): tests/test_modeling.py."""
 
 import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageClassification
 
-import defocus_mllm  # noqa: F401  (registers the Auto classes)
-from defocus_mllm import DEFOCUS_PRESETS, DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
-from defocus_mllm.encoder.mixers import DefocusAttentionMixer, DefocusRetentionMixer
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds contention on a shared 2-core machine (where it
-    made this file 10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-CAUSAL_TINY = ["vit-tiny", "vit-tiny-causal", "retnet-tiny", "retnet-tiny-causal", "mamba-tiny", "mamba-tiny-causal"]
+from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm.encoder.mixers import (
+    MIXER_CLASSES,
+    DefocusAttentionMixer,
+    DefocusRetentionMixer,
+    TokenMixer,
+    build_mixer,
+)
+from defocus_mllm.encoder.mixers.attention import flex_attention_available
+from helpers import one_thread, scramble_filter  # noqa: F401  (one_thread: a module-wide autouse fixture)
 
 
 def tiny(name="vit-tiny", **overrides):
     return DefocusVisionConfig.from_preset(name, **overrides)
 
 
-def scramble_filter(mixer, generator):
-    """Move the filter off its initial values so that tests do not pass by symmetry of the init."""
-    with torch.no_grad():
-        if mixer.filter.A_log is not None:
-            mixer.filter.A_log.copy_(torch.randn(mixer.filter.A_log.shape, generator=generator) - 2.0)
-        if mixer.filter.freq is not None:
-            mixer.filter.freq.copy_(torch.rand(mixer.filter.freq.shape, generator=generator))
-
-
-def perturb_patch(pixels, row, col, patch=8):
-    changed = pixels.clone()
-    changed[:, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] += 1.0
-    return changed
-
-
-@pytest.mark.parametrize("name", CAUSAL_TINY)
-def test_causal_variants_never_let_token_j_change_earlier_outputs(name):
-    torch.manual_seed(0)
-    model = DefocusVisionModel(tiny(name)).eval()
-    for block in model.blocks:
-        if hasattr(block.mixer, "filter"):
-            scramble_filter(block.mixer, torch.Generator().manual_seed(block.layer_idx))
-    x = torch.randn(1, 3, 32, 32)  # 4x4 grid + CLS
-    base = model(x).last_hidden_state
-    for j, (row, col) in [(5, (1, 1)), (10, (2, 2)), (0, (0, 0))]:
-        out = model(perturb_patch(x, row, col)).last_hidden_state
-        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6, msg=f"{name}: token {j} leaked back")
-        assert (out[:, j:] - base[:, j:]).abs().amax(-1).min() > 1e-4, f"{name}: token {j} did not reach later ones"
-
-
-def test_non_causal_vit_is_not_causal():
-    torch.manual_seed(0)
-    model = DefocusVisionModel(tiny("vit-tiny-noncausal")).eval()
-    x = torch.randn(1, 3, 32, 32)
-    out = model(perturb_patch(x, 2, 2)).last_hidden_state  # token 10
-    assert (out[:, :10] - model(x).last_hidden_state[:, :10]).abs().amax(-1).min() > 1e-4
-
-
 def explicit_attention_reference(mixer, hidden, causal):
-    """SPEC §2.3 written out: logits `q_i . R(theta (i-j)) k_j / sqrt(d) + decay`, with the relative rotation applied
+    """docs/method.md §2.6 written out: logits `q_i . R(theta (i-j)) k_j / sqrt(d) + decay`, with the relative rotation applied
     as a complex phase per pair, then a plain softmax."""
     batch, length, width = hidden.shape
     heads, d = mixer.num_heads, mixer.head_dim
@@ -135,36 +97,6 @@ def test_retention_map_is_the_decay_masked_score_and_matches_the_parallel_form()
     torch.testing.assert_close(mixer._output(signed @ v, hidden), mixer(hidden), rtol=0, atol=1e-5)
 
 
-def test_filter_initialisation_spans_short_to_long_ranges_and_starts_from_rope():
-    model = DefocusForImageClassification(tiny("retnet-tiny"))
-    filt = model.defocus.blocks[0].mixer.filter
-    lam = torch.exp(-torch.exp(filt.A_log.detach()))
-    torch.testing.assert_close(lam[0], torch.tensor(1 - 2.0**-5))
-    torch.testing.assert_close(lam[-1], torch.tensor(1 - 2.0**-12))
-    assert torch.all(lam[1:] > lam[:-1])
-    head_dim = 16
-    torch.testing.assert_close(filt.freq[2, 3], torch.tensor(10000.0 ** (-2 * 3 / head_dim)))
-
-
-@pytest.mark.parametrize("mixer_cls,name", [(DefocusAttentionMixer, "vit-tiny"),
-                                            (DefocusRetentionMixer, "retnet-tiny")])
-def test_decay_and_rope_modes(mixer_cls, name):
-    hidden = torch.randn(1, 9, 64)
-    learnable = mixer_cls(tiny(name))
-    learnable(hidden).sum().backward()
-    assert learnable.filter.A_log.grad.abs().sum() > 0 and learnable.filter.freq.grad.abs().sum() > 0
-
-    fixed = mixer_cls(tiny(name, decay_mode="fixed", rope_mode="fixed"))
-    assert not any("filter" in n for n, _ in fixed.named_parameters())
-    assert {"filter.A_log", "filter.freq"} <= set(fixed.state_dict())
-    assert not fixed.filter.A_log.requires_grad and not fixed.filter.freq.requires_grad
-
-    off = mixer_cls(tiny(name, decay_mode="none", use_rope=False))
-    assert off.filter.A_log is None and off.filter.freq is None and off.filter.log_decay() is None
-    assert not any("filter" in n for n in off.state_dict())
-    assert torch.equal(off.filter.rotate(hidden.view(1, 1, 9, 64)), hidden.view(1, 1, 9, 64))
-
-
 def test_attention_without_decay_has_no_bias_and_is_plain_attention():
     noncausal = DefocusAttentionMixer(tiny("vit-tiny-noncausal"))
     assert noncausal.attention_bias(9, torch.device("cpu"), torch.float32) is None
@@ -178,74 +110,146 @@ def test_attention_without_decay_has_no_bias_and_is_plain_attention():
     torch.testing.assert_close(causal(hidden), expected, rtol=0, atol=1e-5)
 
 
-def test_blocks_get_an_mlp_only_for_attention_and_retention():
-    vit = DefocusVisionModel(tiny("vit-tiny"))
-    keys = set(vit.state_dict())
-    assert {"blocks.0.norm2.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias"} <= keys
-    assert vit.blocks[0].mlp.fc1.out_features == 256
-    assert DefocusVisionModel(tiny("vit-tiny", mlp_ratio=0)).blocks[0].mlp is None
-    mamba = DefocusVisionModel(tiny("mamba-tiny", mlp_ratio=4.0))
-    assert mamba.blocks[0].mlp is None and not any("mlp" in k or "norm2" in k for k in mamba.state_dict())
+# ------------------------------------------------------------------ FlexAttention vs SDPA (docs/method.md §3.4)
+
+needs_flex = pytest.mark.skipif(not flex_attention_available(), reason="this torch has no FlexAttention")
+ATTENTION_VARIANTS = [
+    {},                                               # causal, learnable decay and rotation
+    {"causal": False},                                # symmetric decay |i - j| A_h, no mask
+    {"decay_mode": "none"},                           # causal mask only
+    {"decay_mode": "none", "causal": False, "use_rope": False},  # plain non-causal attention
+    {"decay_mode": "fixed", "rope_mode": "fixed", "rope_scale_factor": 2.0},
+]
 
 
-def test_bad_head_fields_are_named():
-    with pytest.raises(ValueError, match="num_attention_heads"):
-        tiny(num_attention_heads=5)
-    with pytest.raises(ValueError, match="use_rope"):
-        tiny(hidden_size=60, num_attention_heads=4)  # head width 15
-    with pytest.raises(ValueError, match="intermediate_size"):
-        tiny("retnet-tiny", intermediate_size=130)
-    with pytest.raises(ValueError, match="causal"):
-        tiny("retnet-tiny", causal=False)
+def attention_mixer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    mixer = DefocusAttentionMixer(tiny(**overrides))
+    scramble_filter(mixer, torch.Generator().manual_seed(seed + 1))
+    return mixer
 
 
-def count_parameters(config):
-    with torch.device("meta"):
-        return sum(p.numel() for p in DefocusForImageClassification(config).parameters())
+def run_backend(mixer, backend, hidden):
+    mixer.attention_backend = backend
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return mixer(hidden)
 
 
-@pytest.mark.parametrize("name,expected", [("vit-base", 87.4e6), ("retnet-base", 92.7e6)])
-def test_base_presets_match_the_paper_parameter_counts(name, expected):
-    config = DefocusVisionConfig.from_preset(name)
-    assert config.num_labels == 1000 and config.num_hidden_layers == 12 and config.hidden_size == 768
-    assert abs(count_parameters(config) - expected) / expected < 0.01
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """PyTorch refuses FlexAttention's backward on CPU in an input check only; its unfused reference (what
+    "flex_eager" runs) differentiates on any device. Lifting the check lets the CPU tests compare the gradients of the
+    `score_mod` / block-mask formulation with SDPA's; the fused kernels' backward is checked on CUDA by
+    benchmarks/check_cuda_kernels.py."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    if not hasattr(flex_module, "_validate_device"):
+        pytest.skip("this torch validates FlexAttention devices elsewhere")
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
 
 
-@pytest.mark.parametrize("defocus,baseline", [("vit-base", "vit-base-causal"), ("vit-base", "vit-base-noncausal"),
-                                              ("retnet-base", "retnet-base-causal")])
-def test_baselines_differ_only_by_the_learnable_filter_and_the_aux_head(defocus, baseline):
-    # 12 layers x (a decay per head + a rotary frequency per head and pair); the fixed decay of the RetNet
-    # baseline is a buffer, not a parameter
-    filter_params, aux_head = 12 * (12 + 12 * 32), 768 * 1000 + 1000
-    difference = count_parameters(DefocusVisionConfig.from_preset(defocus)) - count_parameters(
-        DefocusVisionConfig.from_preset(baseline))
-    assert difference == filter_params + aux_head
+@needs_flex
+@pytest.mark.parametrize("overrides", ATTENTION_VARIANTS)
+def test_flex_and_sdpa_paths_agree_forward_and_backward(overrides, flex_backward_on_cpu):
+    mixer = attention_mixer(**overrides)
+    hidden = torch.randn(2, 41, 64, requires_grad=True)  # 41 tokens: a partial FlexAttention block
+    weight = torch.linspace(-1.0, 1.0, 64)
+    results = {}
+    for backend in ("sdpa", "flex_eager"):
+        mixer.zero_grad(set_to_none=True)
+        hidden.grad = None
+        out = run_backend(mixer, backend, hidden)
+        (out * weight).sum().backward()
+        results[backend] = {"out": out.detach(), "hidden": hidden.grad.clone(),
+                            **{n: p.grad.clone() for n, p in mixer.named_parameters()}}
+    assert mixer.uses_flex(hidden) and set(results["sdpa"]) == set(results["flex_eager"])
+    for name, expected in results["sdpa"].items():
+        torch.testing.assert_close(results["flex_eager"][name], expected, rtol=1e-5, atol=1e-5, msg=name)
+    if "filter.A_log" in results["flex_eager"]:  # learnable decay / rotation: gradients reach both under flex
+        assert results["flex_eager"]["filter.A_log"].abs().min() > 0
+    if "filter.freq" in results["flex_eager"]:
+        assert results["flex_eager"]["filter.freq"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", sorted(DEFOCUS_PRESETS))
-def test_every_preset_saves_loads_and_trains_on_cpu(name, tmp_path):
-    # the big presets at one layer and a 2x2 patch grid, the tiny ones at full depth on a 4x4 grid
-    overrides = dict(image_size=32) if "tiny" in name else dict(num_hidden_layers=1, image_size=32, patch_size=16,
-                                                                num_labels=10)
-    config = DefocusVisionConfig.from_preset(name, **overrides)
+@needs_flex
+def test_flex_path_inside_the_model_and_under_bf16():
     torch.manual_seed(0)
-    model = DefocusForImageClassification(config).train()
-    pixels, labels = torch.randn(2, 3, config.image_size, config.image_size), torch.tensor([1, 3])
-    model(pixels, labels=labels).loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert not missing, f"{name}: no or non-finite gradient for {missing}"
-    model.eval().save_pretrained(tmp_path)
-    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
-    assert type(loaded) is DefocusForImageClassification and loaded.config.mixer == config.mixer
+    model = DefocusVisionModel(tiny("vit-tiny")).eval()
+    pixels = torch.randn(2, 3, 40, 48)  # 5x6 grid + CLS
     with torch.no_grad():
-        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
+        expected = model(pixels).last_hidden_state
+        for block in model.blocks:
+            block.mixer.attention_backend = "flex_eager"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            torch.testing.assert_close(model(pixels).last_hidden_state, expected, rtol=0, atol=1e-5)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(pixels).last_hidden_state
+    torch.testing.assert_close(low.float(), expected, rtol=0, atol=0.15)
 
 
-@pytest.mark.parametrize("name", ["vit-tiny", "retnet-tiny"])
-def test_bf16_autocast_runs_with_the_filter(name):
-    torch.manual_seed(0)
-    model = DefocusVisionModel(tiny(name)).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x).last_hidden_state
-    torch.testing.assert_close(out.float(), model(x).last_hidden_state, rtol=0, atol=0.15)
+@needs_flex
+@pytest.mark.slow
+def test_compiled_flex_agrees_with_sdpa_on_cpu():
+    """The fused kernel itself (torch.compile, ~30 s per variant on a 2-core CPU): inference only on CPU."""
+    mixer = attention_mixer()
+    hidden = torch.randn(2, 41, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(run_backend(mixer, "flex", hidden), run_backend(mixer, "sdpa", hidden),
+                                   rtol=0, atol=1e-5)
+
+
+def test_auto_backend_takes_sdpa_on_cpu_and_bad_names_are_errors():
+    mixer = attention_mixer()
+    q = torch.randn(1, 4, 9, 16)
+    assert mixer.attention_backend == "auto" and not mixer.uses_flex(q)
+    mixer.attention_backend = "sdpa"
+    assert not mixer.uses_flex(q)
+    mixer.attention_backend = "triton"
+    with pytest.raises(ValueError, match="attention_backend"):
+        mixer.uses_flex(q)
+    with pytest.raises(ValueError, match="attention_backend"):
+        tiny(attention_backend="xformers")
+    assert tiny(attention_backend="sdpa").attention_backend == "sdpa"
+
+
+def test_attention_benchmark_runs_quick():
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_attention.py"), "--quick"], cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and "sdpa img/s" in lines[1] and lines[2].split()[:3] == ["32", "2", "17"], proc.stdout
+
+@pytest.mark.parametrize("name", ["mamba-tiny", "vit-tiny", "vit-tiny-noncausal", "retnet-tiny"])
+def test_every_registered_mixer_fulfils_the_contract(name):
+    config = tiny(name)
+    mixer = build_mixer(config, 2)
+    mixer.init_weights()  # outside a model nothing else initialises Mamba's `D` (an empty tensor until then)
+    assert isinstance(mixer, TokenMixer) and type(mixer) is MIXER_CLASSES[config.mixer] and mixer.layer_idx == 2
+    assert mixer.has_feed_forward == (config.mixer != "mamba")
+    hidden = torch.randn(2, 9, 64)
+    assert mixer(hidden).shape == hidden.shape
+    attention_map = mixer.attention_map(hidden)
+    heads = 1 if config.mixer == "mamba" else config.num_attention_heads
+    assert attention_map.shape == (2, heads, 9, 9) and attention_map.min() >= 0
+    assert (attention_map.triu(1).abs().max() == 0) == config.causal
+    # init_weights puts the filter (and Mamba's scan parameters) back to the release's initial values
+    names = {"A_log", "freq", "D", "bias"}  # the filter, Mamba's skip and dt_proj.bias (Linear biases are zeroed)
+    initial = {k: v.clone() for k, v in mixer.state_dict().items()
+               if k.split(".")[-1] in names and not k.endswith(("qkv.bias", "proj.bias", "conv1d.bias"))}
+    with torch.no_grad():
+        for key in initial:
+            mixer.get_parameter(key).add_(0.5)
+    mixer.init_weights()
+    for key, value in initial.items():
+        torch.testing.assert_close(mixer.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_mixer_names_are_validated_against_the_registry():
+    assert set(MIXER_CLASSES) == {"mamba", "attention", "retention"}
+    with pytest.raises(ValueError, match="mixer='transformer' must be one of .*'retention'"):
+        tiny(mixer="transformer")
+    with pytest.raises(ValueError, match="No token mixer registered"):
+        build_mixer(type("Config", (), {"mixer": "transformer"})(), 0)

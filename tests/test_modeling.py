@@ -1,4 +1,5 @@
-"""The De-focus Mamba encoder: shapes, causality, presets, heads and losses, drop path, save / load."""
+"""The De-focus encoder with every mixer: shapes, causality, presets and their parameter counts, heads and losses,
+drop path, bf16, save / load. The mixers alone: tests/test_mixers.py; the filter: tests/test_filters.py."""
 
 import subprocess
 import sys
@@ -9,7 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 import defocus_mllm  # noqa: F401  (registers the Auto classes)
-from defocus_mllm import DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm import DEFOCUS_PRESETS, DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
+from helpers import one_thread, scramble_filter  # noqa: F401  (one_thread: a module-wide autouse fixture)
+
+CAUSAL_TINY = ["vit-tiny", "vit-tiny-causal", "retnet-tiny", "retnet-tiny-causal", "mamba-tiny", "mamba-tiny-causal"]
 
 
 def tiny_config(**overrides):
@@ -22,14 +26,29 @@ def model():
     return DefocusForImageClassification(tiny_config()).eval()
 
 
+def count_parameters(config):
+    with torch.device("meta"):
+        return sum(p.numel() for p in DefocusForImageClassification(config).parameters())
+
+
 @pytest.mark.parametrize("name,expected,head", [("mamba-small", 25.1e6, "linear"), ("mamba-base", 92.7e6, "linear"),
-                                                ("mamba-large", 330.1e6, "mlp")])
-def test_presets_match_released_parameter_counts(name, expected, head):
+                                                ("mamba-large", 330.1e6, "mlp"), ("vit-base", 87.4e6, "linear"),
+                                                ("retnet-base", 92.7e6, "linear")])
+def test_presets_match_the_released_and_paper_parameter_counts(name, expected, head):
     config = DefocusVisionConfig.from_preset(name)
     assert config.head_type == head and config.num_labels == 1000
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in DefocusForImageClassification(config).parameters())
-    assert abs(n_params - expected) / expected < 0.01
+    assert abs(count_parameters(config) - expected) / expected < 0.01
+
+
+@pytest.mark.parametrize("defocus,baseline", [("vit-base", "vit-base-causal"), ("vit-base", "vit-base-noncausal"),
+                                              ("retnet-base", "retnet-base-causal")])
+def test_baselines_differ_only_by_the_learnable_filter_and_the_aux_head(defocus, baseline):
+    # 12 layers x (a decay per head + a rotary frequency per head and pair); the fixed decay of the RetNet
+    # baseline is a buffer, not a parameter
+    filter_params, aux_head = 12 * (12 + 12 * 32), 768 * 1000 + 1000
+    difference = count_parameters(DefocusVisionConfig.from_preset(defocus)) - count_parameters(
+        DefocusVisionConfig.from_preset(baseline))
+    assert difference == filter_params + aux_head
 
 
 def test_unknown_preset_and_bad_fields_are_named():
@@ -39,6 +58,14 @@ def test_unknown_preset_and_bad_fields_are_named():
         tiny_config(aux_loss_mode="mean")
     with pytest.raises(ValueError, match="group_norm_size"):
         tiny_config(intermediate_size=100)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        DefocusVisionConfig.from_preset("vit-tiny", num_attention_heads=5)
+    with pytest.raises(ValueError, match="use_rope"):
+        DefocusVisionConfig.from_preset("vit-tiny", hidden_size=60, num_attention_heads=4)  # head width 15
+    with pytest.raises(ValueError, match="intermediate_size"):
+        DefocusVisionConfig.from_preset("retnet-tiny", intermediate_size=130)
+    with pytest.raises(ValueError, match="causal"):
+        DefocusVisionConfig.from_preset("retnet-tiny", causal=False)
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (32, 48), (8, 8), (96, 64)])
@@ -69,15 +96,44 @@ def test_cls_token_is_last_and_patches_are_row_major(model):
     assert torch.allclose(embedded[0, 5], direct, atol=1e-5)
 
 
-def test_causality_changing_token_j_never_changes_earlier_outputs(model):
+def perturb_patch(pixels, row, col, patch=8):
+    changed = pixels.clone()
+    changed[:, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] += 1.0
+    return changed
+
+
+@pytest.mark.parametrize("name", CAUSAL_TINY)
+def test_causality_changing_token_j_never_changes_earlier_outputs(name):
+    torch.manual_seed(0)
+    model = DefocusVisionModel(DefocusVisionConfig.from_preset(name)).eval()
+    for block in model.blocks:
+        if hasattr(block.mixer, "filter"):  # attention / retention: move the filter off its initial values
+            scramble_filter(block.mixer, torch.Generator().manual_seed(block.layer_idx))
     x = torch.randn(1, 3, 32, 32)  # 4x4 grid + CLS
-    base = model.defocus(x).last_hidden_state
+    base = model(x).last_hidden_state
+    exact = 0.0 if name.startswith("mamba") else 1e-6  # the scan is exact; softmax kernels round the masked sums
     for j, (row, col) in [(5, (1, 1)), (10, (2, 2)), (0, (0, 0))]:
-        changed = x.clone()
-        changed[:, :, row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] += 1.0
-        out = model.defocus(changed).last_hidden_state
-        assert torch.equal(out[:, :j], base[:, :j]), f"token {j} leaked into earlier positions"
-        assert not torch.allclose(out[:, j:], base[:, j:])
+        out = model(perturb_patch(x, row, col)).last_hidden_state
+        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=exact, msg=f"{name}: token {j} leaked back")
+        assert (out[:, j:] - base[:, j:]).abs().amax(-1).min() > 1e-4, f"{name}: token {j} did not reach later ones"
+
+
+def test_non_causal_vit_is_not_causal():
+    torch.manual_seed(0)
+    model = DefocusVisionModel(DefocusVisionConfig.from_preset("vit-tiny-noncausal")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    out = model(perturb_patch(x, 2, 2)).last_hidden_state  # token 10
+    assert (out[:, :10] - model(x).last_hidden_state[:, :10]).abs().amax(-1).min() > 1e-4
+
+
+def test_blocks_get_an_mlp_only_for_attention_and_retention():
+    vit = DefocusVisionModel(DefocusVisionConfig.from_preset("vit-tiny"))
+    keys = set(vit.state_dict())
+    assert {"blocks.0.norm2.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias"} <= keys
+    assert vit.blocks[0].mlp.fc1.out_features == 256
+    assert DefocusVisionModel(DefocusVisionConfig.from_preset("vit-tiny", mlp_ratio=0)).blocks[0].mlp is None
+    mamba = DefocusVisionModel(DefocusVisionConfig.from_preset("mamba-tiny", mlp_ratio=4.0))
+    assert mamba.blocks[0].mlp is None and not any("mlp" in k or "norm2" in k for k in mamba.state_dict())
 
 
 def test_classification_heads_and_losses(model):
@@ -148,13 +204,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(p.grad, grads[n], atol=1e-6), n
 
 
-def test_bf16_autocast_runs_and_keeps_the_residual_stream_in_fp32(model):
+@pytest.mark.parametrize("name", ["mamba-tiny", "vit-tiny", "retnet-tiny"])
+def test_bf16_autocast_runs_and_keeps_the_residual_stream_in_fp32(name):
+    torch.manual_seed(0)
+    model = DefocusVisionModel(DefocusVisionConfig.from_preset(name)).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.defocus(x, output_hidden_states=True)
+        out = model(x, output_hidden_states=True)
     assert out.hidden_states[1].dtype == torch.float32
-    reference = model.defocus(x).last_hidden_state
-    assert torch.allclose(out.last_hidden_state.float(), reference, atol=0.15)
+    reference = model(x).last_hidden_state
+    torch.testing.assert_close(out.last_hidden_state.float(), reference, rtol=0, atol=0.15)
+
+
+@pytest.mark.parametrize("name", sorted(DEFOCUS_PRESETS))
+def test_every_preset_saves_loads_and_trains_on_cpu(name, tmp_path):
+    # the big presets at one layer and a 2x2 patch grid, the tiny ones at full depth on a 4x4 grid
+    overrides = dict(image_size=32) if "tiny" in name else dict(num_hidden_layers=1, image_size=32, patch_size=16,
+                                                                num_labels=10)
+    config = DefocusVisionConfig.from_preset(name, **overrides)
+    torch.manual_seed(0)
+    model = DefocusForImageClassification(config).train()
+    pixels, labels = torch.randn(2, 3, config.image_size, config.image_size), torch.tensor([1, 3])
+    model(pixels, labels=labels).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"{name}: no or non-finite gradient for {missing}"
+    model.eval().save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is DefocusForImageClassification and loaded.config.mixer == config.mixer
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
 
 
 def test_auto_classes_and_fresh_process_round_trip(model, tmp_path):

@@ -1,4 +1,4 @@
-"""Over-focus diagnostics of De-focus encoders: attention maps, gradient maps and the numbers of SPEC §2.6.
+"""Over-focus diagnostics of De-focus encoders: attention maps, gradient maps and the numbers of docs/method.md §5.
 
 * `attention_maps(model, pixel_values, layers)` gives one `[B, L, L]` map per layer, head / channel averaged and
   row-normalised: the softmax weights of attention mixers, and the implicit attention of retention
@@ -26,14 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
-from .mixers import DefocusMambaMixer
+from .mixers import DefocusMambaMixer, TokenMixer
+from .mixers.mamba import mamba_attention_kernel
 from .modeling_defocus import DefocusForImageClassification, DefocusVisionModel
 
 TOP_KEY_FRACTION = 0.01
 TOP_GRADIENT_FRACTION = 0.05
-# Elements of one `[B, d, L, L]` slice of the implicit Mamba map computed at a time (16 MiB in fp32): the peak, a few
-# such slices, stays below one layer's `[B, D, L, L]` at the released sizes (238 MiB for Base at 224px).
-_MAMBA_CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------------- attention maps
@@ -49,52 +47,15 @@ def find_encoder(model: nn.Module) -> DefocusVisionModel:
     raise TypeError(f"{type(model).__name__} contains no DefocusVisionModel")
 
 
-def mamba_attention_kernel(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """The selective scan written as an attention matrix per channel: `alpha [B, D, L, L]` with
-    `y_i[d] = sum_{j <= i} alpha[d, i, j] x_j[d]` (the scan without the `D` skip term).
-
-    `alpha[d, i, j] = sum_n C_i[n] exp(sum_{t=j+1..i} delta_t[d] A[d, n]) delta_j[d] B_j[n]` for `j <= i`, 0 above the
-    diagonal. Inputs as for `selective_scan`: `delta [B, D, L]`, `A [D, N]`, `B, C [B, N, L]`. The output is fp32
-    (fp64 for fp64 inputs); memory is a few `[B, D, L, L]` tensors, so callers pass a slice of the channels.
-    """
-    out_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    length = delta.shape[-1]
-    # cumulative log-decay in fp64: the difference of two long sums must keep its small values exact
-    log_decay = torch.cumsum(delta.double()[:, :, None, :] * A.double()[None, :, :, None], dim=-1)  # [B, D, N, L]
-    future = torch.ones(length, length, dtype=torch.bool, device=delta.device).triu(1)
-    B_in = (delta.to(out_dtype)[:, :, None, :] * B.to(out_dtype)[:, None, :, :])  # delta_j B_j: [B, D, N, L]
-    C = C.to(out_dtype)
-    alpha = delta.new_zeros(delta.shape + (length,), dtype=out_dtype)  # [B, D, L, L]
-    # one state at a time keeps the peak at a few [B, D, L, L] instead of [B, D, N, L, L]
-    for n in range(A.shape[1]):
-        seg = log_decay[:, :, n, :, None] - log_decay[:, :, n, None, :]  # sum_{t=j+1..i}: [B, D, L(i), L(j)]
-        # masked before exp: above the diagonal the "decay" would be a growing exponential
-        decay = seg.masked_fill_(future, float("-inf")).exp_().to(out_dtype)
-        del seg
-        alpha += decay.mul_(C[:, None, n, :, None]).mul_(B_in[:, :, n, None, :])
-        del decay
-    return alpha
-
-
 @torch.no_grad()
 def implicit_mamba_attention(mixer: DefocusMambaMixer, hidden_states: torch.Tensor,
                              channel_chunk: Optional[int] = None) -> torch.Tensor:
-    """Channel-averaged `|alpha|` of a Mamba mixer, `[B, L, L]` fp32, not row-normalised (SPEC §2.6).
+    """Channel-averaged `|alpha|` of a Mamba mixer, `[B, L, L]` fp32, not row-normalised (docs/method.md §5.1).
 
-    `hidden_states` is the mixer's input (the block's normed residual stream). The `D` channels are processed
-    `channel_chunk` at a time (default: as many as fit 2^22 elements), so the full `[B, D, L, L]` never exists.
+    The mixer's `attention_map` without its head dim: `hidden_states` is the mixer's input (the block's normed
+    residual stream), and the `D` channels are processed `channel_chunk` at a time, so `[B, D, L, L]` never exists.
     """
-    _, _, delta, A, B, C = mixer.ssm_inputs(hidden_states)
-    batch, dim, length = delta.shape
-    if channel_chunk is None:
-        channel_chunk = max(1, _MAMBA_CHUNK_ELEMENTS // (batch * length * length))
-    if channel_chunk < 1:
-        raise ValueError(f"channel_chunk={channel_chunk} must be positive")
-    total = torch.zeros(batch, length, length, dtype=torch.float32, device=delta.device)
-    for start in range(0, dim, channel_chunk):
-        end = start + channel_chunk
-        total += mamba_attention_kernel(delta[:, start:end], A[start:end], B, C).abs().sum(1).float()
-    return total / dim
+    return mixer.attention_map(hidden_states, channel_chunk=channel_chunk)[:, 0]
 
 
 def row_normalize(attention: torch.Tensor) -> torch.Tensor:
@@ -104,15 +65,15 @@ def row_normalize(attention: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mixer_attention_map(mixer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """One layer's row-normalised, head / channel-averaged map `[B, L, L]` from its mixer input."""
-    if isinstance(mixer, DefocusMambaMixer):
-        averaged = implicit_mamba_attention(mixer, hidden_states)
-    elif hasattr(mixer, "attention_map"):  # DefocusAttentionMixer, DefocusRetentionMixer
-        # softmax rows already sum to 1; retention's |scores| are averaged first, then normalised (SPEC §2.6)
-        averaged = mixer.attention_map(hidden_states).float().mean(1)
-    else:
-        raise TypeError(f"No attention map is defined for the mixer {type(mixer).__name__}")
-    return row_normalize(averaged)
+    """One layer's row-normalised, head / channel-averaged map `[B, L, L]` from its mixer input.
+
+    Every mixer gives `attention_map(h) -> [B, H, L, L]` (the mixer contract, docs/method.md §3.3): softmax rows
+    already sum to 1; retention's `|scores|` and Mamba's channel-averaged `|alpha|` (one head) are averaged over the
+    heads first, then normalised (docs/method.md §5.1).
+    """
+    if not isinstance(mixer, TokenMixer):
+        raise TypeError(f"{type(mixer).__name__} is not a De-focus token mixer (mixers.TokenMixer)")
+    return row_normalize(mixer.attention_map(hidden_states).float().mean(1))
 
 
 def _layer_indices(layers: Optional[Iterable[int]], depth: int) -> list[int]:
@@ -252,7 +213,7 @@ def gradient_top_share(gradient: torch.Tensor, fraction: float = TOP_GRADIENT_FR
 def overfocus_metrics(attention: Union[Mapping[int, torch.Tensor], torch.Tensor],
                       gradient: Optional[torch.Tensor] = None, top_key_fraction: float = TOP_KEY_FRACTION,
                       top_gradient_fraction: float = TOP_GRADIENT_FRACTION) -> dict[str, Any]:
-    """The over-focus numbers of SPEC §2.6 for maps from `attention_maps` (a dict, or one `[B, L, L]` map) and an
+    """The over-focus numbers of docs/method.md §5.3 for maps from `attention_maps` (a dict, or one `[B, L, L]` map) and an
     optional gradient map from `gradient_map`.
 
     Returns `{"layers": {layer: {"entropy", "top_key_share"}}, "mean_entropy", "mean_top_key_share"}` plus
@@ -448,7 +409,7 @@ def diagnose(models: Sequence[Union[str, nn.Module, tuple[str, nn.Module, Any]]]
 
     Models are put in `eval()` mode. Returns the JSON-ready dictionary written to `diagnostics.json`.
     """
-    from .image_processing import load_image
+    from ..images import load_image
 
     if figures and out_dir is not None:
         _require_matplotlib()  # fail before any model runs

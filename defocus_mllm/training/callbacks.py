@@ -1,4 +1,4 @@
-"""Trainer callbacks for De-focus encoder training (SPEC §2.5)."""
+"""Trainer callbacks for De-focus encoder training (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -1,23 +1,24 @@
-"""Token mixers of the De-focus block, one file each; `build_mixer` picks one from the config."""
+"""Token mixers of the De-focus block, one file each; `build_mixer` picks one from the config.
+
+`MIXER_CLASSES` is the single list of mixers (the configuration validates `mixer=` against it). Every mixer
+fulfils the contract of `base.TokenMixer` (docs/method.md §3.3).
+"""
 
 from __future__ import annotations
 
-from typing import Callable
-
-from torch import nn
-
 from .attention import DefocusAttentionMixer
+from .base import TokenMixer
 from .mamba import DefocusMambaMixer
 from .retention import DefocusRetentionMixer
 
-MIXER_CLASSES: dict[str, Callable[..., nn.Module]] = {
+MIXER_CLASSES: dict[str, type[TokenMixer]] = {
     "mamba": DefocusMambaMixer,
     "attention": DefocusAttentionMixer,
     "retention": DefocusRetentionMixer,
 }
 
 
-def build_mixer(config, layer_idx: int) -> nn.Module:
+def build_mixer(config, layer_idx: int) -> TokenMixer:
     """Instantiate the token mixer named by `config.mixer` for layer `layer_idx`."""
     try:
         cls = MIXER_CLASSES[config.mixer]
@@ -26,4 +27,5 @@ def build_mixer(config, layer_idx: int) -> nn.Module:
     return cls(config, layer_idx)
 
 
-__all__ = ["MIXER_CLASSES", "DefocusAttentionMixer", "DefocusMambaMixer", "DefocusRetentionMixer", "build_mixer"]
+__all__ = ["MIXER_CLASSES", "DefocusAttentionMixer", "DefocusMambaMixer", "DefocusRetentionMixer", "TokenMixer",
+           "build_mixer"]

@@ -1,23 +1,74 @@
-"""De-focus ViT mixer: softmax attention with a per-head learnable bandpass filter (SPEC §2.3).
+"""De-focus ViT mixer: softmax attention with a per-head learnable bandpass filter (docs/method.md §2.6).
 
 The logits are `q_i . R(theta (i - j)) k_j / sqrt(d) + (i - j) * A_h`: rotating queries and keys at their absolute
 positions gives the relative rotation (the high-pass part), and the per-head decay enters as an additive bias (the
 low-pass part). `causal=False`, `use_rope=False`, `decay_mode="none"` is a plain DeiT-style attention layer.
+
+Two implementations give the same numbers (docs/method.md §3.4): `scaled_dot_product_attention` with the decay and
+the causal mask as a dense `[H, L, L]` additive bias, and FlexAttention with the decay as a `score_mod` and causality
+as a block mask (no `[H, L, L]` tensor, fully masked blocks skipped). `attention_backend` picks one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..filters import DefocusHeadFilter
+from .base import TokenMixer
+
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - old torch: the SDPA path only
+    BlockMask = create_block_mask = flex_attention = None
+
+FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class DefocusAttentionMixer(nn.Module):
+def flex_attention_available() -> bool:
+    """Whether this torch has FlexAttention (2.5 or later)."""
+    return flex_attention is not None
+
+
+def _causal_mask_mod(batch, head, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=32)
+def causal_block_mask(length: int, device: torch.device) -> "BlockMask":
+    """FlexAttention's block mask of `j <= i` over `length` tokens (cached per length and device)."""
+    return create_block_mask(_causal_mask_mod, None, None, length, length, device=device)
+
+
+def flex_decay_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
+                         block_mask: Optional["BlockMask"], symmetric: bool = False) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(d) + distance * A_h) v` with FlexAttention; `q, k, v: [B, H, L, d]`.
+
+    `log_decay`: `A_h [H]` (fp32, < 0) or None for no decay; the distance is `i - j` (masked to `j <= i` by
+    `block_mask`), or `|i - j|` when `symmetric`. Gradients reach `log_decay` through the `score_mod`.
+    """
+    score_mod = None
+    if log_decay is not None:
+        def score_mod(score, batch, head, q_idx, kv_idx):
+            distance = q_idx - kv_idx
+            if symmetric:
+                distance = torch.abs(distance)
+            return score + distance * log_decay[head]
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_flex_decay_attention() -> Callable[..., torch.Tensor]:
+    """`flex_decay_attention` under `torch.compile` (the fused kernel; compiled once per shape on first use)."""
+    return torch.compile(flex_decay_attention)
+
+
+class DefocusAttentionMixer(TokenMixer):
     """Multi-head softmax attention with the De-focus filter; `[B, L, hidden] -> [B, L, hidden]`.
 
     The block adds a GELU MLP after it when `config.mlp_ratio > 0` (`has_feed_forward`).
@@ -26,14 +77,37 @@ class DefocusAttentionMixer(nn.Module):
     has_feed_forward = True
 
     def __init__(self, config, layer_idx: int = 0) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx)
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
         self.causal = config.causal
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.filter = DefocusHeadFilter(config, self.num_heads, self.head_dim)
+        # "auto" / "sdpa" / "flex" / "flex_eager" (see `uses_flex`); a plain attribute, so it can be set per mixer
+        self.attention_backend = config.attention_backend
+
+    def init_weights(self) -> None:
+        self.filter.reset_filter()
+
+    def uses_flex(self, q: torch.Tensor) -> bool:
+        """Whether `forward` takes the FlexAttention path for queries like `q`.
+
+        `"auto"` takes it on CUDA for fp32 / bf16 / fp16 (compiled), and the SDPA path elsewhere: on CPU the compiled
+        kernel costs a long compilation per sequence length and PyTorch has no FlexAttention backward there
+        (docs/kernels.md has the measurements). `"flex"` / `"flex_eager"` always take it (PyTorch then raises where
+        it is not supported, e.g. a backward on CPU); `"sdpa"` never does.
+        """
+        backend = self.attention_backend
+        if backend == "auto":
+            return flex_attention_available() and q.is_cuda and q.dtype in FLEX_DTYPES
+        if backend in ("flex", "flex_eager"):
+            if not flex_attention_available():
+                raise RuntimeError(f"attention_backend={backend!r} needs torch >= 2.5 (FlexAttention)")
+            return True
+        if backend != "sdpa":
+            raise ValueError(f"attention_backend={backend!r} must be 'auto', 'sdpa', 'flex' or 'flex_eager'")
+        return False
 
     def queries_keys_values(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries and keys and the values, each `[B, H, L, d]`."""
@@ -56,10 +130,19 @@ class DefocusAttentionMixer(nn.Module):
             bias = bias.masked_fill(future, float("-inf"))
         return None if bias is None else bias.to(dtype)
 
+    def flex_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of rotated `q, k` and `v` (`[B, H, L, d]`) with FlexAttention: the decay as a `score_mod`,
+        causality as a block mask."""
+        block_mask = causal_block_mask(q.shape[-2], q.device) if self.causal else None
+        attend = flex_decay_attention if self.attention_backend == "flex_eager" else compiled_flex_decay_attention()
+        return attend(q, k, v, self.filter.log_decay(), block_mask, symmetric=not self.causal)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = hidden_states.shape
         q, k, v = self.queries_keys_values(hidden_states)
-        if self.filter.A_log is None:
+        if self.uses_flex(q):
+            out = self.flex_forward(q, k, v)
+        elif self.filter.A_log is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attention_bias(length, q.device, q.dtype))

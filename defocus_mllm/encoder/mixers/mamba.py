@@ -1,13 +1,17 @@
-"""De-focus Mamba mixer: Mamba's selective scan with a learnable bandpass filter (SPEC §2.2).
+"""De-focus Mamba mixer: Mamba's selective scan with a learnable bandpass filter (docs/method.md §2.3).
 
-The low-pass half of the filter is the learnable decay `exp(delta * A)` of the scan; the high-pass half is a
-learnable rotation of `B` and `C` by `theta[n, k] = n * freq[k]`, which makes the implicit attention
-`C_i . prod(decay) . B_j` depend on the relative position `i - j` with a per-state frequency.
+The filter is fused into the scan (docs/method.md §3.2). Its low-pass half is the scan's own decay
+`exp(delta_t * A)`, `A = -exp(A_log) [D, N]`, with the data-dependent step `delta_t`; its high-pass half rotates `B`
+and `C` by `theta[n, k] = (n / rope_scale_factor) * freq[k]`, which makes the implicit attention
+`C_i . prod(decay) . B_j` depend on the relative position `i - j` with a per-state frequency. The mixer owns both
+tensors itself (`BandpassFilter` with `ScanDecay` and `PerElementRotary`): the released checkpoints call them
+`mixer.A_log` and `mixer.freq`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,22 +19,47 @@ from torch import nn
 from transformers import initialization as init
 
 from ...ops import causal_conv1d_silu, selective_scan
-from ..filters import apply_rotary, rope_angles
+from ..filters import BandpassFilter, PerElementRotary, ScanDecay
+from .base import TokenMixer
+
+# Elements of one `[B, d, L, L]` slice of the implicit attention computed at a time (16 MiB in fp32): the peak, a few
+# such slices, stays below one layer's `[B, D, L, L]` at the released sizes (238 MiB for Base at 224px).
+_ATTENTION_CHUNK_ELEMENTS = 1 << 22
 
 
-def default_rope_frequencies(state_size: int) -> torch.Tensor:
-    """`freq[k] = (100^(-(k+1)/N) - 0.01) / 0.99`: from ~0.75 down to 0 over the N states."""
-    k = torch.arange(1, state_size + 1, dtype=torch.float32)
-    return (100.0 ** (-k / state_size) - 0.01) / 0.99
+def mamba_attention_kernel(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The selective scan written as an attention matrix per channel: `alpha [B, D, L, L]` with
+    `y_i[d] = sum_{j <= i} alpha[d, i, j] x_j[d]` (the scan without the `D` skip term).
+
+    `alpha[d, i, j] = sum_n C_i[n] exp(sum_{t=j+1..i} delta_t[d] A[d, n]) delta_j[d] B_j[n]` for `j <= i`, 0 above the
+    diagonal. Inputs as for `selective_scan`: `delta [B, D, L]`, `A [D, N]`, `B, C [B, N, L]`. The output is fp32
+    (fp64 for fp64 inputs); memory is a few `[B, D, L, L]` tensors, so callers pass a slice of the channels.
+    """
+    out_dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    length = delta.shape[-1]
+    # cumulative log-decay in fp64: the difference of two long sums must keep its small values exact
+    log_decay = torch.cumsum(delta.double()[:, :, None, :] * A.double()[None, :, :, None], dim=-1)  # [B, D, N, L]
+    future = torch.ones(length, length, dtype=torch.bool, device=delta.device).triu(1)
+    B_in = (delta.to(out_dtype)[:, :, None, :] * B.to(out_dtype)[:, None, :, :])  # delta_j B_j: [B, D, N, L]
+    C = C.to(out_dtype)
+    alpha = delta.new_zeros(delta.shape + (length,), dtype=out_dtype)  # [B, D, L, L]
+    # one state at a time keeps the peak at a few [B, D, L, L] instead of [B, D, N, L, L]
+    for n in range(A.shape[1]):
+        seg = log_decay[:, :, n, :, None] - log_decay[:, :, n, None, :]  # sum_{t=j+1..i}: [B, D, L(i), L(j)]
+        # masked before exp: above the diagonal the "decay" would be a growing exponential
+        decay = seg.masked_fill_(future, float("-inf")).exp_().to(out_dtype)
+        del seg
+        alpha += decay.mul_(C[:, None, n, :, None]).mul_(B_in[:, :, n, None, :])
+        del decay
+    return alpha
 
 
-class DefocusMambaMixer(nn.Module):
+class DefocusMambaMixer(BandpassFilter, TokenMixer):
     """Selective-scan token mixer with the De-focus filter; `[B, L, hidden] -> [B, L, hidden]`."""
 
     def __init__(self, config, layer_idx: int = 0) -> None:
-        super().__init__()
+        super().__init__(config, layer_idx)
         self.config = config
-        self.layer_idx = layer_idx
         hidden, inner = config.hidden_size, config.intermediate_size
         self.intermediate_size = inner
         self.state_size = config.state_size
@@ -41,18 +70,13 @@ class DefocusMambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(inner, inner, kernel_size=config.conv_kernel, groups=inner, bias=True)
         self.x_proj = nn.Linear(inner, self.time_step_rank + 2 * self.state_size, bias=False)
         self.dt_proj = nn.Linear(self.time_step_rank, inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(inner, self.state_size))
+        # the scan's decay is always learnable (`decay_mode` concerns the attention / retention filters)
+        self.register_decay(ScanDecay(inner, self.state_size), "learnable")
         self.D = nn.Parameter(torch.empty(inner))
         self.out_proj = nn.Linear(inner, hidden, bias=False)
-        if config.use_rope:
-            if config.rope_mode == "learnable":
-                self.freq = nn.Parameter(default_rope_frequencies(self.state_size))
-            else:
-                self.register_buffer("freq", default_rope_frequencies(self.state_size))
-        else:
-            self.freq = None
+        self.register_rotary(PerElementRotary(self.state_size), config.rope_mode if config.use_rope else "none")
 
-    def _init_mixer_weights(self) -> None:
+    def init_weights(self) -> None:
         """The release's initialisation of the scan parameters (Linear weights are handled model-wide)."""
         inner, cfg = self.intermediate_size, self.config
         bound = self.time_step_rank**-0.5 * cfg.time_step_scale
@@ -60,29 +84,23 @@ class DefocusMambaMixer(nn.Module):
         dt = torch.exp(torch.linspace(math.log(cfg.time_step_min), math.log(cfg.time_step_max), inner))
         dt = dt.clamp(min=cfg.time_step_floor)
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        A = torch.arange(1, self.state_size + 1, dtype=torch.float32).expand(inner, -1)
-        init.copy_(self.A_log, torch.log(A))
         init.ones_(self.D)
-        if self.freq is not None:
-            init.copy_(self.freq, default_rope_frequencies(self.state_size))
+        self.reset_filter()
 
     def ssm_inputs(self, hidden_states: torch.Tensor):
-        """Everything the scan consumes, `(x, z, delta, A, B, C)`; shared by `forward` and the diagnostics.
+        """Everything the scan consumes, `(x, z, delta, A, B, C)`; shared by `forward` and `attention_map`.
 
-        Shapes: x, z, delta `[B, D, L]`; A `[D, N]`; B, C `[B, N, L]`.
+        Shapes: x, z, delta `[B, D, L]`; A `[D, N]`; B, C `[B, N, L]` (rotated by the filter).
         """
-        length = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # [B, D, L] each
         x = causal_conv1d_silu(x, self.conv1d.weight, self.conv1d.bias)
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)),
                                [self.time_step_rank, self.state_size, self.state_size], dim=-1)  # [B, L, .]
-        if self.freq is not None:
-            theta = rope_angles(length, self.freq, self.config.rope_scale_factor)  # [L, N]
-            B, C = apply_rotary(B, theta), apply_rotary(C, theta)
+        B, C = self.rotate(B, C)  # the high-pass half
         delta = self.dt_proj.weight @ dt.transpose(1, 2)  # [B, D, L]
         delta = F.softplus(delta + self.dt_proj.bias.float()[None, :, None]).to(delta.dtype)
         delta = delta / self.config.delta_scale_factor
-        A = -torch.exp(self.A_log.float())
+        A = self.log_decay()  # the low-pass half: the scan decays by exp(delta_t * A)
         return x, z, delta, A, B.transpose(1, 2), C.transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -100,3 +118,27 @@ class DefocusMambaMixer(nn.Module):
             y = (y * torch.rsqrt(y.pow(2).mean(2, keepdim=True) + 1e-6)).view(batch, dim, length)
         y = y + x.float() * self.D.float()[None, :, None]
         return (y * F.silu(z.float())).to(out_dtype)
+
+    @torch.no_grad()
+    def attention_map(self, hidden_states: torch.Tensor, channel_chunk: Optional[int] = None) -> torch.Tensor:
+        """The scan's implicit attention `|alpha|` averaged over the `D` channels, as one head: `[B, 1, L, L]` fp32,
+        not row-normalised (docs/method.md §5.1). `hidden_states` is the mixer's input (the block's normed
+        residual stream).
+
+        The channels are processed `channel_chunk` at a time (default: as many as fit 2^22 elements of
+        `[B, d, L, L]`), so the full `[B, D, L, L]` never exists.
+        """
+        _, _, delta, A, B, C = self.ssm_inputs(hidden_states)
+        batch, dim, length = delta.shape
+        if channel_chunk is None:
+            channel_chunk = max(1, _ATTENTION_CHUNK_ELEMENTS // (batch * length * length))
+        if channel_chunk < 1:
+            raise ValueError(f"channel_chunk={channel_chunk} must be positive")
+        total = torch.zeros(batch, length, length, dtype=torch.float32, device=delta.device)
+        for start in range(0, dim, channel_chunk):
+            end = start + channel_chunk
+            total += mamba_attention_kernel(delta[:, start:end], A[start:end], B, C).abs().sum(1).float()
+        return (total / dim)[:, None]
+
+
+__all__ = ["DefocusMambaMixer", "mamba_attention_kernel"]

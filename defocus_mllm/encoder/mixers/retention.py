@@ -1,4 +1,4 @@
-"""De-focus RetNet mixer: multi-scale retention with a learnable per-head bandpass filter (SPEC §2.3).
+"""De-focus RetNet mixer: multi-scale retention with a learnable per-head bandpass filter (docs/method.md §2.7).
 
 `o_i = sum_{j <= i} lambda_h^(i-j) (q_i R(theta i)) . (k_j R(theta j)) v_j`, then a per-head group norm and a swish
 gate as in RetNet. RetNet fixes `lambda_h` and `theta`; here both are learnable (`decay_mode` / `rope_mode`).
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..filters import DefocusHeadFilter
+from .base import TokenMixer
 
 
 def group_rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -24,7 +25,7 @@ def group_rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-class DefocusRetentionMixer(nn.Module):
+class DefocusRetentionMixer(TokenMixer):
     """Multi-scale retention with the De-focus filter; `[B, L, hidden] -> [B, L, hidden]`.
 
     Queries and keys have `hidden / heads` channels per head, values and the gate `intermediate_size / heads`
@@ -34,8 +35,7 @@ class DefocusRetentionMixer(nn.Module):
     has_feed_forward = True
 
     def __init__(self, config, layer_idx: int = 0) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(config, layer_idx)
         self.num_heads = config.num_attention_heads
         self.key_dim = config.hidden_size // self.num_heads
         self.value_dim = config.intermediate_size // self.num_heads
@@ -47,6 +47,9 @@ class DefocusRetentionMixer(nn.Module):
         self.g_proj = nn.Linear(hidden, value, bias=False)
         self.out_proj = nn.Linear(value, hidden, bias=False)
         self.filter = DefocusHeadFilter(config, self.num_heads, self.key_dim)
+
+    def init_weights(self) -> None:
+        self.filter.reset_filter()
 
     def queries_keys_values(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries, rotated and `1/sqrt(d_k)`-scaled keys `[B, H, L, d_k]`, values `[B, H, L, d_v]`."""
