@@ -9,7 +9,9 @@
 Benchmarks: vqav2, gqa, textvqa, vizwiz, pope, scienceqa, mme, mmbench, easy-vqa. ``--data`` is a
 LLaVA-1.5 eval folder (``playground/data/eval/<benchmark>``) or a local lmms-lab dataset folder;
 docs/evaluation.md lists the files each benchmark needs. Re-running with the same ``--output``
-resumes: questions already answered there are not asked again.
+resumes: questions already answered there are not asked again, provided the folder's ``run.json``
+shows the same model weights, processor, benchmark split and generation settings (otherwise the run
+stops and says what differs; ``--overwrite`` discards the old answers instead).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 # the library does the work; this script only parses arguments and loads the model
 from defocus_mllm.evaluation import BENCHMARKS, is_main_process, results_row, run_benchmark, summarize_dirs
+from defocus_mllm.evaluation.generation import load_model, model_fingerprint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,14 +33,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="saved model directory (AutoModelForImageTextToText + AutoProcessor)")
     p.add_argument("--benchmark", choices=sorted(BENCHMARKS))
     p.add_argument("--data", help="LLaVA-1.5 eval folder, lmms-lab dataset folder, or a question/parquet file")
-    p.add_argument("--split", help="split of an lmms-lab folder holding several (e.g. validation, testdev)")
+    p.add_argument("--split", help="lmms-lab split as published: validation, testdev_balanced_instructions, "
+                                   "ScienceQA-IMG/test, en/dev, ... (docs/evaluation.md)")
     p.add_argument("--question-file", help="override the LLaVA question file (default: the one LLaVA-1.5 uses)")
     p.add_argument("--image-folder", help="override the LLaVA image folder")
     p.add_argument("--annotation-file", help="ground truth for splits LLaVA scores elsewhere (e.g. VQAv2 val)")
-    p.add_argument("--limit", type=int, help="answer only the first N questions (MMBench: N questions x passes)")
+    p.add_argument("--limit", type=int,
+                   help="answer only the first N questions (MMBench: N questions with all their copies)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (128; 16 for easy-VQA)")
-    p.add_argument("--output", help="output folder (default: outputs/eval/<model>/<benchmark>)")
+    p.add_argument("--output", help="output folder (default: outputs/eval/<model folder>-<fingerprint>/<benchmark>, "
+                                    "the fingerprint being a hash of the model's weights and config)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if --output holds answers of another model or other settings, delete them and start afresh "
+                        "(default: stop with an error saying what differs)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="score a question whose image cannot be read or processed as unanswered (listed in "
+                        "metrics.json) instead of stopping")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on a GPU that supports it, else float32")
     p.add_argument("--model-name", help="name shown in results tables (default: the model folder's name)")
@@ -48,28 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_model(model_dir: str, dtype: str = "auto"):
-    """The model and processor of a saved directory, on this process's device."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import defocus_mllm  # noqa: F401  (registers the De-focus encoder with the Auto classes)
-
-    from defocus_mllm.evaluation.generation import distributed_state
-
-    device = getattr(distributed_state(), "device", None)
-    if device is None:  # no accelerate installed
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype).to(device)
-    return model.eval(), processor
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summary is not None:
@@ -77,16 +67,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     model, processor = load_model(args.model, args.dtype)
     name = args.model_name or Path(args.model).resolve().name
-    output = args.output or str(Path("outputs") / "eval" / name / args.benchmark)
+    output = args.output
+    if output is None:
+        # the folder name alone (`final`, `checkpoint-500`) is shared by many models: the fingerprint tells them apart
+        folder = f"{Path(args.model).resolve().name}-{model_fingerprint(model)[:10]}"
+        output = str(Path("outputs") / "eval" / folder / args.benchmark)
     report = run_benchmark(
         model, processor, args.benchmark, args.data,
         split=args.split, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         output_dir=output, model_name=name, question_file=args.question_file, image_folder=args.image_folder,
         annotation_file=args.annotation_file, show_progress=not args.quiet,
+        skip_bad_images=args.skip_bad_images, overwrite=args.overwrite,
     )
     if is_main_process():
         print(results_row(report, header=True))
         print(json.dumps(report["headline"]))
+        if report["unanswered"]["count"]:
+            print(f"{report['unanswered']['count']} question(s) unanswered (bad images), scored as wrong: "
+                  f"see 'unanswered' in {Path(output) / 'metrics.json'}")
         print(f"outputs in {output}")
     return 0
 

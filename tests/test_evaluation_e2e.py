@@ -156,6 +156,12 @@ def test_eval_run_end_to_end(name, layout, model_dir, tmp_path):
 
     rows = (out / "results.md").read_text().splitlines()
     assert rows[0].startswith("| model | benchmark | split | questions |") and rows[2].startswith(f"| {model_dir.name} | {name} |")
+    # the per-type breakdowns of metrics.json (easy-VQA per question kind, ...) are in results.md too
+    for key, values in report["metrics"].items():
+        if key.startswith("per_") and all(isinstance(v, (int, float)) for v in values.values()):
+            assert f"| {key[4:].replace('_', ' ')} | accuracy |" in rows
+    if name == "easy-vqa":
+        assert "| kind | accuracy |" in rows
 
     if fx.get("submission"):
         sub = json.loads((out / "submission.json").read_text())
@@ -209,10 +215,14 @@ def test_interrupted_run_resumes_without_reanswering(model_dir, tmp_path, monkey
 
 def test_resume_refuses_answers_to_a_different_prompt(model_dir, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "predictions.jsonl").write_text(json.dumps({"question_id": 0, "prompt": "old prompt", "answer": "red"}) + "\n")
+    args = ["--model", str(model_dir), "--benchmark", "easy-vqa", "--limit", "2", "--max-new-tokens", "2",
+            "--output", str(out), "--quiet"]
+    run.main(args)
+    preds = _lines(out / "predictions.jsonl")
+    preds[0]["prompt"] = "old prompt"
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
     with pytest.raises(ValueError, match="different prompt"):
-        run.main(["--model", str(model_dir), "--benchmark", "easy-vqa", "--limit", "2", "--output", str(out), "--quiet"])
+        run.main(args)
 
 
 # ------------------------------------------------------------------ library call == CLI, summary, errors

@@ -104,7 +104,8 @@ def gqa_llava(root: Path) -> dict:
     for i in range(4):
         name = _save(d / "data" / "images" / f"n{i}.jpg", i)
         qs.append({"question_id": f"20{i}", "image": name, "text": _q(f"Is it {i}?")})
-        gt[f"20{i}"] = {"answer": "yes" if i % 2 else "no", "imageId": f"n{i}"}
+        gt[f"20{i}"] = {"answer": "yes" if i % 2 else "no", "imageId": f"n{i}", "isBalanced": True,
+                        "types": {"structural": "verify", "semantic": "attr", "detailed": "existC"}}
     _jsonl(d / "llava_gqa_testdev_balanced.jsonl", qs)
     (d / "data" / "testdev_balanced_questions.json").write_text(json.dumps(gt))
     return {"kwargs": {"data": d}, "count": 4, "scored": True}
@@ -113,7 +114,8 @@ def gqa_llava(root: Path) -> dict:
 def gqa_hf(root: Path) -> dict:
     d = root / "GQA"
     qs = [{"id": f"q{i}", "imageId": f"n{i % 2}", "question": f"Where is {i}?", "answer": "left",
-           "fullAnswer": "It is on the left."} for i in range(3)]
+           "fullAnswer": "It is on the left.", "isBalanced": True,
+           "types": {"structural": "query", "semantic": "rel", "detailed": "relS"}} for i in range(3)]
     ims = [{"id": f"n{i}", "image": _hf_image(i)} for i in range(2)]
     _parquet(d / "testdev_balanced_instructions" / "testdev-00000-of-00001.parquet", qs)
     _parquet(d / "testdev_balanced_images" / "testdev-00000-of-00001.parquet", ims)
@@ -156,7 +158,7 @@ def vizwiz_llava(root: Path) -> dict:
 
 def vizwiz_hf(root: Path) -> dict:
     d = root / "VizWiz-VQA"
-    rows = [{"question_id": f"VizWiz_val_{i:08d}.jpg", "question": f"What is {i}?", "image": _hf_image(i),
+    rows = [{"question_id": f"VizWiz_val_{i:08d}", "question": f"What is {i}?", "image": _hf_image(i),
              "answers": ["unanswerable"] * 6 + ["blue"] * 4, "category": "other"} for i in range(3)]
     _parquet(d / "data" / "val-00000-of-00001.parquet", rows)
     return {"kwargs": {"data": d}, "count": 3, "scored": True, "submission": 3}
@@ -219,20 +221,23 @@ def scienceqa_hf(root: Path) -> dict:
 
 
 def mme_llava(root: Path) -> dict:
+    """LLaVA-1.5's MME layout as released: ``llava_mme.jsonl`` uses the image path as ``question_id`` and
+    asks without MME's " Please answer yes or no." (LLaVA's instruction instead); the release keeps the
+    answers in ``<category>/questions_answers_YN/<stem>.txt`` (categories with ``images/``) or beside the
+    image, and some of its questions have two spaces before "Please"."""
     d = root / "MME"
     img_root = d / "MME_Benchmark_release_version"
     qs = []
-    # artwork keeps images in images/ and answers in questions_answers_YN/; code_reasoning keeps both flat
-    layout = [("artwork", "images/10002.jpg", "questions_answers_YN/10002.txt"),
-              ("code_reasoning", "0020.png", "0020.txt")]
-    for n, (cat, img, txt) in enumerate(layout):
+    layout = [("artwork", "images/10002.jpg", "questions_answers_YN/10002.txt", " "),
+              ("code_reasoning", "0020.png", "0020.txt", "  ")]
+    for n, (cat, img, txt, space) in enumerate(layout):
         _save(img_root / cat / img, n)
-        q_yes, q_no = f"Is this {cat} A? Please answer yes or no.", f"Is this {cat} B? Please answer yes or no."
+        q_yes, q_no = f"Is this {cat} A?", f"Is this {cat} B?"
         (img_root / cat / txt).parent.mkdir(parents=True, exist_ok=True)
-        (img_root / cat / txt).write_text(f"{q_yes}\tYes\n{q_no}\tNo\n")
+        (img_root / cat / txt).write_text(f"{q_yes}{space}Please answer yes or no.\tYes\n"
+                                          f"{q_no}{space}Please answer yes or no.\tNo\n")
         for q in (q_yes, q_no):
-            # LLaVA's file uses the image path as question_id for both questions of an image
-            qs.append({"question_id": f"{cat}/{Path(img).name}", "image": f"{cat}/{img}", "text": _q(q), "category": cat})
+            qs.append({"question_id": f"{cat}/{img}", "image": f"{cat}/{img}", "text": _q(q), "category": cat})
     _jsonl(d / "llava_mme.jsonl", qs)
     return {"kwargs": {"data": d}, "count": 4, "scored": True}
 
@@ -350,7 +355,7 @@ def test_textvqa_hf_puts_ocr_tokens_in_prompt(tmp_path):
 def test_mme_llava_reads_answers_from_release_txt_files(tmp_path):
     samples = get_benchmark("mme").load(**mme_llava(tmp_path)["kwargs"])
     assert [s.answers[0] for s in samples] == ["Yes", "No", "Yes", "No"]
-    assert [s.question_id for s in samples][:2] == ["artwork/10002.jpg#0", "artwork/10002.jpg#1"]
+    assert [s.question_id for s in samples][:2] == ["artwork/images/10002.jpg#0", "artwork/images/10002.jpg#1"]
     assert samples[0].meta["image_key"] == samples[1].meta["image_key"] == "artwork/10002"
     assert samples[2].meta["category"] == "code_reasoning"
 
@@ -381,17 +386,17 @@ def test_scienceqa_hf_prompt(tmp_path):
                         "Answer with the option's letter from the given choices directly.")
 
 
-def test_mmbench_expands_circular_passes(tmp_path):
+def test_mmbench_rotates_a_file_without_copies(tmp_path):
     samples = get_benchmark("mmbench").load(**mmbench_llava(tmp_path)["kwargs"])
-    q0 = [s for s in samples if s.meta["index"] == 0]
-    assert [s.question_id for s in q0] == ["0@0", "0@1", "0@2", "0@3"]
+    q0 = [s for s in samples if s.meta["index"] % 1_000_000 == 0]
+    assert [s.question_id for s in q0] == [0, 1_000_000, 2_000_000, 3_000_000]
     # answer "A" (red) moves one place up in each pass
     assert [s.answers[0] for s in q0] == ["A", "D", "C", "B"]
     assert [s.meta["options"][s.answers[0]] for s in q0] == ["red"] * 4
     assert q0[1].prompt.startswith("What colour is it?\nA. green\nB. blue\nC. yellow\nD. red\n")
-    q1 = [s for s in samples if s.meta["index"] == 1]
+    q1 = [s for s in samples if s.meta["index"] % 1_000_000 == 1]
     assert len(q1) == 2 and q1[0].prompt.startswith("Look closely.\nWhich shape?\nA. circle\nB. square\nAnswer")
-    q2 = [s for s in samples if s.meta["index"] == 2]
+    q2 = [s for s in samples if s.meta["index"] % 1_000_000 == 2]
     assert q2[0].prompt.startswith('Say "hi"?\nA. yes')
     # --limit counts questions, keeping all their passes
     assert len(get_benchmark("mmbench").load(**mmbench_llava(tmp_path / "b")["kwargs"], limit=2)) == 6
@@ -432,8 +437,8 @@ def test_mmbench_circular_scoring_through_samples(tmp_path):
     bench = get_benchmark("mmbench")
     samples = bench.load(**mmbench_llava(tmp_path)["kwargs"])
     answers = {s.question_id: s.answers[0] for s in samples}
-    # question 1 wrong in its second pass only: right in vanilla, wrong in circular
-    wrong = next(s for s in samples if s.meta["index"] == 1 and s.meta["round"] == 1)
+    # question 1 wrong in its second copy only: right in vanilla, wrong in circular
+    wrong = next(s for s in samples if s.meta["index"] == 1_000_001)
     answers[wrong.question_id] = "A" if wrong.answers[0] != "A" else "B"
     m = bench.score(samples, answers)
     assert m["questions"] == 3 and m["circular"] == pytest.approx(200 / 3) and m["vanilla"] == 100.0
@@ -527,9 +532,13 @@ def test_several_configurations_must_be_chosen(tmp_path):
     cn.parent.mkdir()
     (tmp_path / "MMBench" / "en" / "dev-00000-of-00001.parquet").rename(cn)
     mmbench_hf(tmp_path)  # en again
-    with pytest.raises(BenchmarkDataError, match="several folders"):
+    with pytest.raises(BenchmarkDataError, match=r"several splits \['cn/dev', 'en/dev'\]"):
         get_benchmark("mmbench").load(data=tmp_path / "MMBench")
     assert len(get_benchmark("mmbench").load(data=tmp_path / "MMBench" / "cn")) == 8
+    bench = get_benchmark("mmbench")
+    assert len(bench.load(data=tmp_path / "MMBench", split="en/dev")) == 8 and bench.split == "en/dev"
+    with pytest.raises(BenchmarkDataError, match=r"--split 'dev' matches several splits \['cn/dev', 'en/dev'\]"):
+        get_benchmark("mmbench").load(data=tmp_path / "MMBench", split="dev")
 
 
 def test_corrupt_embedded_image_names_question(tmp_path):

@@ -6,23 +6,16 @@ Typical use (``eval/run.py`` is a thin command line over this)::
     report = run_benchmark(model, processor, "pope", data="playground/data/eval/pope", output_dir="out/pope")
 """
 
-from .answer_processing import normalize_answer, vqa_accuracy
-from .benchmarks import (
-    BENCHMARKS,
-    EASY_VQA_INSTRUCTION,
-    LETTER_ANSWER,
-    SHORT_ANSWER,
-    Benchmark,
-    get_benchmark,
-    with_instruction,
-)
+from .answer_processing import evalai_answer, evalai_vqa_accuracy, normalize_answer, vqa_accuracy
 from .generation import build_prompt, generate_answers, is_main_process, read_predictions, run_benchmark
 from .metrics import (
     MME_COGNITION,
     MME_PERCEPTION,
+    can_infer,
+    can_infer_option,
+    can_infer_text,
     circular_shift,
     easy_vqa_scores,
-    extract_mmbench_letter,
     extract_sqa_letter,
     gqa_accuracy,
     mmbench_circular_accuracy,
@@ -32,8 +25,17 @@ from .metrics import (
     parse_yes_no_pope,
     pope_metrics,
 )
-from .report import results_row, summarize_dirs, summary_table
-from .sources import BenchmarkDataError, Sample
+from .report import breakdown_tables, results_markdown, results_row, summarize_dirs, summary_table
+from .sources import BenchmarkDataError, Sample, published_splits, select_split
+from .tasks import (
+    BENCHMARKS,
+    EASY_VQA_INSTRUCTION,
+    LETTER_ANSWER,
+    SHORT_ANSWER,
+    Benchmark,
+    get_benchmark,
+    with_instruction,
+)
 
 __all__ = [
     "BENCHMARKS",
@@ -45,10 +47,15 @@ __all__ = [
     "Benchmark",
     "BenchmarkDataError",
     "Sample",
+    "breakdown_tables",
     "build_prompt",
+    "can_infer",
+    "can_infer_option",
+    "can_infer_text",
     "circular_shift",
     "easy_vqa_scores",
-    "extract_mmbench_letter",
+    "evalai_answer",
+    "evalai_vqa_accuracy",
     "extract_sqa_letter",
     "generate_answers",
     "get_benchmark",
@@ -61,9 +68,12 @@ __all__ = [
     "parse_yes_no_mme",
     "parse_yes_no_pope",
     "pope_metrics",
+    "published_splits",
     "read_predictions",
+    "results_markdown",
     "results_row",
     "run_benchmark",
+    "select_split",
     "summarize_dirs",
     "summary_table",
     "vqa_accuracy",

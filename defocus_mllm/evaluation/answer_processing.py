@@ -1,9 +1,17 @@
-"""Answer normalisation and the soft accuracy of the official VQA evaluation.
+"""Answer normalisation and the soft accuracies of the official VQA evaluations.
 
-This is an independent implementation of the rules of the VQA v2 evaluation
-(GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation``), which VQAv2, VizWiz and TextVQA
-all score with. It was checked case by case against that script (see ``docs/evaluation.md``).
-The rules, including the quirks that decide the numbers:
+Two official answer processors exist and LLaVA-1.5 uses both (``docs/evaluation.md`` says which
+benchmark follows which):
+
+* the **VQA evaluation tool** (GT-Vision-Lab/VQA, ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``):
+  :func:`normalize_answer` and :func:`vqa_accuracy`, the rules of the VQAv2 server;
+* the **EvalAI answer processor** (``EvalAIAnswerProcessor`` in LLaVA's ``llava/eval/m4c_evaluator.py``,
+  copied there from MMF): :func:`evalai_answer`, which LLaVA applies to every VQAv2 and VizWiz answer
+  before writing the submission file, and :func:`evalai_vqa_accuracy`, the ``TextVQAAccuracyEvaluator``
+  of the same file (LLaVA's TextVQA score; lmms-eval scores VizWiz-VQA val the same way).
+
+Both are independent implementations of the official rules, written from reading the code. The VQA
+tool's rules, including the quirks that decide the numbers:
 
 1. Newlines and tabs become spaces and the text is stripped (always, for predictions and answers).
 2. Punctuation. Each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is *deleted* when the
@@ -29,6 +37,12 @@ The rules, including the quirks that decide the numbers:
 
 Python 3's ``re`` treats every Unicode decimal digit as ``\\d``; the original Python 2 script saw
 only ASCII digits. That can only differ on non-ASCII digits next to a comma or a period.
+
+The EvalAI processor (:func:`evalai_answer`) differs from the VQA tool before step 2: it first
+lower-cases, *deletes* every ``,`` and ``?``, splits possessives (``'s`` becomes `` 's``: "what's" gives
+"what 's", a separate word the contraction table never joins back) and strips. Because the commas are
+gone by then, its digit-comma-digit test never fires ("red,white" gives "redwhite" where the VQA tool
+gives "red white"). Steps 1-4 follow, always (no "only when the answers differ" rule).
 """
 
 from __future__ import annotations
@@ -152,6 +166,69 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     score = 0.0
     for ref in refs:
         # leave this annotator out: the others that match are all matches minus (possibly) itself
+        matches = total_matches - (1 if ref == prediction else 0)
+        score += min(1.0, matches / 3.0)
+    return score / len(refs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The EvalAI answer processor (LLaVA's m4c_evaluator.py)
+# ---------------------------------------------------------------------------------------------
+
+# EvalAIAnswerProcessor.COMMA_STRIP: one or more commas between digits (tested on the text after
+# word_tokenize has deleted every comma, so it never matches inside evalai_answer).
+_EVALAI_COMMA = re.compile(r"(?<=\d),+(?=\d)")
+
+
+def _evalai_word_tokenize(text: str) -> str:
+    """``EvalAIAnswerProcessor.word_tokenize``: lower-case, delete ``,`` and ``?``, split ``'s``, strip."""
+    return text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+
+
+def _evalai_punctuation(text: str) -> str:
+    """``EvalAIAnswerProcessor.process_punctuation``: the VQA tool's rule with its own comma pattern."""
+    delete_all = _EVALAI_COMMA.search(text) is not None
+    out = text
+    for p in PUNCTUATION:
+        if (p + " ") in text or (" " + p) in text or delete_all:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
+
+
+def evalai_answer(answer: str) -> str:
+    """An answer as LLaVA-1.5 writes it into the VQAv2 and VizWiz submission files (``EvalAIAnswerProcessor``
+    of ``llava/eval/m4c_evaluator.py``): word_tokenize (lower-case, delete ``,`` ``?``, ``'s`` -> `` 's``,
+    strip), newlines and tabs to spaces and strip, the punctuation and period rules, then number words,
+    articles and contractions as in :func:`normalize_answer`.
+
+    >>> evalai_answer("What's")
+    "what 's"
+    >>> evalai_answer("red,white")
+    'redwhite'
+    >>> evalai_answer("Two.")
+    '2'
+    """
+    text = clean_whitespace(_evalai_word_tokenize(answer))
+    return process_digits_articles(_evalai_punctuation(text))
+
+
+def evalai_vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Soft accuracy of ``TextVQAAccuracyEvaluator`` (``llava/eval/m4c_evaluator.py``), in [0, 1].
+
+    The prediction and **every** human answer go through :func:`evalai_answer` (always, unlike
+    :func:`vqa_accuracy`); for each of the ``n`` answers, the others equal to the prediction are counted,
+    ``min(1, count / 3)``, averaged over the ``n`` answers (leave-one-out by position, so identical answers
+    are removed one at a time). The official evaluator asserts ten answers; any number is accepted here.
+    """
+    if len(answers) == 0:
+        raise ValueError("evalai_vqa_accuracy needs at least one reference answer")
+    prediction = evalai_answer(prediction)
+    refs = [evalai_answer(a) for a in answers]
+    total_matches = sum(1 for a in refs if a == prediction)
+    score = 0.0
+    for ref in refs:
         matches = total_matches - (1 if ref == prediction else 0)
         score += min(1.0, matches / 3.0)
     return score / len(refs)

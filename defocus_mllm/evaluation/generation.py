@@ -7,25 +7,31 @@ Files in ``output_dir``:
 * ``predictions.rank<k>.jsonl`` - written by process ``k`` while it answers, one line per question,
   flushed after every batch. A run that is interrupted leaves these behind; the next run with the
   same ``output_dir`` reads them (and ``predictions.jsonl``) and answers only what is missing.
-* ``predictions.jsonl`` - all answers (``question_id``, ``prompt``, ``answer``) in question order,
-  written by the main process at the end; the rank files are then removed.
+* ``predictions.jsonl`` - all answers (``question_id``, ``prompt``, ``image``, ``answer``) in question
+  order, written by the main process at the end; the rank files are then removed. A question whose
+  image could not be used (only with ``skip_bad_images``) has ``answer`` null and an ``error``.
+* ``run.json`` - what determines the answers (:func:`run_key`: the model's weights and config, the
+  processor, the benchmark and split, the generation settings), written before the first answer. A
+  run over a folder whose ``run.json`` differs stops with :class:`ResumeMismatchError` (or, with
+  ``overwrite``, discards the old outputs): answers of another model or other settings are never reused.
 * ``metrics.json``, ``results.md`` and, for benchmarks with an evaluation server, ``submission.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .benchmarks import Benchmark, get_benchmark
-from .report import results_row
-from .sources import Sample
+from .report import results_markdown
+from .sources import BenchmarkDataError, BytesImage, ParquetImage, PathImage, Sample
+from .tasks import Benchmark, get_benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,7 @@ PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 RESULTS = "results.md"
 SUBMISSION = "submission.json"
+RUN_INFO = "run.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +86,46 @@ def _append_safe(path: Path):
     return path.open("a", encoding="utf-8")
 
 
+def image_identity(sample: Sample) -> str:
+    """A short, location-independent identity of a question's image, stored with each answer so that a
+    resumed run notices a question whose image changed: file name and size for files, file name and
+    row for parquet images, a content hash for embedded bytes."""
+    image = sample.image
+    if isinstance(image, PathImage):
+        try:
+            size = image.path.stat().st_size
+        except OSError:
+            size = "missing"
+        return f"{image.path.name}:{size}"
+    if isinstance(image, ParquetImage):
+        return f"{image.column.path.name}#{image.row}:{image.column.column}"
+    if isinstance(image, BytesImage):
+        raw = image.data.encode() if isinstance(image.data, str) else bytes(image.data)
+        return "sha1:" + hashlib.sha1(raw).hexdigest()[:16]
+    return image.describe()
+
+
+def _unusable_images(processor: Any, batch: Sequence[Sample], images: list, prompts: list[str]) -> dict[Any, str]:
+    """After the processor failed on a batch: the questions whose image fails on its own, with the
+    reason (empty when every image passes alone, i.e. the batch failed for another reason)."""
+    bad: dict[Any, str] = {}
+    for s, image, prompt in zip(batch, images, prompts):
+        try:
+            processor(images=[image], text=[prompt], return_tensors="pt")
+        except Exception as err:  # the image processors raise ValueError, TypeError, ...
+            bad[s.question_id] = (f"image {s.image.describe()} for question {s.question_id!r} cannot be used by "
+                                  f"the model's image processor: {type(err).__name__}: {err}")
+    return bad
+
+
+def _cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    if stop:
+        cuts = [text.find(t) for t in stop if t and t in text]
+        if cuts:
+            text = text[: min(cuts)]
+    return text
+
+
 @torch.inference_mode()
 def generate_answers(
     model: Any,
@@ -90,12 +137,24 @@ def generate_answers(
     output_file: str | Path | None = None,
     show_progress: bool = True,
     desc: str | None = None,
+    generation_kwargs: Mapping[str, Any] | None = None,
+    stop: Sequence[str] | None = None,
+    skip_bad_images: bool = False,
+    errors: dict[Any, str] | None = None,
 ) -> dict[Any, str]:
     """Answer ``samples`` with greedy decoding, ``batch_size`` questions at a time (left-padded).
 
     Returns ``{question_id: answer}``. With ``output_file``, each batch's answers are appended to it as
-    JSON lines (``question_id``, ``prompt``, ``answer``) and flushed, so an interrupted run loses at
-    most one batch. The model is put in eval mode for the call and restored afterwards.
+    JSON lines (``question_id``, ``prompt``, ``image``, ``answer``) and flushed, so an interrupted run
+    loses at most one batch. The model is put in eval mode for the call and restored afterwards.
+
+    ``generation_kwargs`` are passed to ``model.generate`` over the greedy defaults (``do_sample=False``,
+    ``num_beams=1``); each answer is cut before the first of the ``stop`` strings, if any.
+
+    An image that cannot be read, or that the processor rejects (e.g. smaller than one patch), raises
+    :class:`BenchmarkDataError` naming the file and the question. With ``skip_bad_images`` the question
+    is left out of the returned answers instead, its reason goes to ``errors`` (when given) and to the
+    output file (``answer`` null, ``error``), and a warning is logged.
     """
     from tqdm.auto import tqdm
 
@@ -106,33 +165,66 @@ def generate_answers(
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    gen_kwargs = {"do_sample": False, "num_beams": 1, **(generation_kwargs or {})}
     out_f = _append_safe(Path(output_file)) if output_file is not None else None
     answers: dict[Any, str] = {}
+
+    def record(s: Sample, answer: str | None, error: str | None = None) -> None:
+        if answer is not None:
+            answers[s.question_id] = answer
+        else:
+            logger.warning("skipping question %r: %s", s.question_id, error)
+            if errors is not None:
+                errors[s.question_id] = error
+        if out_f is not None:
+            rec = {"question_id": s.question_id, "prompt": s.prompt, "image": image_identity(s), "answer": answer}
+            if error is not None:
+                rec["error"] = error
+            out_f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
     try:
         with _LeftPadding(tokenizer), tqdm(total=len(samples), desc=desc, disable=not show_progress) as bar:
             for start in range(0, len(samples), batch_size):
-                batch = samples[start : start + batch_size]
-                prompts = [build_prompt(processor, s.prompt) for s in batch]
-                images = [s.load_image() for s in batch]
-                inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-                # floating tensors (pixel values) follow the model's dtype; ids stay integer
-                inputs = inputs.to(device)
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-                generated = model.generate(
-                    **inputs,
-                    do_sample=False,
-                    num_beams=1,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for s, text in zip(batch, texts):
-                    answers[s.question_id] = text.strip()
-                    if out_f is not None:
-                        out_f.write(json.dumps({"question_id": s.question_id, "prompt": s.prompt,
-                                                "answer": answers[s.question_id]}, ensure_ascii=False) + "\n")
+                batch = list(samples[start : start + batch_size])
+                images, usable = [], []
+                for s in batch:
+                    try:
+                        images.append(s.load_image())  # raises naming the file and the question
+                        usable.append(s)
+                    except BenchmarkDataError as err:
+                        if not skip_bad_images:
+                            raise
+                        record(s, None, str(err))
+                prompts = [build_prompt(processor, s.prompt) for s in usable]
+                inputs = None
+                if usable:
+                    try:
+                        inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+                    except Exception as err:
+                        bad = _unusable_images(processor, usable, images, prompts)
+                        if not bad:
+                            raise
+                        if not skip_bad_images:
+                            raise BenchmarkDataError(next(iter(bad.values()))) from err
+                        for s in usable:
+                            if s.question_id in bad:
+                                record(s, None, bad[s.question_id])
+                        keep = [i for i, s in enumerate(usable) if s.question_id not in bad]
+                        usable = [usable[i] for i in keep]
+                        images, prompts = [images[i] for i in keep], [prompts[i] for i in keep]
+                        if usable:
+                            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+                if inputs is not None:
+                    # floating tensors (pixel values) follow the model's dtype; ids stay integer
+                    inputs = inputs.to(device)
+                    if "pixel_values" in inputs:
+                        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+                    generated = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                               pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+                    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+                    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                    for s, text in zip(usable, texts):
+                        record(s, _cut_at_stop(text, stop).strip())
                 if out_f is not None:
                     out_f.flush()
                 bar.update(len(batch))
@@ -230,6 +322,173 @@ def _gather(state, obj: list) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# What determines the answers: the key a resumed run must match
+# ---------------------------------------------------------------------------------------------
+
+
+class ResumeMismatchError(ValueError):
+    """An output folder holds answers made by another model, processor, benchmark split or generation
+    settings (or by a version that did not record them); the message says what differs."""
+
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset"}
+
+
+def _strip_volatile(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(obj, (list, tuple)):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+def _json_bytes(obj: Any) -> bytes:
+    # objects JSON cannot hold are named by type only, so no memory address ends up in a hash
+    return json.dumps(obj, sort_keys=True, default=lambda o: type(o).__name__).encode()
+
+
+def _tensor_sample(t: torch.Tensor, k: int) -> bytes:
+    """The raw bytes of ``k`` elements of ``t`` evenly spaced in its flattened order (all if fewer),
+    picked with integer arithmetic so that CPU and GPU pick the same ones."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if n > k:
+        idx = torch.arange(k, dtype=torch.int64) * (n - 1) // (k - 1)
+        flat = flat[idx.to(flat.device)]
+    return flat.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model: Any, elements_per_tensor: int = 4096) -> str:
+    """A hash of the model as it is in memory: its config (less paths and versions), and each parameter
+    and persistent buffer's name, shape, dtype and the bytes of ``elements_per_tensor`` evenly spaced
+    elements. Two checkpoints of one training run differ in practically every trained tensor, so they
+    get different fingerprints; the same checkpoint loaded twice (also from a copied folder) gets the
+    same one; loading it in another dtype changes it (the answers may change too). DeepSpeed ZeRO-3
+    parameters are gathered one at a time (every process must call this, as :func:`run_benchmark` does).
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(_json_bytes(_strip_volatile(config.to_dict())))
+
+    def add(name: str, t: torch.Tensor) -> None:
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(_tensor_sample(t, elements_per_tensor))
+
+    for name, p in model.named_parameters():
+        if hasattr(p, "ds_id"):  # partitioned by DeepSpeed ZeRO-3
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                add(name, p.data)
+        else:
+            add(name, p.data)
+    for module_name, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in getattr(module, "_non_persistent_buffers_set", ()):
+                add(f"{module_name}.{name}" if module_name else name, buf)
+    return h.hexdigest()
+
+
+def processor_fingerprint(processor: Any) -> str:
+    """A hash of what the processor contributes to the answers: its settings (image size, patch size,
+    normalisation, ...), the chat template and the tokenizer's vocabulary and special tokens."""
+    tok = getattr(processor, "tokenizer", processor)
+    parts: dict[str, Any] = {"class": type(processor).__name__,
+                             "chat_template": getattr(processor, "chat_template", None)}
+    if processor is not tok and hasattr(processor, "to_dict"):
+        parts["settings"] = processor.to_dict()
+    if hasattr(tok, "get_vocab"):
+        parts["tokenizer"] = {
+            "class": type(tok).__name__,
+            "vocab": hashlib.sha256(_json_bytes(sorted(tok.get_vocab().items()))).hexdigest(),
+            "special_tokens": getattr(tok, "special_tokens_map", None),
+        }
+    return hashlib.sha256(_json_bytes(parts)).hexdigest()
+
+
+def run_key(model: Any, processor: Any, benchmark: Benchmark, max_new_tokens: int) -> dict[str, Any]:
+    """Everything a stored answer depends on beyond its question, prompt and image (which each
+    prediction line records): the model, the processor, the benchmark and split, and the generation
+    settings. The batch size, the number of processes and ``limit`` are not part of it: they change
+    which questions are asked together, not what the answer to a question is."""
+    return {
+        "model": model_fingerprint(model),
+        "processor": processor_fingerprint(processor),
+        "benchmark": benchmark.name,
+        "split": benchmark.split,
+        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens},
+    }
+
+
+_KEY_WHAT = {
+    "model": "the model's weights or config differ",
+    "processor": "the processor differs (chat template, tokenizer or image settings)",
+    "benchmark": "the benchmark differs",
+    "split": "the benchmark split (or LLaVA question file) differs",
+    "generation": "the generation settings differ",
+}
+
+
+def _key_differences(stored: Mapping[str, Any], key: Mapping[str, Any]) -> list[str]:
+    out = []
+    for field, what in _KEY_WHAT.items():
+        old, new = stored.get(field), key.get(field)
+        if old != new:
+            if field in ("model", "processor"):
+                old, new = str(old)[:12], str(new)[:12]
+            out.append(f"{what} (folder: {old!r}, now: {new!r})")
+    return out
+
+
+def _outputs_present(out_dir: Path) -> bool:
+    return any(p.is_file() for p in [*_prediction_files(out_dir), out_dir / METRICS])
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    for path in [*_prediction_files(out_dir), out_dir / METRICS, out_dir / RESULTS, out_dir / SUBMISSION,
+                 out_dir / RUN_INFO]:
+        path.unlink(missing_ok=True)
+
+
+def _read_run_info(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / RUN_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) and isinstance(info.get("key"), dict) else {"key": {}}
+    except json.JSONDecodeError:
+        return {"key": {}}
+
+
+def _resume_problems(out_dir: Path, key: Mapping[str, Any], samples: Sequence[Sample],
+                     done: Mapping[Any, Mapping[str, Any]]) -> list[str]:
+    """Why the answers in ``out_dir`` may not be reused for this run (empty when they may)."""
+    info = _read_run_info(out_dir)
+    if info is None:
+        if _outputs_present(out_dir):
+            return [(f"it holds answers but no {RUN_INFO} (written by an older version, or deleted), so nothing "
+                     "says which model and settings made them")]
+        return []
+    problems = _key_differences(info["key"], key)
+    for s in samples:
+        rec = done.get(s.question_id)
+        if rec is None or rec.get("error") is not None:  # skipped questions are asked again anyway
+            continue
+        if rec.get("prompt", s.prompt) != s.prompt:
+            problems.append(f"question {s.question_id!r} was answered with a different prompt "
+                            f"({rec.get('prompt')!r} instead of {s.prompt!r})")
+            break
+        ident = image_identity(s)
+        if rec.get("image", ident) != ident:
+            problems.append(f"question {s.question_id!r} was answered about another image "
+                            f"({rec.get('image')!r} instead of {ident!r})")
+            break
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
 # One benchmark, end to end
 # ---------------------------------------------------------------------------------------------
 
@@ -250,13 +509,25 @@ def run_benchmark(
     image_folder: str | Path | None = None,
     annotation_file: str | Path | None = None,
     show_progress: bool = True,
+    skip_bad_images: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Load a benchmark, answer its questions (resuming from ``output_dir`` if it holds earlier
     answers; split over processes under ``accelerate launch``), score them and return the report.
 
     The returned dict (also written to ``output_dir/metrics.json``) has ``benchmark``, ``split``,
-    ``model``, ``num_questions``, ``metrics`` (the benchmark's full metrics) and ``headline`` (the
-    numbers shown in results tables). Every process returns the same dict.
+    ``model``, ``num_questions``, ``metrics`` (the benchmark's full metrics), ``headline`` (the
+    numbers shown in results tables) and ``unanswered`` (questions skipped for a bad image). Every
+    process returns the same dict.
+
+    Resuming: ``output_dir/run.json`` records :func:`run_key`. Answers in the folder are reused only
+    when the key matches and each stored answer's prompt and image are this run's; otherwise the run
+    stops with :class:`ResumeMismatchError`, or, with ``overwrite``, deletes the folder's outputs and
+    starts afresh.
+
+    A question whose image cannot be read or processed stops the run with :class:`BenchmarkDataError`
+    naming the file and the question; with ``skip_bad_images`` it is scored as unanswered (an empty
+    answer), listed under ``unanswered``, and asked again by the next run over the same folder.
 
     Example, at the end of training::
 
@@ -273,20 +544,34 @@ def run_benchmark(
     out_dir = Path(output_dir) if output_dir is not None else None
 
     done: dict[Any, dict[str, Any]] = {}
+    key = None
     if out_dir is not None:
+        key = run_key(model, processor, bench, max_new_tokens)  # on every process (ZeRO-3 gathers)
         if state.is_main_process:
             out_dir.mkdir(parents=True, exist_ok=True)
         state.wait_for_everyone()
+        # every process reads the same files and reaches the same decision
         done = read_predictions(_prediction_files(out_dir))
-        for s in samples:
-            rec = done.get(s.question_id)
-            if rec is not None and rec.get("prompt", s.prompt) != s.prompt:
-                raise ValueError(
-                    f"{out_dir} holds an answer to question {s.question_id!r} made with a different prompt "
-                    f"({rec.get('prompt')!r} instead of {s.prompt!r}); use a new output directory"
-                )
+        problems = _resume_problems(out_dir, key, samples, done)
+        if problems and not overwrite:
+            raise ResumeMismatchError(
+                f"{out_dir} holds the outputs of another run: {'; '.join(problems)}. Its answers are not "
+                f"reused: choose another output folder, or pass overwrite=True (eval/run.py: --overwrite) to "
+                f"delete them and start afresh"
+            )
         # nobody may write before everyone has read: the split of the remaining work must agree
         state.wait_for_everyone()
+        if problems:
+            logger.warning("%s: discarding the outputs of another run (%s)", out_dir, "; ".join(problems))
+            done = {}
+        if state.is_main_process:
+            if problems:
+                _clear_outputs(out_dir)
+            if problems or _read_run_info(out_dir) is None:
+                _write_json(out_dir / RUN_INFO, {"key": key, "model_name": model_name or _model_name(model)})
+        state.wait_for_everyone()
+        # questions skipped for a bad image are asked again (the image may have been fixed)
+        done = {qid: rec for qid, rec in done.items() if rec.get("error") is None and rec["answer"] is not None}
 
     todo = [s for s in samples if s.question_id not in done]
     if done:
@@ -294,19 +579,31 @@ def run_benchmark(
                     len(samples), out_dir)
     mine = _split(state, todo)
     part = out_dir / f"predictions.rank{state.process_index}.jsonl" if out_dir is not None else None
+    errors: dict[Any, str] = {}
     new = generate_answers(model, processor, mine, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            output_file=part, show_progress=show_progress and state.is_main_process,
-                           desc=bench.name) if mine else {}
-    gathered = _gather(state, [(s.question_id, new[s.question_id]) for s in mine if s.question_id in new])
+                           desc=bench.name, skip_bad_images=skip_bad_images, errors=errors) if mine else {}
+    gathered = _gather(state, [(s.question_id, new.get(s.question_id), errors.get(s.question_id)) for s in mine
+                               if s.question_id in new or s.question_id in errors])
 
     answers = {qid: rec["answer"] for qid, rec in done.items()}
-    for qid, text in gathered:
-        answers.setdefault(qid, text)
-    missing = [s.question_id for s in samples if s.question_id not in answers]
+    failed: dict[Any, str] = {}
+    for qid, text, error in gathered:
+        if error is not None:
+            failed.setdefault(qid, error)
+        else:
+            answers.setdefault(qid, text)
+    missing = [s.question_id for s in samples if s.question_id not in answers and s.question_id not in failed]
     if missing:
         raise RuntimeError(f"{len(missing)} questions were not answered, e.g. {missing[:5]}")
+    unanswered = [{"question_id": s.question_id, "error": failed[s.question_id]} for s in samples
+                  if s.question_id not in answers]
+    if unanswered:
+        logger.warning("%s: %d question(s) unanswered (bad images), scored as wrong; listed under 'unanswered' "
+                       "in metrics.json", bench.name, len(unanswered))
 
-    metrics = bench.score(samples, answers)
+    scored = {**answers, **{u["question_id"]: "" for u in unanswered}}
+    metrics = bench.score(samples, scored)
     report = {
         "benchmark": bench.name,
         "split": bench.split,
@@ -314,11 +611,14 @@ def run_benchmark(
         "num_questions": len(samples),
         "headline": bench.headline_values(metrics),
         "metrics": metrics,
+        "unanswered": {"count": len(unanswered), "questions": unanswered},
         "generation": {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit,
                        "num_processes": state.num_processes},
     }
+    if key is not None:
+        report["run_key"] = key
     if out_dir is not None and state.is_main_process:
-        _write_outputs(out_dir, bench, samples, answers, done, report, data)
+        _write_outputs(out_dir, bench, samples, scored, done, report, data, failed)
     state.wait_for_everyone()
     return report
 
@@ -335,15 +635,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_outputs(out_dir: Path, bench: Benchmark, samples: list[Sample], answers: dict, done: dict,
-                   report: dict, data) -> None:
+                   report: dict, data, failed: Mapping[Any, str] = {}) -> None:
     # merged predictions in question order; answers to questions outside this run (e.g. an earlier run
     # without --limit) are kept after them rather than thrown away
     in_run = {s.question_id for s in samples}
     tmp = out_dir / (PREDICTIONS + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for s in samples:
-            f.write(json.dumps({"question_id": s.question_id, "prompt": s.prompt, "answer": answers[s.question_id]},
-                               ensure_ascii=False) + "\n")
+            rec = {"question_id": s.question_id, "prompt": s.prompt, "image": image_identity(s),
+                   "answer": answers[s.question_id]}
+            if s.question_id in failed:
+                rec.update(answer=None, error=failed[s.question_id])
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         for qid, rec in done.items():
             if qid not in in_run:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -351,7 +654,39 @@ def _write_outputs(out_dir: Path, bench: Benchmark, samples: list[Sample], answe
     for part in out_dir.glob("predictions.rank*.jsonl"):
         part.unlink()
     _write_json(out_dir / METRICS, report)
-    (out_dir / RESULTS).write_text(results_row(report, header=True) + "\n", encoding="utf-8")
+    (out_dir / RESULTS).write_text(results_markdown(report), encoding="utf-8")
     submission = bench.submission(samples, answers, data)
     if submission is not None:
         _write_json(out_dir / SUBMISSION, submission)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a saved model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device | None = None):
+    """``(model, processor)`` of a saved directory in eval mode, on this process's device (or ``device``).
+
+    ``dtype``: ``auto`` (bfloat16 on a GPU that supports it, else float32), ``float32``, ``bfloat16`` or
+    ``float16``. Used by ``eval/run.py`` and the lmms-eval plugin, so both evaluate the same model.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import defocus_mllm  # noqa: F401  (registers the De-focus encoder with the Auto classes)
+
+    if device is None:
+        device = getattr(distributed_state(), "device", None)
+        if device is None:  # no accelerate installed
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        torch_dtype = torch.bfloat16 if use_bf16 else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        torch_dtype = dtype
+    else:
+        torch_dtype = getattr(torch, str(dtype))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+    return model.eval(), processor

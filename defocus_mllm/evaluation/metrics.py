@@ -1,8 +1,9 @@
 """Per-benchmark metrics: answer parsing rules and aggregate scores.
 
-Each function follows the evaluation its benchmark's numbers are usually reported with (LLaVA-1.5's
-scripts, or the benchmark's own tool where LLaVA defers to it). Where those rules are surprising
-(e.g. ScienceQA not accepting "A."), the docstring says so: changing them would change the numbers.
+Each function re-implements, rule by rule, the official script its benchmark's numbers are reported
+with (LLaVA-1.5's scripts, or the tool LLaVA defers to); the docstrings name the script and the version
+read, and ``docs/evaluation.md`` has the table. Where a rule is surprising (ScienceQA not accepting
+"A.", GQA not stripping spaces), the docstring says so: changing it would change the numbers.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from .answer_processing import normalize_answer, vqa_accuracy
 
 
 def normalize_gqa_answer(text: str) -> str:
-    """LLaVA-1.5's GQA post-processing (``convert_gqa_for_eval.py``): strip, drop trailing periods,
-    lower-case. The official GQA script then compares strings exactly."""
-    return text.strip().rstrip(".").strip().lower()
+    """LLaVA-1.5's GQA post-processing (``scripts/convert_gqa_for_eval.py``): ``text.rstrip('.').lower()``,
+    in that order and nothing else: trailing periods go, spaces are *not* stripped ("yes ." keeps its
+    space; LLaVA's generation has already stripped the output, as ours does)."""
+    return text.rstrip(".").lower()
 
 
 def gqa_accuracy(prediction: str, answer: str) -> float:
-    """1.0 when the normalised prediction equals the (lower-cased) ground-truth answer, else 0.0."""
-    return float(normalize_gqa_answer(prediction) == answer.strip().lower())
+    """GQA's ``eval.py``: ``predicted == gold``, the processed prediction against the annotation's answer
+    as it is (GQA's answers are lower-case already), 1.0 or 0.0."""
+    return float(normalize_gqa_answer(prediction) == answer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,12 +110,13 @@ _SQA_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
 def extract_sqa_letter(text: str, num_choices: int = len(SQA_OPTIONS)) -> str | None:
-    """LLaVA's ScienceQA letter extraction (``eval_science_qa.py``), applied to the stripped output:
-    the whole output is a letter ("B"), or it starts with a letter followed by ". " ("B. cat"), or it
-    contains "The answer is X." exactly once. Anything else (including a bare "B.") fails: that is the
-    rule LLaVA's numbers are computed with. Returns None when no valid letter is found or the letter is
-    beyond the question's choices."""
-    text = text.strip()
+    """LLaVA's ScienceQA letter extraction (``llava/eval/eval_science_qa.py``), on the output as it is (the
+    script does not strip; LLaVA's generation, like ours, already has): the whole output is one of
+    ``A``-``E``; or it is at least 3 characters, starts with one of them and continues with ". " ("B. cat");
+    or ``re.findall(r"The answer is ([A-Z]).")`` finds exactly one letter (the ``.`` there is any
+    character, so "The answer is B" at the very end fails). Anything else fails, a bare "B." included:
+    that is the rule LLaVA's numbers are computed with. ``get_pred_idx`` then rejects a letter beyond the
+    question's choices. Returns the letter, or None (counted wrong)."""
     if text in SQA_OPTIONS:
         letter = text
     elif len(text) >= 3 and text[0] in SQA_OPTIONS and text[1:3] == ". ":
@@ -136,8 +140,9 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def parse_yes_no_mme(text: str) -> str:
-    """MME's rule (``eval_tool/calculation.py``): lower-case; "yes"/"no" as is; otherwise look for "yes",
-    then "no", in the first four characters; else "other" (always wrong)."""
+    """MME's rule (``eval_tool/calculation.py``, ``parse_pred_ans`` after ``pred_ans.lower()``): "yes"/"no"
+    as is; otherwise "yes", then "no", searched in the first four characters; else "other" (always wrong).
+    No stripping and no period removal (lmms-eval's variant does both and maps "y"/"n"; not followed)."""
     text = text.lower()
     if text in ("yes", "no"):
         return text
@@ -151,11 +156,13 @@ def parse_yes_no_mme(text: str) -> str:
 
 def mme_scores(records: Iterable[Mapping[str, str]]) -> dict[str, object]:
     """MME scores from records with keys ``category``, ``image`` (the group of questions asked about
-    one image, normally two), ``prediction`` and ``answer`` ("Yes"/"No").
-
-    Per subtask: ``acc`` = % of questions right, ``acc_plus`` = % of images with every question right,
-    ``score = acc + acc_plus`` (max 200). ``perception`` sums the 10 perception subtasks (max 2000),
-    ``cognition`` the 4 cognition subtasks (max 800); a subtask absent from the records adds nothing.
+    one image, normally two), ``prediction`` and ``answer`` ("Yes"/"No"), as ``calculation.py`` computes
+    them: per subtask ``acc`` = % of questions right ("other" is wrong), ``acc_plus`` = % of images with
+    both questions right, ``score = acc + acc_plus`` (max 200); ``perception`` sums the 10 perception
+    subtasks (max 2000), ``cognition`` the 4 cognition subtasks (max 800); a subtask absent from the
+    records adds nothing. ``calculation.py`` pairs consecutive lines of a subtask's file; LLaVA's and
+    lmms-lab's files keep the two questions of an image next to each other, so grouping by image (as
+    lmms-eval does) gives the same pairs.
     """
     by_cat: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -180,62 +187,94 @@ def mme_scores(records: Iterable[Mapping[str, str]]) -> dict[str, object]:
 # MMBench
 # ---------------------------------------------------------------------------------------------
 
-_MMBENCH_STRIP = ".()[],:;!*#{}"
+# VLMEvalKit v0.2 (open-compass/VLMEvalKit, tag v0.2, commit e4e0263), vlmeval/utils/matching_util.py
+MMBENCH_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+_MMBENCH_SEPARATORS = ".()[],:;!*#{}"
+# copies of a question in MMBench's files have index + k * CIRCULAR_OFFSET (k = 1, 2, ...)
+CIRCULAR_OFFSET = 1_000_000
 
 
-def extract_mmbench_letter(text: str, options: Mapping[str, str]) -> str | None:
-    """MMBench's rule-based answer matching (the ``can_infer`` step of the official tool, without its
-    ChatGPT fallback, which needs an API): replace ``.()[],:;!*#{}`` by spaces and split; if exactly one
-    option letter appears as a word, that is the answer. Otherwise, if exactly one option's text occurs
-    in the output (case-insensitive), that option. Otherwise None (counted wrong).
-
-    ``options`` maps the letters shown to the model to the option texts, e.g. {"A": "cat", "B": "dog"}.
-    """
-    cleaned = text
-    for ch in _MMBENCH_STRIP:
-        cleaned = cleaned.replace(ch, " ")
-    words = cleaned.split()
-    letters = [k for k in options if k in words]
+def can_infer_option(answer: str, choices: Mapping[str, object]) -> str | None:
+    """VLMEvalKit's ``can_infer_option`` (v0.2): an output containing "Failed to obtain answer via API"
+    infers nothing; one containing a known refusal ("Cannot determine the answer", ...) is ``"Z"`` (wrong);
+    otherwise ``.()[],:;!*#{}`` become spaces and the words are split: exactly one of the ``choices``
+    letters among the words is the answer; no letter but a word ``Z`` is ``"Z"``; else None (two or more
+    letters: the caller falls back to the option texts). The ``VERBOSE`` quantifier check is off by default
+    and not reproduced."""
+    if "Failed to obtain answer via API" in answer:
+        return None
+    if any(refusal in answer for refusal in MMBENCH_REFUSALS):
+        return "Z"
+    for ch in _MMBENCH_SEPARATORS:
+        answer = answer.replace(ch, " ")
+    words = answer.split()
+    letters = [c for c in choices if c in words]
     if len(letters) == 1:
         return letters[0]
-    if len(letters) == 0:
-        lowered = text.lower()
-        hits = [k for k, v in options.items() if str(v).lower() in lowered]
-        if len(hits) == 1:
-            return hits[0]
+    if not letters and "Z" in words:
+        return "Z"
     return None
 
 
-def mmbench_circular_accuracy(records: Iterable[Mapping[str, object]]) -> dict[str, float]:
-    """Circular evaluation. Each record is one pass over a question with keys ``index`` (the source
-    question), ``round`` (0 = original option order), ``correct`` (bool) and optionally ``category``.
-    A question counts as right only if every one of its passes is right. ``vanilla`` is the accuracy
-    of the round-0 passes alone (the usual single-pass number)."""
-    by_q: dict[object, dict[int, bool]] = defaultdict(dict)
-    cats: dict[object, str] = {}
+def can_infer_text(answer: str, choices: Mapping[str, object]) -> str | None:
+    """VLMEvalKit's ``can_infer_text`` (v0.2): the one option whose text (lower-cased) occurs in the
+    lower-cased output, or None when none or several do."""
+    lowered = answer.lower()
+    hits = [k for k, v in choices.items() if str(v).lower() in lowered]
+    return hits[0] if len(hits) == 1 else None
+
+
+def can_infer(answer: object, choices: Mapping[str, object]) -> str | None:
+    """VLMEvalKit's ``can_infer`` (v0.2), its exact-matching answer extraction (the GPT judge it can fall
+    back on is not used): :func:`can_infer_option`, and when that infers nothing, :func:`can_infer_text`.
+    ``choices`` maps the letters shown to the option texts, e.g. ``{"A": "cat", "B": "dog"}``. Returns a
+    letter, ``"Z"`` (a refusal, never right) or None (nothing inferred, counted wrong)."""
+    answer = str(answer)
+    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+
+
+def mmbench_circular_accuracy(records: Iterable[Mapping[str, object]]) -> dict[str, object]:
+    """Circular evaluation as VLMEvalKit's ``mcq_circular_eval`` (v0.2) scores it. Each record is one row
+    (one asked copy of a question) with ``index``, ``correct`` (the inferred letter equals the row's
+    answer) and optionally ``category`` and ``l2_category``. Rows are grouped by ``index % 1,000,000``;
+    a group is scored when its original row (``index < 1,000,000``) is present, and is right only if all
+    its rows are right. ``circular`` is the % of groups right (overall, ``per_category``,
+    ``per_l2_category``: ``report_acc`` over the original rows); ``vanilla`` is the % of original rows
+    right on their own (the single-pass number)."""
+    groups: dict[int, list[bool]] = defaultdict(list)
+    originals: dict[int, Mapping[str, object]] = {}
     for r in records:
-        by_q[r["index"]][int(r["round"])] = bool(r["correct"])
-        if r.get("category") is not None:
-            cats[r["index"]] = str(r["category"])
-    if not by_q:
+        index = int(r["index"])
+        group = index % CIRCULAR_OFFSET
+        groups[group].append(bool(r["correct"]))
+        if index == group:
+            originals[group] = r
+    if not originals:
         return {"circular": 0.0, "vanilla": 0.0, "questions": 0}
-    circular = {q: all(rounds.values()) for q, rounds in by_q.items()}
-    vanilla = [rounds[0] for rounds in by_q.values() if 0 in rounds]
+    hit = {g: all(groups[g]) for g in originals}
     out: dict[str, object] = {
-        "circular": 100.0 * sum(circular.values()) / len(circular),
-        "vanilla": 100.0 * sum(vanilla) / len(vanilla) if vanilla else 0.0,
-        "questions": len(circular),
+        "circular": 100.0 * sum(hit.values()) / len(hit),
+        "vanilla": 100.0 * sum(bool(r["correct"]) for r in originals.values()) / len(originals),
+        "questions": len(hit),
     }
-    if cats:
-        per_cat: dict[str, list[bool]] = defaultdict(list)
-        for q, ok in circular.items():
-            per_cat[cats.get(q, "unknown")].append(ok)
-        out["per_category"] = {c: 100.0 * sum(v) / len(v) for c, v in sorted(per_cat.items())}
+    for key, name in (("category", "per_category"), ("l2_category", "per_l2_category")):
+        per: dict[str, list[bool]] = defaultdict(list)
+        for g, r in originals.items():
+            if r.get(key) is not None:
+                per[str(r[key])].append(hit[g])
+        if per:
+            out[name] = {c: 100.0 * sum(v) / len(v) for c, v in sorted(per.items())}
     return out
 
 
 def circular_shift(options: Sequence[str], shift: int) -> list[str]:
-    """The option order shown in circular pass ``shift``: pass r shows option ``(i + r) % n`` at
-    position i (pass 0 is the original order), as LLaVA's ``model_vqa_mmbench.py --all-rounds``."""
+    """The option order of circular copy ``shift`` made for a file without copies: copy r shows option
+    ``(i + r) % n`` at position i (copy 0 is the original order), as LLaVA's ``model_vqa_mmbench.py
+    --all-rounds`` rotates them."""
     n = len(options)
     return [options[(i + shift) % n] for i in range(n)]

@@ -31,6 +31,26 @@ def results_row(report: Mapping[str, Any], header: bool = False) -> str:
     return "\n".join(lines)
 
 
+def breakdown_tables(metrics: Mapping[str, Any]) -> str:
+    """One Markdown table per breakdown of a benchmark's metrics (every ``per_<type>`` entry holding
+    numbers: easy-VQA's ``per_kind``, VQAv2's ``per_answer_type``, GQA's ``per_structural_type``, ...),
+    or "" when there is none."""
+    blocks = []
+    for key, values in metrics.items():
+        if (key.startswith("per_") and isinstance(values, Mapping) and values
+                and all(isinstance(v, (int, float)) for v in values.values())):
+            lines = [f"| {key[len('per_'):].replace('_', ' ')} | accuracy |", "|---|---|"]
+            lines += [f"| {name} | {_fmt(float(value))} |" for name, value in values.items()]
+            blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def results_markdown(report: Mapping[str, Any]) -> str:
+    """The content of ``results.md``: :func:`results_row` with its header, then the breakdown tables."""
+    extra = breakdown_tables(report.get("metrics") or {})
+    return results_row(report, header=True) + ("\n\n" + extra if extra else "") + "\n"
+
+
 def load_report(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():

@@ -14,12 +14,14 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from ..images import to_rgb
 
 
 class BenchmarkDataError(ValueError):
@@ -43,7 +45,7 @@ class ImageRef:
     def load(self) -> Image.Image:
         image = self._open()
         image.load()
-        return image.convert("RGB")
+        return to_rgb(image, name=self.describe())
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class ParquetImageColumn:
 
         self.path = Path(path)
         self.column = column
-        self._file = pq.ParquetFile(self.path)
+        self._file = _parquet_call(self.path, pq.ParquetFile, self.path)
         offsets = [0]
         for i in range(self._file.num_row_groups):
             offsets.append(offsets[-1] + self._file.metadata.row_group(i).num_rows)
@@ -239,25 +241,58 @@ def read_tsv(path: str | Path) -> Iterator[tuple[int, dict[str, str]]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def find_parquet_files(root: Path, split: str | None) -> dict[str, list[Path]]:
-    """Parquet files under ``root`` grouped by split, using the Hub's naming convention
-    ``<split>-XXXXX-of-YYYYY.parquet`` (a file not following it forms a split named after its stem).
-    When ``split`` is given only that split is returned."""
-    files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
-    by_split: dict[str, list[Path]] = {}
+def published_splits(base: Path) -> dict[str, list[Path]]:
+    """The parquet files under ``base`` by the name their dataset publishes them under: ``<split>``
+    for the default configuration (files at the top or in ``data/``, e.g. VQAv2's ``validation``) and
+    ``<config>/<split>`` for a named one (GQA's ``testdev_balanced_instructions/testdev``, ScienceQA's
+    ``ScienceQA-IMG/test``, MMBench's ``en/dev``). The split is the Hub's file-name prefix
+    (``<split>-00000-of-00001.parquet``); the configuration is the folder."""
+    files = sorted(base.rglob("*.parquet")) if base.is_dir() else [base]
+    out: dict[str, list[Path]] = {}
     for f in files:
-        name = f.stem
-        s = name.split("-")[0] if "-of-" in name else name
-        by_split.setdefault(s, []).append(f)
-    if split is not None:
-        return {split: by_split[split]} if split in by_split else {}
-    return by_split
+        split = f.stem.split("-")[0] if "-of-" in f.stem else f.stem
+        config = f.parent.relative_to(base).as_posix() if base.is_dir() else ""
+        config = "" if config in (".", "data") else config.removesuffix("/data")
+        out.setdefault(f"{config}/{split}" if config else split, []).append(f)
+    return out
+
+
+def select_split(found: Mapping[str, list[Path]], split: str | None, base: Path,
+                 what: str = "") -> tuple[str, list[Path]]:
+    """The one published split ``split`` names: a full name (``en/dev``), a configuration
+    (``testdev_balanced_instructions``) or a split (``validation``). Without ``split`` the folder must
+    hold a single one. The errors list the splits found."""
+    names = sorted(found)
+    if not names:
+        raise BenchmarkDataError(f"{base}: no {what}parquet files")
+    if split is None:
+        if len(names) > 1:
+            raise BenchmarkDataError(f"{base} holds several {what}splits {names}; choose one with --split")
+        return names[0], found[names[0]]
+    wanted = split.strip("/")
+    matches = [n for n in names if wanted in (n, n.rpartition("/")[0], n.rpartition("/")[2])]
+    if not matches:
+        raise BenchmarkDataError(f"{base}: no {what}split {split!r}; available splits: {names}")
+    if len(matches) > 1:
+        raise BenchmarkDataError(f"{base}: --split {split!r} matches several {what}splits {matches}; name one of them")
+    return matches[0], found[matches[0]]
+
+
+def _parquet_call(path: Path, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with pyarrow's errors on a corrupt or truncated file (which do not name
+    it) raised as :class:`BenchmarkDataError` naming ``path``."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        if isinstance(err, (BenchmarkDataError, FileNotFoundError)):
+            raise
+        raise BenchmarkDataError(f"cannot read parquet file {path}: {type(err).__name__}: {err}") from err
 
 
 def parquet_columns(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    return list(pq.ParquetFile(path).schema_arrow.names)
+    return list(_parquet_call(path, pq.ParquetFile, path).schema_arrow.names)
 
 
 def read_parquet_rows(path: Path, skip: tuple[str, ...] = ("image",)) -> list[dict[str, Any]]:
@@ -265,7 +300,7 @@ def read_parquet_rows(path: Path, skip: tuple[str, ...] = ("image",)) -> list[di
     import pyarrow.parquet as pq
 
     names = [c for c in parquet_columns(path) if c not in skip]
-    return pq.read_table(path, columns=names).to_pylist()
+    return _parquet_call(path, lambda: pq.read_table(path, columns=names).to_pylist())
 
 
 def is_none(value: Any) -> bool:

@@ -9,31 +9,40 @@ Two input layouts are read for every benchmark except easy-VQA (which ships with
   question texts of these files already end with LLaVA's instruction; it is not added twice.
 * **The lmms-lab Hugging Face datasets layout**: a local copy (``huggingface-cli download
   lmms-lab/<name> --repo-type dataset --local-dir DIR``) of parquet files with embedded images; the
-  instruction is appended to the question here, exactly as LLaVA-1.5 words it.
+  instruction is appended to the question here, exactly as LLaVA-1.5 (and lmms-eval) word it.
 
-``docs/evaluation.md`` lists, per benchmark, the files and the command.
+Each benchmark scores with the rules of one official script, re-implemented in ``metrics.py`` and
+``answer_processing.py``; ``docs/evaluation.md`` has the table (benchmark, script and version, rules)
+and, per benchmark, the files and the split names.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from ..data.easy_vqa import EASY_VQA_INSTRUCTION, easy_vqa_prompt, easy_vqa_questions
+from ..data.easy_vqa import (
+    EASY_VQA_INSTRUCTION,
+    EASY_VQA_KINDS,
+    easy_vqa_prompt,
+    easy_vqa_question_kind,
+    easy_vqa_questions,
+)
 from ..llava import LETTER_ANSWER_INSTRUCTION as LETTER_ANSWER
 from ..llava import SHORT_ANSWER_INSTRUCTION as SHORT_ANSWER
 from ..llava import UNANSWERABLE_INSTRUCTION as UNANSWERABLE
 from ..llava import with_instruction
-from .answer_processing import normalize_answer, vqa_accuracy
+from .answer_processing import evalai_answer, evalai_vqa_accuracy, vqa_accuracy
 from .metrics import (
+    CIRCULAR_OFFSET,
     SQA_OPTIONS,
+    can_infer,
     circular_shift,
     easy_vqa_scores,
-    extract_mmbench_letter,
     extract_sqa_letter,
     gqa_accuracy,
     mmbench_circular_accuracy,
@@ -49,17 +58,19 @@ from .sources import (
     PathImage,
     Sample,
     check_images_exist,
-    find_parquet_files,
     is_none,
     make_ids_unique,
     parquet_columns,
+    published_splits,
     read_json,
     read_jsonl,
     read_parquet_rows,
     read_tsv,
     require,
     resolve,
+    select_split,
 )
+
 
 def _answers_from(obj: Mapping[str, Any]) -> list[str] | None:
     """Ground truth carried inline by a question record: ``answers`` (strings or VQA-style dicts),
@@ -70,6 +81,14 @@ def _answers_from(obj: Mapping[str, Any]) -> list[str] | None:
         if obj.get(key) is not None:
             return [str(obj[key])]
     return None
+
+
+_FROM_RECORD: Any = object()  # `_sample` default: take the value from the record
+
+
+# ---------------------------------------------------------------------------------------------
+# Base class
+# ---------------------------------------------------------------------------------------------
 
 
 class Benchmark:
@@ -114,7 +133,7 @@ class Benchmark:
         layout = self._layout(base, question_file)
         if layout == "hf":
             samples = self.load_hf(base, split)
-            self.split = split or self._hf_split
+            self.split = self._hf_split
         else:
             if base.is_file() and question_file is None:
                 question_file, base = base, base.parent
@@ -155,35 +174,38 @@ class Benchmark:
 
     # helpers shared by the loaders -------------------------------------------------------
 
-    def _llava_jsonl(self, question_file: Path, image_folder: Path, required=("question_id", "image", "text")):
+    def _sample(self, record: Mapping[str, Any], image: ImageRef, *, qid: Any = _FROM_RECORD,
+                text: str | None = None, answers: Any = _FROM_RECORD, **meta: Any) -> Sample:
+        """The :class:`Sample` of one question record: its ``question_id``, its text (``text`` in LLaVA's
+        files, ``question`` in lmms-lab's) followed by the benchmark's instruction, and the ground truth it
+        carries (:func:`_answers_from`), each unless given; ``meta`` as given."""
+        if qid is _FROM_RECORD:
+            qid = record["question_id"]
+        if text is None:
+            text = record["text"] if "text" in record else record["question"]
+        if answers is _FROM_RECORD:
+            answers = _answers_from(record)
+        return Sample(qid, with_instruction(text, self.instruction), image, answers, meta)
+
+    def _llava_jsonl(self, question_file: Path, image_folder: Path,
+                     required=("question_id", "image", "text")) -> Iterator[tuple[dict, str, ImageRef]]:
         """(record, where, image) for each line of a LLaVA question .jsonl."""
         for lineno, obj in read_jsonl(question_file):
             where = f"{question_file}:{lineno}"
             require(obj, required, where)
             yield obj, where, PathImage(image_folder / str(obj["image"]))
 
-    def _hf_rows(self, base: Path, split: str | None, image_column: str = "image"):
+    def _hf_rows(self, base: Path, split: str | None, image_column: str = "image",
+                 required: tuple[str, ...] = ()) -> Iterator[tuple[dict, str, ImageRef | None]]:
         """(row, where, image ref or None) for each row of the chosen split's parquet files."""
-        splits = find_parquet_files(base, split)
-        if not splits:
-            available = sorted(find_parquet_files(base, None))
-            raise BenchmarkDataError(f"{base}: no parquet files for split {split!r}; available splits: {available}")
-        if len(splits) > 1:
-            raise BenchmarkDataError(
-                f"{base} holds several splits {sorted(splits)}; choose one with --split"
-            )
-        (self._hf_split, files), = splits.items()
-        folders = sorted({str(f.parent) for f in files})
-        if len(folders) > 1:
-            # lmms-lab keeps each configuration (MMBench en/cn, ScienceQA-FULL/-IMG) in its own folder
-            raise BenchmarkDataError(
-                f"split {self._hf_split!r} has parquet files in several folders {folders}; point --data at one"
-            )
+        self._hf_split, files = select_split(published_splits(base), split, base)
         for path in files:
             columns = parquet_columns(path)
             images = ParquetImageColumn(path, image_column) if image_column in columns else None
             for i, row in enumerate(read_parquet_rows(path, skip=(image_column,))):
-                yield row, f"{path} (row {i})", (ParquetImage(images, i) if images else None)
+                where = f"{path} (row {i})"
+                require(row, required, where)
+                yield row, where, (ParquetImage(images, i) if images else None)
 
     # ------------------------------------------------------------------ scoring
 
@@ -198,33 +220,44 @@ class Benchmark:
         return {title or self.title: metrics.get(key) for key, title in self.headline}
 
 
+def _percent_by(values: list[tuple[Any, float]]) -> dict[str, float]:
+    """Mean (in %) of the values of each key, keys sorted; None keys are left out."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for key, value in values:
+        if key is not None:
+            groups[str(key)].append(value)
+    return {k: 100.0 * fmean(v) for k, v in sorted(groups.items())}
+
+
 # =============================================================================================
 # VQA-style soft accuracy: VQAv2, TextVQA, VizWiz
 # =============================================================================================
 
 
 class _SoftVQA(Benchmark):
-    def _score_vqa(self, samples, answers) -> dict[str, Any]:
+    # accuracy of one raw model output against the human answers (set per benchmark)
+    accuracy_fn: Callable[[str, list[str]], float]
+    # metadata keys reported per type, where the split's files carry them
+    breakdowns: tuple[str, ...] = ("answer_type", "question_type")
+
+    def score(self, samples, answers):
         scored = [s for s in samples if s.answers]
         out: dict[str, Any] = {"num_questions": len(samples), "num_scored": len(scored)}
         if not scored:
             out["note"] = "no ground-truth answers in this split: score submission.json on the official server"
             return out
-        per_type: dict[str, list[float]] = defaultdict(list)
-        accs = []
-        for s in scored:
-            # the answer is post-processed before scoring, as LLaVA does before submitting
-            acc = vqa_accuracy(normalize_answer(answers[s.question_id]), s.answers)
-            accs.append(acc)
-            if s.meta.get("answer_type"):
-                per_type[s.meta["answer_type"]].append(acc)
-        out["accuracy"] = 100.0 * fmean(accs)
-        if per_type:
-            out["per_answer_type"] = {k: 100.0 * fmean(v) for k, v in sorted(per_type.items())}
+        accs = [(s, self.accuracy_fn(answers[s.question_id], s.answers)) for s in scored]
+        out["accuracy"] = 100.0 * fmean(a for _, a in accs)
+        for key in self.breakdowns:
+            per = _percent_by([(s.meta.get(key), a) for s, a in accs])
+            if per:
+                out[f"per_{key}"] = per
         return out
 
-    def score(self, samples, answers):
-        return self._score_vqa(samples, answers)
+
+def _vqav2_accuracy(prediction: str, answers: list[str]) -> float:
+    # LLaVA submits evalai_answer(output); the VQA server scores it with the VQA tool's rules
+    return vqa_accuracy(evalai_answer(prediction), answers)
 
 
 class VQAv2(_SoftVQA):
@@ -235,6 +268,7 @@ class VQAv2(_SoftVQA):
     # the full test2015 question list: LLaVA pads the test-dev submission with empty answers for the
     # test questions not in test-dev, which the server expects
     llava_test_all = "llava_vqav2_mscoco_test2015.jsonl"
+    accuracy_fn = staticmethod(_vqav2_accuracy)
     _question_file: Path | None = None
 
     def load_llava(self, base, question_file, image_folder, annotation_file):
@@ -245,40 +279,34 @@ class VQAv2(_SoftVQA):
                 gt[a["question_id"]] = a
         samples = []
         for obj, where, image in self._llava_jsonl(question_file, image_folder):
-            answers, meta = _answers_from(obj), {"image_name": obj["image"]}
             a = gt.get(obj["question_id"])
-            if a is not None:
-                answers = [x["answer"] for x in a["answers"]]
-                meta["answer_type"] = a.get("answer_type")
-            elif gt:
+            if gt and a is None:
                 raise BenchmarkDataError(f"{where}: question_id {obj['question_id']!r} not in {annotation_file}")
-            samples.append(Sample(obj["question_id"], with_instruction(obj["text"], self.instruction), image, answers, meta))
+            a = a or {}
+            samples.append(self._sample(obj, image, answers=_answers_from(a) if a else _answers_from(obj),
+                                        image_name=obj["image"], answer_type=a.get("answer_type"),
+                                        question_type=a.get("question_type")))
         self._question_file = question_file
         return samples
 
     def load_hf(self, base, split):
-        samples = []
-        for row, where, image in self._hf_rows(base, split):
-            require(row, ("question_id", "question"), where)
-            answers = _answers_from(row) if row.get("answers") else None
-            samples.append(Sample(row["question_id"], with_instruction(row["question"], self.instruction), image,
-                                  answers, {"answer_type": row.get("answer_type")}))
+        samples = [self._sample(row, image, answers=_answers_from(row) if row.get("answers") else None,
+                                answer_type=row.get("answer_type"), question_type=row.get("question_type"))
+                   for row, where, image in self._hf_rows(base, split, required=("question_id", "question"))]
         self._question_file = None
         return samples
 
     def submission(self, samples, answers, data):
-        """``[{"question_id", "answer"}]`` with post-processed answers (as LLaVA submits), padded with
-        empty answers for the rest of test2015 when LLaVA's full test2015 question file is beside the
-        question file."""
-        out = {s.question_id: normalize_answer(answers[s.question_id]) for s in samples if s.question_id in answers}
-        entries = [{"question_id": qid, "answer": a} for qid, a in out.items()]
+        """``[{"question_id", "answer"}]`` as LLaVA's ``scripts/convert_vqav2_for_submission.py`` writes it:
+        every answer through :func:`evalai_answer`; when LLaVA's full test2015 question file is beside the
+        question file, one entry per test2015 question in that file's order, ``""`` for those not asked."""
+        out = {s.question_id: evalai_answer(answers[s.question_id]) for s in samples if s.question_id in answers}
         if self._question_file is not None:
             full = Path(self._question_file).parent / self.llava_test_all
             if full.is_file() and Path(self._question_file).name != self.llava_test_all:
-                for _, obj in read_jsonl(full):
-                    if obj["question_id"] not in out:
-                        entries.append({"question_id": obj["question_id"], "answer": ""})
-        return entries
+                return [{"question_id": obj["question_id"], "answer": out.get(obj["question_id"], "")}
+                        for _, obj in read_jsonl(full)]
+        return [{"question_id": qid, "answer": a} for qid, a in out.items()]
 
 
 class TextVQA(_SoftVQA):
@@ -287,6 +315,8 @@ class TextVQA(_SoftVQA):
     llava_question_file = "llava_textvqa_val_v051_ocr.jsonl"
     llava_image_folder = "train_images"
     llava_annotation = "TextVQA_0.5.1_val.json"
+    # LLaVA's eval_textvqa.py: m4c TextVQAAccuracyEvaluator (EvalAI processing of the output and all answers)
+    accuracy_fn = staticmethod(evalai_vqa_accuracy)
 
     @staticmethod
     def _question_of(text: str) -> str:
@@ -306,29 +336,30 @@ class TextVQA(_SoftVQA):
             raise BenchmarkDataError(f"annotation file {ann_path} not found")
         samples = []
         for obj, where, image in self._llava_jsonl(question_file, image_folder):
-            qid, answers = obj["question_id"], _answers_from(obj)
+            a: Mapping[str, Any] = {}
             if by_key:
                 # LLaVA's file stores the image id in `question_id`; match on (image, question) as
                 # LLaVA's eval_textvqa.py does, then use TextVQA's real (unique) question id
                 key = (Path(str(obj["image"])).stem, self._question_of(obj["text"]))
-                a = by_key.get(key) or by_key.get((str(qid), key[1])) or by_id.get(qid)
+                a = by_key.get(key) or by_key.get((str(obj["question_id"]), key[1])) or by_id.get(obj["question_id"])
                 if a is None:
-                    raise BenchmarkDataError(f"{where}: question {qid!r} ({key[1]!r}) not found in {ann_path}")
-                qid, answers = a["question_id"], list(a["answers"])
-            samples.append(Sample(qid, with_instruction(obj["text"], self.instruction), image, answers,
-                                  {"image_name": obj["image"]}))
+                    raise BenchmarkDataError(f"{where}: question {obj['question_id']!r} ({key[1]!r}) not found in {ann_path}")
+            samples.append(self._sample(obj, image, qid=a.get("question_id", obj["question_id"]),
+                                        answers=list(a["answers"]) if a else _answers_from(obj),
+                                        image_name=obj["image"], answer_type=a.get("answer_type"),
+                                        question_type=a.get("question_type")))
         return samples
 
     def load_hf(self, base, split):
         samples = []
-        for row, where, image in self._hf_rows(base, split):
-            require(row, ("question_id", "question"), where)
+        for row, where, image in self._hf_rows(base, split, required=("question_id", "question")):
             text = row["question"]
             if row.get("ocr_tokens"):
                 # LLaVA-1.5's TextVQA numbers are with the reference OCR tokens in the prompt
                 text = f"{text}\nReference OCR token: {', '.join(row['ocr_tokens'])}"
-            answers = list(row["answers"]) if row.get("answers") else None
-            samples.append(Sample(row["question_id"], with_instruction(text, self.instruction), image, answers))
+            samples.append(self._sample(row, image, text=text,
+                                        answers=list(row["answers"]) if row.get("answers") else None,
+                                        answer_type=row.get("answer_type"), question_type=row.get("question_type")))
         return samples
 
 
@@ -338,6 +369,9 @@ class VizWiz(_SoftVQA):
     instruction = f"{UNANSWERABLE}\n{SHORT_ANSWER}"
     llava_question_file = "llava_test.jsonl"
     llava_image_folder = "test"
+    # lmms-eval's vizwiz_vqa_process_results (LLaVA scores VizWiz only on the server)
+    accuracy_fn = staticmethod(evalai_vqa_accuracy)
+    breakdowns = ("answer_type",)
 
     def load_llava(self, base, question_file, image_folder, annotation_file):
         gt = {}
@@ -347,30 +381,31 @@ class VizWiz(_SoftVQA):
                 gt[a["image"]] = a
         samples = []
         for obj, where, image in self._llava_jsonl(question_file, image_folder):
-            answers, meta = _answers_from(obj), {"image_name": obj["image"]}
-            if gt:
-                a = gt.get(obj["image"])
-                if a is None:
-                    raise BenchmarkDataError(f"{where}: image {obj['image']!r} (question_id {obj['question_id']!r}) "
-                                             f"not in {annotation_file}")
-                answers = [x["answer"] for x in a["answers"]]
-                meta["answer_type"] = a.get("answer_type")
-            samples.append(Sample(obj["question_id"], with_instruction(obj["text"], self.instruction), image, answers, meta))
+            a = gt.get(obj["image"])
+            if gt and a is None:
+                raise BenchmarkDataError(f"{where}: image {obj['image']!r} (question_id {obj['question_id']!r}) "
+                                         f"not in {annotation_file}")
+            a = a or {}
+            samples.append(self._sample(obj, image, answers=_answers_from(a) if a else _answers_from(obj),
+                                        image_name=obj["image"], answer_type=a.get("answer_type")))
         return samples
 
     def load_hf(self, base, split):
-        samples = []
-        for row, where, image in self._hf_rows(base, split):
-            require(row, ("question_id", "question"), where)
-            answers = _answers_from(row) if row.get("answers") else None
-            samples.append(Sample(row["question_id"], with_instruction(row["question"], self.instruction), image,
-                                  answers, {"image_name": row.get("image_name") or str(row["question_id"]),
-                                            "answer_type": row.get("category")}))
-        return samples
+        # lmms-lab's question_id is the image name without its extension ("VizWiz_test_00000000")
+        return [self._sample(row, image, answers=_answers_from(row) if row.get("answers") else None,
+                             image_name=self._image_name(str(row["question_id"])), answer_type=row.get("category"))
+                for row, where, image in self._hf_rows(base, split, required=("question_id", "question"))]
+
+    @staticmethod
+    def _image_name(question_id: str) -> str:
+        """lmms-eval's submission name ``f"{question_id}.jpg"`` (not doubled if already there)."""
+        return question_id if question_id.endswith(".jpg") else f"{question_id}.jpg"
 
     def submission(self, samples, answers, data):
-        """VizWiz's server format: ``[{"image", "answer"}]`` with post-processed answers."""
-        return [{"image": s.meta.get("image_name", s.question_id), "answer": normalize_answer(answers[s.question_id])}
+        """``[{"image", "answer"}]`` as LLaVA's ``scripts/convert_vizwiz_for_submission.py`` writes it: the
+        question file's ``image`` (``VizWiz_test_00000000.jpg``; ``<question_id>.jpg`` for lmms-lab, as
+        lmms-eval) and the answer through :func:`evalai_answer`."""
+        return [{"image": s.meta["image_name"], "answer": evalai_answer(answers[s.question_id])}
                 for s in samples if s.question_id in answers]
 
 
@@ -386,6 +421,12 @@ class GQA(Benchmark):
     llava_image_folder = "data/images"
     llava_annotation = "data/testdev_balanced_questions.json"
 
+    @staticmethod
+    def _types(record: Mapping[str, Any]) -> dict[str, Any]:
+        types = record.get("types") or {}
+        return {"structural": types.get("structural"), "semantic": types.get("semantic"),
+                "balanced": record.get("isBalanced", True) is not False}
+
     def load_llava(self, base, question_file, image_folder, annotation_file):
         ann_path = resolve(base, annotation_file, self.llava_annotation)
         gt = read_json(ann_path, "annotation file") if ann_path is not None and ann_path.is_file() else {}
@@ -393,31 +434,25 @@ class GQA(Benchmark):
             raise BenchmarkDataError(f"annotation file {ann_path} not found or empty")
         samples = []
         for obj, where, image in self._llava_jsonl(question_file, image_folder):
-            answers = _answers_from(obj)
-            if gt:
-                a = gt.get(str(obj["question_id"]))
-                if a is None:
-                    raise BenchmarkDataError(f"{where}: question_id {obj['question_id']!r} not in {ann_path}")
-                answers = [a["answer"]]
-            samples.append(Sample(obj["question_id"], with_instruction(obj["text"], self.instruction), image, answers))
+            a = gt.get(str(obj["question_id"]))
+            if gt and a is None:
+                raise BenchmarkDataError(f"{where}: question_id {obj['question_id']!r} not in {ann_path}")
+            samples.append(self._sample(obj, image, answers=[a["answer"]] if a else _answers_from(obj),
+                                        **self._types(a or {})))
         return samples
 
     def load_hf(self, base, split):
-        """lmms-lab/GQA keeps questions (``*_instructions``, with ``imageId``) and images (``*_images``,
-        ``id`` + ``image``) in separate parquet files; both must be under ``base``."""
-        question_files, image_files = [], []
-        for files in find_parquet_files(base, None).values():
-            for f in files:
-                cols = parquet_columns(f)
-                (question_files if "question" in cols else image_files if "image" in cols else []).append(f)
-        if split is not None:
-            question_files = [f for f in question_files if split in str(f.relative_to(base)) or f.stem.startswith(split)]
-        if not question_files:
-            raise BenchmarkDataError(f"{base}: no GQA question parquet files (with a 'question' column) for split {split!r}")
-        parents = sorted({f.parent for f in question_files})
-        if len(parents) > 1:
-            raise BenchmarkDataError(f"{base}: several GQA question sets {[str(p) for p in parents]}; choose one with --split")
-        self._hf_split = parents[0].name
+        """lmms-lab/GQA keeps questions (``<tier>_instructions`` configurations, with ``imageId``) and images
+        (``<tier>_images``, ``id`` + ``image``) apart; the images come from the configuration that matches
+        the chosen questions (``testdev_balanced_instructions`` -> ``testdev_balanced_images``)."""
+        questions, images = {}, {}
+        for key, files in published_splits(base).items():
+            cols = parquet_columns(files[0])
+            (questions if "question" in cols else images if "image" in cols else {})[key] = files
+        self._hf_split, question_files = select_split(questions, split, base, "GQA question ")
+        config, _, tier_split = self._hf_split.rpartition("/")
+        image_key = f"{config.removesuffix('_instructions')}_images/{tier_split}"
+        image_files = images.get(image_key) or [f for files in images.values() for f in files]
         image_index: dict[str, ImageRef] = {}
         for f in image_files:
             column = ParquetImageColumn(f)
@@ -432,15 +467,30 @@ class GQA(Benchmark):
                 if image is None:
                     raise BenchmarkDataError(f"{where}: image {row['imageId']!r} for question {row['id']!r} "
                                              f"not found in the image parquet files under {base}")
-                answers = [row["answer"]] if row.get("answer") is not None else None
-                samples.append(Sample(str(row["id"]), with_instruction(row["question"], self.instruction), image, answers))
+                samples.append(self._sample(row, image, qid=str(row["id"]),
+                                            answers=[row["answer"]] if row.get("answer") is not None else None,
+                                            **self._types(row)))
         return samples
 
     def score(self, samples, answers):
-        scored = [s for s in samples if s.answers]
+        """GQA's ``eval.py`` on LLaVA's converted predictions: balanced questions only, exact match
+        (:func:`gqa_accuracy`); ``binary``/``open`` (structural type ``query`` is open), per structural
+        and per semantic type."""
+        scored = [s for s in samples if s.answers and s.meta.get("balanced", True)]
         out: dict[str, Any] = {"num_questions": len(samples), "num_scored": len(scored)}
-        if scored:
-            out["accuracy"] = 100.0 * fmean(gqa_accuracy(answers[s.question_id], s.answers[0]) for s in scored)
+        if not scored:
+            return out
+        accs = [(s, gqa_accuracy(answers[s.question_id], s.answers[0])) for s in scored]
+        out["accuracy"] = 100.0 * fmean(a for _, a in accs)
+        typed = [(s, a) for s, a in accs if s.meta.get("structural") is not None]
+        for kind, keep in (("binary", lambda t: t != "query"), ("open", lambda t: t == "query")):
+            values = [a for s, a in typed if keep(s.meta["structural"])]
+            if values:
+                out[kind] = 100.0 * fmean(values)
+        for key in ("structural", "semantic"):
+            per = _percent_by([(s.meta.get(key), a) for s, a in accs])
+            if per:
+                out[f"per_{key}_type"] = per
         return out
 
 
@@ -483,18 +533,12 @@ class POPE(Benchmark):
                     raise BenchmarkDataError(f"{where}: question {obj['question_id']!r} is about {obj['image']!r} but "
                                              f"line {k + 1} of coco_pope_{cat}.json is about {lab['image']!r}")
                 answers = [str(lab["label"])]
-            samples.append(Sample(obj["question_id"], with_instruction(obj["text"], self.instruction), image, answers,
-                                  {"category": cat}))
+            samples.append(self._sample(obj, image, answers=answers, category=cat))
         return samples
 
     def load_hf(self, base, split):
-        samples = []
-        for row, where, image in self._hf_rows(base, split):
-            require(row, ("question_id", "question", "category"), where)
-            answers = [row["answer"]] if row.get("answer") is not None else None
-            samples.append(Sample(row["question_id"], with_instruction(row["question"], self.instruction), image,
-                                  answers, {"category": row["category"]}))
-        return samples
+        return [self._sample(row, image, category=row["category"])
+                for row, where, image in self._hf_rows(base, split, required=("question_id", "question", "category"))]
 
     def score(self, samples, answers):
         out: dict[str, Any] = {"num_questions": len(samples)}
@@ -562,37 +606,59 @@ class ScienceQA(Benchmark):
                 if answer is None:
                     raise BenchmarkDataError(f"{where} (id={pid!r}): no answer letter in the gpt turn and no {ann_path}")
                 n_choices = len(re.findall(r"(?m)^[A-E]\. ", text)) or len(SQA_OPTIONS)
-            samples.append(Sample(pid, with_instruction(text, self.instruction), PathImage(image_folder / item["image"]),
-                                  [answer], {"num_choices": n_choices}))
+            samples.append(self._sample(item, PathImage(image_folder / item["image"]), qid=pid, text=text,
+                                        answers=[answer], num_choices=n_choices))
         return samples
 
     def load_hf(self, base, split):
         samples = []
-        for row, where, image in self._hf_rows(base, split):
-            require(row, ("question", "choices", "answer"), where)
+        for row, where, image in self._hf_rows(base, split, required=("question", "choices", "answer")):
             if image is None:
                 raise BenchmarkDataError(f"{where}: no image column (use the ScienceQA-IMG configuration)")
-            idx = len(samples) if row.get("id") is None else row["id"]
             choices = list(row["choices"])
             context = f"Context: {row['hint']}\n" if not is_none(row.get("hint")) else ""
-            text = f"{context}{row['question']}\n{_format_choices(choices)}"
-            samples.append(Sample(idx, with_instruction(text, self.instruction), image,
-                                  [SQA_OPTIONS[int(row["answer"])]], {"num_choices": len(choices)}))
+            samples.append(self._sample(row, image, qid=len(samples) if row.get("id") is None else row["id"],
+                                        text=f"{context}{row['question']}\n{_format_choices(choices)}",
+                                        answers=[SQA_OPTIONS[int(row["answer"])]], num_choices=len(choices)))
         return samples
 
     def score(self, samples, answers):
+        """``eval_science_qa.py``: the extracted letter (:func:`extract_sqa_letter`) must be the answer's."""
         scored = [s for s in samples if s.answers]
         out: dict[str, Any] = {"num_questions": len(samples), "num_scored": len(scored)}
         if scored:
-            ok = [extract_sqa_letter(answers[s.question_id], s.meta["num_choices"]) == s.answers[0] for s in scored]
-            out["accuracy"] = 100.0 * fmean(ok)
-            out["unparsed"] = sum(extract_sqa_letter(answers[s.question_id], s.meta["num_choices"]) is None for s in scored)
+            letters = [extract_sqa_letter(answers[s.question_id], s.meta["num_choices"]) for s in scored]
+            out["accuracy"] = 100.0 * fmean(letter == s.answers[0] for letter, s in zip(letters, scored))
+            out["unparsed"] = sum(letter is None for letter in letters)
         return out
 
 
 # =============================================================================================
 # MME
 # =============================================================================================
+
+_MME_SUFFIX = " Please answer yes or no."
+
+
+def mme_ground_truth(root: Path) -> dict[tuple[str, str, str], str]:
+    """MME's answers as LLaVA's ``convert_answer_to_mme.py`` (``get_gt``) reads the release: for each
+    category folder, the ``.txt`` files of ``questions_answers_YN/`` (when the folder has ``images/``) or
+    of the folder itself; each line ``question<TAB>answer`` (the whole line stripped first). Keys are
+    ``(category, txt file name, question)``."""
+    gt: dict[tuple[str, str, str], str] = {}
+    if not root.is_dir():
+        raise BenchmarkDataError(f"MME release folder {root} not found (it holds the answer .txt files)")
+    for category_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        qa_dir = category_dir / "questions_answers_YN" if (category_dir / "images").exists() else category_dir
+        for txt in sorted(qa_dir.glob("*.txt")):
+            for lineno, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                fields = line.strip().split("\t")
+                if len(fields) != 2:
+                    raise BenchmarkDataError(f"{txt}:{lineno}: expected 'question<TAB>answer', got {line!r}")
+                gt[(category_dir.name, txt.name, fields[0])] = fields[1]
+    return gt
 
 
 class MME(Benchmark):
@@ -602,47 +668,44 @@ class MME(Benchmark):
     llava_image_folder = "MME_Benchmark_release_version"
     headline = (("perception", "MME-P"), ("cognition", "MME-C"))
 
-    @staticmethod
-    def _read_gt(root: Path, category: str, image: str) -> dict[str, str]:
-        """MME's release keeps, per image, a ``<stem>.txt`` of ``question<TAB>answer`` lines, either in
-        ``<category>/questions_answers_YN/`` (categories whose images are in ``<category>/images/``) or
-        beside the image."""
-        stem = Path(image).stem
-        for candidate in (root / category / "questions_answers_YN" / f"{stem}.txt", root / category / f"{stem}.txt"):
-            if candidate.is_file():
-                gt = {}
-                for line in candidate.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        q, _, a = line.rstrip("\n").partition("\t")
-                        gt[q.strip()] = a.strip()
-                return gt
-        return {}
-
     def load_llava(self, base, question_file, image_folder, annotation_file):
+        """LLaVA's ``llava_mme.jsonl`` asks each question without MME's " Please answer yes or no." and with
+        LLaVA's short-answer instruction; its ground truth is found as ``convert_answer_to_mme.py`` finds it:
+        category and answer file from the ``question_id`` (``artwork/images/14777.jpg`` -> ``artwork``,
+        ``14777.txt``), the question from the prompt without the instruction, stripped, plus
+        " Please answer yes or no." (with two spaces where MME's file has two)."""
         gt_root = Path(annotation_file) if annotation_file is not None else image_folder
+        gt = mme_ground_truth(gt_root)
         samples = []
         for obj, where, image in self._llava_jsonl(question_file, image_folder):
-            cat = obj.get("category") or str(obj["image"]).split("/")[0]
-            question = obj["text"].replace(SHORT_ANSWER, "").strip()
+            qid = str(obj["question_id"])
+            category = qid.split("/")[0]
+            txt = qid.split("/")[-1].split(".")[0] + ".txt"
             answers = _answers_from(obj)
             if answers is None:
-                gt = self._read_gt(gt_root, cat, str(obj["image"]))
-                if question not in gt:
-                    raise BenchmarkDataError(f"{where}: no answer for question {obj['question_id']!r} ({question!r}) "
-                                             f"in {gt_root / cat} (questions_answers_YN/)<image>.txt")
-                answers = [gt[question]]
-            samples.append(Sample(obj["question_id"], with_instruction(obj["text"], self.instruction), image, answers,
-                                  {"category": cat, "image_key": f"{cat}/{Path(str(obj['image'])).stem}"}))
+                question = obj["text"]
+                if SHORT_ANSWER in question:
+                    question = question.replace(SHORT_ANSWER, "").strip()
+                if _MME_SUFFIX.strip() not in question:
+                    question += _MME_SUFFIX
+                    if (category, txt, question) not in gt:
+                        question = question.replace(_MME_SUFFIX, " " + _MME_SUFFIX)
+                if (category, txt, question) not in gt:
+                    raise BenchmarkDataError(f"{where}: no answer for question {qid!r} ({question!r}) in "
+                                             f"{gt_root / category} (questions_answers_YN/){txt}")
+                answers = [gt[(category, txt, question)]]
+            samples.append(self._sample(obj, image, answers=answers, category=category,
+                                        image_key=f"{category}/{txt[:-len('.txt')]}"))
         return samples
 
     def load_hf(self, base, split):
+        """lmms-eval's MME prompt (``mme_doc_to_text``, default kwargs): the question stripped, without
+        " Please answer yes or no.", then "\\nAnswer the question using a single word or phrase."."""
         samples = []
-        for row, where, image in self._hf_rows(base, split):
-            require(row, ("question_id", "question", "category"), where)
-            answers = [row["answer"]] if row.get("answer") is not None else None
-            samples.append(Sample(row["question_id"], with_instruction(row["question"], self.instruction), image,
-                                  answers, {"category": row["category"],
-                                            "image_key": f"{row['category']}/{Path(str(row['question_id'])).stem}"}))
+        for row, where, image in self._hf_rows(base, split, required=("question_id", "question", "category")):
+            text = row["question"].strip().replace(_MME_SUFFIX, "") + "\n" + SHORT_ANSWER
+            samples.append(self._sample(row, image, text=text, category=row["category"],
+                                        image_key=f"{row['category']}/{Path(str(row['question_id'])).stem}"))
         return samples
 
     def score(self, samples, answers):
@@ -660,6 +723,12 @@ class MME(Benchmark):
 
 
 class MMBench(Benchmark):
+    """MMBench's official files (the dev TSV LLaVA uses, lmms-lab's ``dev`` split) already hold the
+    circular copies of each question, at ``index + k * 1,000,000`` with the options rotated: every row
+    is asked once, as it is. Only a file without such copies is rotated here (copy ``r`` shows option
+    ``(i + r) mod n`` at position ``i``, as LLaVA's ``--all-rounds``, with index ``index + r * 1,000,000``).
+    Scoring is VLMEvalKit's (v0.2) exact-matching circular evaluation."""
+
     name = "mmbench"
     title = "MMBench"
     instruction = LETTER_ANSWER
@@ -668,8 +737,8 @@ class MMBench(Benchmark):
     headline = (("circular", "MMBench"),)
     letters = ("A", "B", "C", "D")
 
-    def _expand(self, row: Mapping[str, Any], image: ImageRef, where: str) -> list[Sample]:
-        """One sample per circular pass (pass r shows the options shifted by r)."""
+    def _question(self, row: Mapping[str, Any], where: str) -> tuple[int, str, list[str], str | None]:
+        """(index, question text with hint, options shown, answer letter or None) of one row."""
         options = []
         for letter in self.letters:
             if is_none(row.get(letter)):
@@ -680,61 +749,64 @@ class MMBench(Benchmark):
         answer = None if is_none(row.get("answer")) else str(row["answer"]).strip()
         if answer is not None and answer not in self.letters[: len(options)]:
             raise BenchmarkDataError(f"{where} (index={row.get('index')!r}): answer {answer!r} is not an option letter")
-        index = row["index"]
-        if isinstance(index, str) and index.strip().lstrip("-").isdigit():
-            index = int(index)
+        try:
+            index = int(row["index"])
+        except (TypeError, ValueError) as e:
+            raise BenchmarkDataError(f"{where}: index {row.get('index')!r} is not an integer") from e
         question = str(row["question"])
         if not is_none(row.get("hint")):
             question = f"{row['hint']}\n{question}"
+        return index, question, options, answer
+
+    def _samples(self, rows: list[tuple[Mapping[str, Any], ImageRef, str]]) -> list[Sample]:
+        parsed = [(self._question(row, where), row, image) for row, image, where in rows]
+        has_copies = any(index >= CIRCULAR_OFFSET for (index, *_), _, _ in parsed)
         samples = []
-        for r in range(len(options)):
-            shown = circular_shift(options, r)
-            text = question + "".join(f"\n{self.letters[i]}. {o}" for i, o in enumerate(shown))
-            meta: dict[str, Any] = {"index": index, "round": r, "category": row.get("category"),
-                                    "options": dict(zip(self.letters, shown))}
-            answers = None
-            if answer is not None:
-                # the correct option sits at position (answer - r) mod n in pass r
-                answers = [self.letters[(self.letters.index(answer) - r) % len(options)]]
-            samples.append(Sample(f"{index}@{r}", with_instruction(text, self.instruction), image, answers, meta))
+        for (index, question, options, answer), row, image in parsed:
+            meta = {"category": row.get("category"), "l2_category": row.get("l2-category", row.get("L2-category"))}
+            for r in range(1 if has_copies else len(options)):
+                shown = circular_shift(options, r)
+                # the correct option sits at position (answer - r) mod n in copy r
+                letter = None if answer is None else self.letters[(self.letters.index(answer) - r) % len(options)]
+                text = question + "".join(f"\n{self.letters[i]}. {o}" for i, o in enumerate(shown))
+                copy = index + r * CIRCULAR_OFFSET
+                samples.append(self._sample(row, image, qid=copy, text=text,
+                                            answers=None if letter is None else [letter],
+                                            index=copy, options=dict(zip(self.letters, shown)), **meta))
         return samples
 
     def load_llava(self, base, question_file, image_folder, annotation_file):
-        samples = []
+        rows = []
         for lineno, row in read_tsv(question_file):
             where = f"{question_file}:{lineno}"
             require(row, ("index", "question", "image"), where)
-            samples += self._expand(row, BytesImage(row["image"], f"{question_file} (index {row['index']})"), where)
-        return samples
+            rows.append((row, BytesImage(row["image"], f"{question_file} (index {row['index']})"), where))
+        return self._samples(rows)
 
     def load_hf(self, base, split):
-        samples = []
-        for row, where, image in self._hf_rows(base, split):
-            require(row, ("index", "question"), where)
+        rows = []
+        for row, where, image in self._hf_rows(base, split, required=("index", "question")):
             if image is None:
                 raise BenchmarkDataError(f"{where} (index={row.get('index')!r}): no image column")
-            samples += self._expand(row, image, where)
-        return samples
+            rows.append((row, image, where))
+        return self._samples(rows)
 
     def apply_limit(self, samples, limit):
-        # --limit counts source questions; all circular passes of a kept question are kept
-        keep, out = [], []
+        # --limit counts questions (groups), each kept with all its copies wherever they are in the file
+        keep: dict[int, None] = {}
         for s in samples:
-            if s.meta["index"] not in keep:
-                if len(keep) == limit:
-                    break
-                keep.append(s.meta["index"])
-            out.append(s)
-        return out
+            group = s.meta["index"] % CIRCULAR_OFFSET
+            if group not in keep and len(keep) < limit:
+                keep[group] = None
+        return [s for s in samples if s.meta["index"] % CIRCULAR_OFFSET in keep]
 
     def score(self, samples, answers):
-        records = []
-        for s in samples:
-            if s.answers:
-                letter = extract_mmbench_letter(answers[s.question_id], s.meta["options"])
-                records.append({"index": s.meta["index"], "round": s.meta["round"], "category": s.meta.get("category"),
-                                "correct": letter == s.answers[0]})
-        out: dict[str, Any] = {"num_questions": len({s.meta["index"] for s in samples}), "num_passes": len(samples)}
+        records = [{"index": s.meta["index"], "category": s.meta.get("category"),
+                    "l2_category": s.meta.get("l2_category"),
+                    "correct": can_infer(answers[s.question_id], s.meta["options"]) == s.answers[0]}
+                   for s in samples if s.answers]
+        out: dict[str, Any] = {"num_questions": len({s.meta["index"] % CIRCULAR_OFFSET for s in samples}),
+                               "num_rows": len(samples)}
         if records:
             out.update(mmbench_circular_accuracy(records))
         return out
@@ -745,7 +817,8 @@ class MMBench(Benchmark):
 # =============================================================================================
 
 class EasyVQA(Benchmark):
-    """The easy-VQA test split from the ``easy-vqa`` PyPI package (1,000 images, 9,673 questions)."""
+    """The easy-VQA test split from the ``easy-vqa`` PyPI package (1,000 images, 9,673 questions). No
+    official script: the headline is the exact match of the normalised output and answer."""
 
     name = "easy-vqa"
     title = "easy-VQA"
@@ -765,7 +838,7 @@ class EasyVQA(Benchmark):
                 raise BenchmarkDataError(f"easy-VQA {self.split} question {i}: image {image_id} missing from the package")
             # the question's index in the package's list is its id (the package has no ids of its own)
             samples.append(Sample(i, easy_vqa_prompt(q), PathImage(Path(paths[image_id])), [a],
-                                  {"image_id": image_id}))
+                                  {"image_id": image_id, "kind": easy_vqa_question_kind(q, a)}))
         if limit is not None:
             samples = samples[:limit]
         if check_images:
@@ -773,11 +846,16 @@ class EasyVQA(Benchmark):
         return samples
 
     def score(self, samples, answers):
-        scores = [easy_vqa_scores(answers[s.question_id], s.answers[0]) for s in samples]
+        """``accuracy``: % of outputs whose :func:`normalize_answer` equals the answer's (the headline);
+        ``per_kind``: the same per question kind (open colour, open shape, yes/no colour, yes/no shape);
+        ``vqa_accuracy``: the VQA tool's soft accuracy with the answer given by all ten annotators."""
+        scores = [(s, easy_vqa_scores(answers[s.question_id], s.answers[0])) for s in samples]
         out: dict[str, Any] = {"num_questions": len(samples)}
         if scores:
-            out["accuracy"] = 100.0 * fmean(x["exact_match"] for x in scores)
-            out["vqa_accuracy"] = 100.0 * fmean(x["vqa_accuracy"] for x in scores)
+            out["accuracy"] = 100.0 * fmean(x["exact_match"] for _, x in scores)
+            per = _percent_by([(s.meta["kind"], x["exact_match"]) for s, x in scores])
+            out["per_kind"] = {k: per[k] for k in EASY_VQA_KINDS if k in per}
+            out["vqa_accuracy"] = 100.0 * fmean(x["vqa_accuracy"] for _, x in scores)
         return out
 
 
