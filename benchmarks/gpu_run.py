@@ -1,0 +1,916 @@
+#!/usr/bin/env python
+"""The one-GPU run of docs/gpu.md: encoder throughput by resolution, then the LLaVA recipes under DeepSpeed.
+
+    python benchmarks/gpu_run.py --out DIR            # on one CUDA GPU: about 9 minutes (budget 525 s)
+    python benchmarks/gpu_run.py --dry-run --out DIR  # anywhere: tiny sizes on the CPU, every code path
+
+`benchmarks/gpu_run.sh` wraps it for a machine without network (installs the wheels carried in `.devcarry/wheels`,
+e.g. DeepSpeed, first). Parts, each in its own subprocess with its own timeout inside one overall budget; the results
+(`results.json`, `results.md`) are rewritten after every part, so a run cut short still leaves its tables:
+
+  throughput  bf16 encoder throughput at 224/336/448/672/1024 px, inference and forward+backward, in one process on
+              one card: De-focus Mamba-Base (fast scan backend) vs `transformers`' ViT-B/16 (SDPA) and the CLIP
+              ViT-L/14 tower shape LLaVA-1.5 uses (SDPA), random weights: images/s, tokens/s, peak memory, ratios.
+  lm          a randomly initialised Qwen2-shaped language model (~0.5B parameters; a tiny one for --dry-run) and a
+              BPE tokenizer trained on easy-VQA's text, saved as a local directory (`--language_model DIR`).
+  zero2_*     stage 1 (projector only) then stage 2 (projector + LM + tower) with `accelerate launch`, DeepSpeed
+  zero3_*     ZeRO-2 / ZeRO-3, one process, bf16, activation checkpointing, on easy-VQA at the tower's 224 px
+              (recipes/configs/gpu_{pretrain,finetune}_mamba_base.yaml): losses, samples/s, peak memory.
+  reload      every stage-2 output reloaded with `AutoModelForImageTextToText` (bf16) and asked easy-VQA questions.
+
+Files in `--out`: results.json, results.md, gpu_run.log (every part's output). Large files (the LM, checkpoints) go
+to `--work` (default: a temporary directory), never to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+STAGE_CONFIGS = {"pretrain": CONFIGS / "gpu_pretrain_mamba_base.yaml",
+                 "finetune": CONFIGS / "gpu_finetune_mamba_base.yaml"}
+ZERO_CONFIGS = {2: ROOT / "recipes" / "deepspeed" / "zero2.json", 3: ROOT / "recipes" / "deepspeed" / "zero3.json"}
+PACKAGES = ["torch", "transformers", "accelerate", "deepspeed", "peft", "triton", "tokenizers", "safetensors",
+            "huggingface-hub", "mamba-ssm", "causal-conv1d", "pydantic", "easy-vqa"]
+ENCODERS = ("defocus-mamba-base", "vit-b16", "clip-vit-l14")
+ENCODER_LABELS = {"defocus-mamba-base": "Mamba-B/16", "vit-b16": "ViT-B/16", "clip-vit-l14": "CLIP-L/14"}
+
+# A Qwen2-shaped LM (GQA, q/k/v biases, SwiGLU, RMSNorm, tied embeddings). With the small easy-VQA vocabulary the
+# embeddings are tiny, so the width is Qwen2.5-0.5B's 896 -> 1024 and the MLP 4864 -> 5632 to land near 0.5B.
+LM_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2-0.5b": dict(hidden_size=1024, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                       num_key_value_heads=4, max_position_embeddings=2048),
+    "qwen2-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=1024),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+
+@dataclass
+class Plan:
+    """Sizes, steps and time budget of one run; `real_plan()` for a GPU, `dry_plan()` for the CPU dry run."""
+
+    dry_run: bool
+    resolutions: tuple[int, ...]  # in the order they are measured (the report sorts them)
+    batch: dict[int, int]  # images per batch at each resolution, the same for every encoder
+    warmup: int
+    min_iters: int
+    max_iters: int
+    target_s: float  # timed iterations last about this long
+    lm_shape: str
+    vocab_size: int
+    tokenizer_images: Optional[int]  # easy-VQA images whose text trains the tokenizer (None: all)
+    stage_overrides: dict[str, list[str]]  # extra recipe arguments per stage
+    budget_s: float
+    timeouts: dict[str, float]  # per part
+    min_part_s: float  # a part is skipped when less than this is left
+    reload_reserve_s: float  # kept back for the reload part while stages run
+    questions: int  # easy-VQA test questions asked after reloading
+
+
+def real_plan() -> Plan:
+    return Plan(
+        dry_run=False,
+        resolutions=(224, 1024, 448, 672, 336),  # the ends first: a run cut short still shows the trend
+        batch={224: 64, 336: 32, 448: 16, 672: 8, 1024: 4},
+        warmup=2, min_iters=3, max_iters=50, target_s=1.0,
+        lm_shape="qwen2-0.5b", vocab_size=1000, tokenizer_images=None,
+        stage_overrides={"pretrain": [], "finetune": []},
+        budget_s=525.0,
+        timeouts={"throughput": 180, "lm": 90, "zero2_stage1": 100, "zero2_stage2": 110, "zero3_stage1": 110,
+                  "zero3_stage2": 130, "reload": 80},
+        min_part_s=25.0, reload_reserve_s=45.0, questions=3,
+    )
+
+
+DRY_VISION = "hidden_size=32,num_hidden_layers=2,intermediate_size=64,image_size=32,patch_size=8,drop_path_rate=0.0"
+
+
+def dry_plan() -> Plan:
+    common = ["--use_cpu", "true", "--max_steps", "3", "--per_device_train_batch_size", "2", "--max_train_samples", "8",
+              "--dataloader_num_workers", "0", "--warmup_steps", "0"]
+    return Plan(
+        dry_run=True,
+        resolutions=(32, 64),
+        batch={32: 2, 64: 2},
+        warmup=1, min_iters=2, max_iters=2, target_s=0.0,
+        lm_shape="qwen2-tiny", vocab_size=400, tokenizer_images=64,
+        stage_overrides={"pretrain": [*common, "--vision_tower", "mamba-tiny", "--vision_overrides", DRY_VISION],
+                         "finetune": common},
+        budget_s=1500.0,
+        timeouts={"throughput": 300, "lm": 300, "zero2_stage1": 300, "zero2_stage2": 300, "zero3_stage1": 300,
+                  "zero3_stage2": 300, "reload": 300},
+        min_part_s=10.0, reload_reserve_s=60.0, questions=2,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the LM builder
+
+def qwen2_lm_config(vocab_size: int, shape: str = "qwen2-0.5b", **overrides: Any):
+    """A randomly initialisable `Qwen2Config` of the named shape (`LM_SHAPES`) for a tokenizer of `vocab_size`.
+
+    Special token ids follow `defocus_mllm.training.tiny_lm.SPECIAL_TOKENS` (`<unk> <pad> <s> </s>` = 0..3).
+    """
+    from transformers import Qwen2Config
+
+    kwargs = dict(LM_SHAPES[shape], vocab_size=vocab_size, tie_word_embeddings=True, rope_theta=1_000_000.0,
+                  rms_norm_eps=1e-6, hidden_act="silu", pad_token_id=1, bos_token_id=2, eos_token_id=3,
+                  use_sliding_window=False)
+    kwargs.update(overrides)
+    return Qwen2Config(**kwargs)
+
+
+def lm_parameter_count(config) -> int:
+    """Parameters of a Qwen2 causal LM with `config`, counted from the shapes (no model is built)."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
+    attention = (h * q + q) + 2 * (h * kv + kv) + q * h  # q, k, v with biases; o without
+    per_layer = attention + 3 * h * inter + 2 * h  # SwiGLU MLP, two RMSNorms
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return embeddings + layers * per_layer + h  # final norm
+
+
+def build_lm_dir(plan: Plan, out_dir: Path) -> dict[str, Any]:
+    """Train a BPE tokenizer on easy-VQA's text (both stages' data, the chat template's words), build the LM at
+    random in bf16 (as real checkpoints are stored), and save both to `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from defocus_mllm.data.easy_vqa import load_easy_vqa
+    from defocus_mllm.training.llava_setup import corpus_for_tokenizer
+    from defocus_mllm.training.tiny_lm import train_tokenizer
+
+    started = time.time()
+    limit = plan.tokenizer_images
+    corpus = (corpus_for_tokenizer(load_easy_vqa("train", limit=limit))
+              + corpus_for_tokenizer(load_easy_vqa("train", captions=True, limit=limit)))
+    tokenizer = train_tokenizer(corpus, vocab_size=plan.vocab_size)
+    config = qwen2_lm_config(len(tokenizer), plan.lm_shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"shape": plan.lm_shape, "model_type": config.model_type, "parameters": params,
+            "vocab_size": len(tokenizer), "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+            "dtype": "bfloat16", "seconds": round(time.time() - started, 1)}
+
+
+# --------------------------------------------------------------------------------------------------- throughput
+
+def encoder_specs(dry_run: bool) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """`name -> (config, forward kwargs)` of the three encoders, random weights."""
+    from transformers import CLIPVisionConfig, ViTConfig
+
+    from defocus_mllm import DefocusVisionConfig
+    from defocus_mllm.training.arguments import parse_overrides
+
+    if dry_run:
+        mamba = DefocusVisionConfig.from_preset("mamba-tiny", **parse_overrides(DRY_VISION))
+        vit = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        patch_size=8, image_size=32)
+        clip = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                patch_size=8, image_size=32)
+    else:
+        # stochastic depth off: the timed forward+backward runs in train mode and must run every block
+        mamba = DefocusVisionConfig.from_preset("mamba-base", drop_path_rate=0.0, use_scheduled_drop_path=False)
+        vit = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        patch_size=16, image_size=224)
+        clip = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, patch_size=14, image_size=336, projection_dim=768)
+    return {"defocus-mamba-base": (mamba, {}), "vit-b16": (vit, {"interpolate_pos_encoding": True}),
+            "clip-vit-l14": (clip, {"interpolate_pos_encoding": True})}
+
+
+def build_encoder(name: str, config: Any, device: str):
+    import torch
+    from transformers import CLIPVisionModel, ViTModel
+
+    from defocus_mllm import DefocusVisionModel
+
+    torch.manual_seed(0)
+    if name == "defocus-mamba-base":
+        model = DefocusVisionModel(config)
+    elif name == "vit-b16":
+        model = ViTModel._from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
+    else:
+        model = CLIPVisionModel._from_config(config, attn_implementation="sdpa")
+    return model.to(device=device, dtype=torch.bfloat16)
+
+
+def tokens_per_image(config: Any, resolution: int) -> int:
+    """Tokens the encoder mixes at `resolution`: the patches (the conv drops a remainder) plus one CLS token."""
+    return (resolution // config.patch_size) ** 2 + 1
+
+
+def time_loop(fn, sync, warmup: int, min_iters: int, max_iters: int, target_s: float) -> tuple[float, int]:
+    """Mean seconds per call of `fn` after `warmup` calls; as many calls as fit in about `target_s`."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    once = time.perf_counter() - start
+    iters = max(min_iters, min(max_iters, int(target_s / max(once, 1e-6))))
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters, iters
+
+
+def measure_encoder(model, forward_kwargs: dict[str, Any], config: Any, name: str, resolution: int, batch: int,
+                    mode: str, plan: Plan, device: str) -> dict[str, Any]:
+    """One row: images/s, tokens/s and peak memory of `model` at `resolution` in `mode` ("inference" | "train")."""
+    import torch
+
+    cuda = device == "cuda"
+    row: dict[str, Any] = {"model": name, "resolution": resolution, "mode": mode, "batch": batch,
+                           "tokens": tokens_per_image(config, resolution)}
+    pixels = torch.randn(batch, 3, resolution, resolution, device=device, dtype=torch.bfloat16)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def infer():
+        with torch.inference_mode():
+            model(pixel_values=pixels, **forward_kwargs)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        out = model(pixel_values=pixels, **forward_kwargs).last_hidden_state
+        out.float().mean().backward()
+
+    model.train(mode == "train")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    try:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        seconds, iters = time_loop(infer if mode == "inference" else train_step, sync, plan.warmup, plan.min_iters,
+                                   plan.max_iters, plan.target_s)
+        row.update(status="ok", ms_per_batch=round(seconds * 1e3, 3), iters=iters,
+                   images_per_s=round(batch / seconds, 2), tokens_per_s=round(batch * row["tokens"] / seconds, 1))
+        if cuda:  # this model's weights plus everything its measurement allocated on top of what was resident
+            row["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() - base + weight_bytes) / 2**30, 3)
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+    except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
+        row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def run_throughput(plan: Plan, out_file: Path, env_file: Path) -> None:
+    """Child of the `throughput` part: one JSON line per measurement, written as it completes."""
+    import torch
+
+    from defocus_mllm.ops import available_backends
+
+    device = "cpu" if plan.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_run: no CUDA device (use --dry-run on a CPU machine)")
+    wanted = os.environ.get("DEFOCUS_SCAN_BACKEND", "default")
+    # The recipes' processes only `import defocus_mllm`: whether that alone registers the wanted backend matters.
+    env = {"device": device, "scan_backend": wanted, "scan_backends_available": available_backends(),
+           "scan_backend_registered_by_import": wanted == "default" or wanted in available_backends(),
+           "torch_cuda": torch.version.cuda}
+    if not env["scan_backend_registered_by_import"] and importlib.util.find_spec("defocus_mllm.ops.triton_scan"):
+        importlib.import_module("defocus_mllm.ops.triton_scan")  # registers "triton" for the measurements here
+        env["scan_backends_available"] = available_backends()
+        print(f"gpu_run: WARNING: `import defocus_mllm` does not register scan backend {wanted!r}; the recipe "
+              "launches will fail to find it", flush=True)
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count)
+    env_file.write_text(json.dumps(env, indent=1))
+    specs = encoder_specs(plan.dry_run)
+    models = {name: build_encoder(name, config, device) for name, (config, _) in specs.items()}
+    env["attn_implementation"] = {n: getattr(m.config, "_attn_implementation", None) for n, m in models.items()}
+    env["encoder_parameters"] = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    env_file.write_text(json.dumps(env, indent=1))
+    with out_file.open("a") as f:
+        for resolution in plan.resolutions:
+            for name, model in models.items():
+                config, kwargs = specs[name]
+                for mode in ("inference", "train"):
+                    row = measure_encoder(model, kwargs, config, name, resolution, plan.batch[resolution], mode,
+                                          plan, device)
+                    print(json.dumps(row), flush=True)
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+
+
+# ------------------------------------------------------------------------------------------------------- reload
+
+def run_reload(plan: Plan, model_dirs: list[Path], out_file: Path) -> None:
+    """Child of the `reload` part: load each saved model with `AutoModelForImageTextToText` and answer questions."""
+    import torch
+    from easy_vqa import get_test_image_paths, get_test_questions
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import defocus_mllm  # noqa: F401 - registers the De-focus encoder with the Auto classes
+    from defocus_mllm import chat
+
+    device = "cpu" if plan.dry_run else "cuda"
+    questions, answers, image_ids = get_test_questions()
+    paths = get_test_image_paths()
+    results = []
+    for model_dir in model_dirs:
+        started = time.time()
+        entry: dict[str, Any] = {"model_dir": model_dir.name}
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+            processor = AutoProcessor.from_pretrained(model_dir)
+            entry["load_s"] = round(time.time() - started, 1)
+            entry["dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+            qa = []
+            t0 = time.time()
+            for i in range(plan.questions):
+                answer = chat(model, processor, paths[image_ids[i]], questions[i], max_new_tokens=5)
+                qa.append({"question": questions[i], "answer": answer, "gold": answers[i]})
+            entry.update(status="ok", answers=qa, generate_s=round(time.time() - t0, 2))
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 - the other directories still get their turn
+            entry["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
+        print(json.dumps(entry), flush=True)
+        results.append(entry)
+        out_file.write_text(json.dumps(results, indent=1))
+
+
+# ------------------------------------------------------------------------------------------- the recipe launches
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(stage: str, zero: int, zero3_init: bool, output_dir: Path, *, lm_dir: Optional[Path],
+                   stage1_dir: Optional[Path], plan: Plan) -> list[str]:
+    """`accelerate launch` of `recipes/{pretrain,finetune}.py` with DeepSpeed ZeRO-`zero` on one process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--main_process_port", str(free_port()), "--use_deepspeed", "--deepspeed_config_file",
+           str(ZERO_CONFIGS[zero]), "--zero3_init_flag", "true" if zero == 3 and zero3_init else "false",
+           str(ROOT / "recipes" / f"{stage}.py"), "--config", str(STAGE_CONFIGS[stage]),
+           "--output_dir", str(output_dir)]
+    if stage == "pretrain":
+        cmd += ["--language_model", str(lm_dir)]
+    else:
+        cmd += ["--model_name_or_path", str(stage1_dir)]
+    return cmd + plan.stage_overrides[stage]
+
+
+LOG_LINE = re.compile(r"^\{.*'loss'.*\}\s*$")
+
+
+def parse_train_logs(lines: list[tuple[float, str]]) -> list[dict[str, Any]]:
+    """The Trainer's per-step log dicts (printed with `disable_tqdm`), each with the time its line arrived."""
+    logs = []
+    for stamp, line in lines:
+        if not LOG_LINE.match(line.strip()):
+            continue
+        # older transformers print bare floats, whose repr of a diverged loss (nan, inf) is no Python literal
+        text = re.sub(r"(?<![\w'])(-?inf|nan)(?![\w'])", r"'\1'", line.strip())
+        try:
+            record = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            continue
+        entry = {"t": stamp}
+        for key, value in record.items():
+            try:
+                entry[key] = float(value)
+            except (TypeError, ValueError):
+                entry[key] = value
+        logs.append(entry)
+    return logs
+
+
+def summarize_training(logs: list[dict[str, Any]], global_batch: int) -> dict[str, Any]:
+    """Losses (finite? falling?) and the steady-state samples/s between the logged steps after the first three."""
+    losses = [entry["loss"] for entry in logs if isinstance(entry.get("loss"), float)]
+    summary: dict[str, Any] = {"steps_logged": len(losses), "losses": [round(x, 4) for x in losses]}
+    if not losses:
+        return summary
+    third = max(1, len(losses) // 3)
+    first, last = sum(losses[:third]) / third, sum(losses[-third:]) / third
+    summary.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+                   loss_finite=all(math.isfinite(x) for x in losses), loss_falling=last < first,
+                   loss_first_third_mean=round(first, 4), loss_last_third_mean=round(last, 4))
+    timed = [entry["t"] for entry in logs if isinstance(entry.get("loss"), float)]
+    skip = min(3, len(timed) - 2)
+    if skip >= 0 and len(timed) - skip >= 2 and timed[-1] > timed[skip]:
+        summary["steady_samples_per_s"] = round((len(timed) - 1 - skip) * global_batch / (timed[-1] - timed[skip]), 2)
+    return summary
+
+
+def recipe_value(stage: str, key: str, plan: Plan, default: Any = None) -> Any:
+    """`key` as the launch sets it: the command-line override, else the stage's YAML file."""
+    import yaml
+
+    overrides = plan.stage_overrides[stage]
+    flag = f"--{key}"
+    if flag in overrides:
+        return overrides[overrides.index(flag) + 1]
+    return (yaml.safe_load(STAGE_CONFIGS[stage].read_text()) or {}).get(key, default)
+
+
+def trainer_memory(metrics: dict[str, Any]) -> Optional[float]:
+    """Peak GPU memory allocated during training (GiB) from the Trainer's memory metrics, when it reported them."""
+    keys = ("before_init_mem_gpu", "init_mem_gpu_alloc_delta", "train_mem_gpu_alloc_delta",
+            "train_mem_gpu_peaked_delta")
+    if not all(k in metrics for k in keys):
+        return None
+    return round(sum(float(metrics[k]) for k in keys) / 2**30, 3)
+
+
+# ------------------------------------------------------------------------------------------------ orchestration
+
+class GpuMemoryPoller:
+    """Samples `nvidia-smi`'s used memory of GPU 0 every half second (the whole card, context and cache included)."""
+
+    def __init__(self) -> None:
+        self.peak_mib: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "GpuMemoryPoller":
+        if shutil.which("nvidia-smi"):
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout.strip()
+                used = float(out.splitlines()[0])
+                self.peak_mib = used if self.peak_mib is None else max(self.peak_mib, used)
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                pass
+            self._stop.wait(0.5)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=6)
+
+
+def run_streamed(cmd: list[str], timeout: float, env: dict[str, str], log) -> tuple[Any, list[tuple[float, str]]]:
+    """Run `cmd` in its own process group, stream its output (time-stamped) into `log`, kill the whole group at
+    `timeout`. Returns `(returncode or "timeout", [(time, line), ...])`."""
+    lines: list[tuple[float, str]] = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True, bufsize=1, errors="replace")
+    RUNNING[:] = [proc]
+
+    started = time.time()
+
+    def reader() -> None:
+        for line in proc.stdout:
+            now = time.time()
+            lines.append((now, line.rstrip("\n")))
+            log.write(f"[{now - started:7.1f}s] {line}")
+            log.flush()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        rc: Any = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    thread.join(timeout=10)
+    RUNNING.clear()
+    return rc, lines
+
+
+RUNNING: list[subprocess.Popen] = []  # the part in flight, whose process group a SIGTERM to this script ends too
+
+
+def _terminate(signum, frame) -> None:
+    for proc in RUNNING:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
+class Run:
+    """Runs the parts in order inside the budget and rewrites results.json / results.md after each."""
+
+    def __init__(self, plan: Plan, args: argparse.Namespace) -> None:
+        self.plan, self.args = plan, args
+        self.out = Path(args.out)
+        self.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu_run_"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.started = time.time()
+        self.deadline = self.started + (args.budget_s or plan.budget_s)
+        self.log = (self.out / "gpu_run.log").open("a")
+        self.results: dict[str, Any] = {
+            "meta": {"dry_run": plan.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                     "budget_s": args.budget_s or plan.budget_s, "command": " ".join(sys.argv),
+                     "zero3_init": args.zero3_init, "plan": {k: v for k, v in asdict(plan).items()
+                                                             if k != "stage_overrides"}},
+            "versions": package_versions(), "env": {}, "parts": {}, "throughput": [], "lm": None, "recipes": {},
+            "reload": [],
+        }
+        self.results["meta"]["host"] = host_info()
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                        DEFOCUS_SCAN_BACKEND=args.scan_backend,
+                        PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "")
+                                                                  .split(os.pathsep) if p]))
+        if plan.dry_run:
+            self.env.setdefault("OMP_NUM_THREADS", "1")
+        self.results["meta"]["scan_backend"] = args.scan_backend
+
+    # -- bookkeeping
+    def remaining(self) -> float:
+        return self.deadline - time.time()
+
+    def write(self) -> None:
+        self.results["meta"]["elapsed_s"] = round(time.time() - self.started, 1)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=1, default=str))
+        (self.out / "results.md").write_text(render_markdown(self.results))
+
+    def part(self, name: str, cmd: list[str], reserve: float = 0.0) -> Optional[tuple[Any, list, float]]:
+        """Run one part's command with its timeout (capped by what the budget leaves after `reserve`)."""
+        timeout = min(self.plan.timeouts[name], self.remaining() - reserve)
+        record: dict[str, Any] = {"timeout_s": round(timeout, 1)}
+        self.results["parts"][name] = record
+        if timeout < self.plan.min_part_s:
+            record["status"] = "skipped: out of budget"
+            print(f"[gpu_run] {name}: skipped ({self.remaining():.0f} s left)", flush=True)
+            self.write()
+            return None
+        print(f"[gpu_run] {name}: starting (timeout {timeout:.0f} s, {self.remaining():.0f} s left)", flush=True)
+        self.log.write(f"\n===== {name}: {' '.join(cmd)}\n")
+        self.log.flush()
+        started = time.time()
+        rc, lines = run_streamed(cmd, timeout, self.env, self.log)
+        seconds = time.time() - started
+        record.update(status="ok" if rc == 0 else ("timeout" if rc == "timeout" else f"failed (exit {rc})"),
+                      seconds=round(seconds, 1))
+        if rc != 0:
+            record["tail"] = [line for _, line in lines[-25:]]
+            record["errors"] = error_lines([line for _, line in lines])
+        print(f"[gpu_run] {name}: {record['status']} in {seconds:.0f} s", flush=True)
+        return rc, lines, seconds
+
+    def skip(self, name: str, why: str) -> None:
+        self.results["parts"][name] = {"status": f"skipped: {why}"}
+        print(f"[gpu_run] {name}: skipped ({why})", flush=True)
+        self.write()
+
+    def child(self, name: str, *extra: str) -> list[str]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--work", str(self.work),
+               "--out", str(self.out), "--zero3-init", self.args.zero3_init, *extra]
+        return cmd + (["--dry-run"] if self.plan.dry_run else [])
+
+    # -- the parts
+    def throughput(self) -> None:
+        rows_file, env_file = self.work / "throughput.jsonl", self.work / "env.json"
+        rows_file.unlink(missing_ok=True)
+        self.part("throughput", self.child("throughput"))
+        if env_file.exists():
+            self.results["env"].update(json.loads(env_file.read_text()))
+        if rows_file.exists():
+            self.results["throughput"] = [json.loads(line) for line in rows_file.read_text().splitlines() if line]
+        self.write()
+
+    def lm(self) -> bool:
+        info = self.work / "lm_info.json"
+        info.unlink(missing_ok=True)
+        self.part("lm", self.child("lm"), reserve=self.plan.reload_reserve_s)
+        if info.exists():
+            self.results["lm"] = json.loads(info.read_text())
+        self.write()
+        return info.exists()
+
+    def stage(self, zero: int, stage_no: int, stage1_dir: Optional[Path]) -> Optional[Path]:
+        name = f"zero{zero}_stage{stage_no}"
+        stage = "pretrain" if stage_no == 1 else "finetune"
+        output_dir = self.work / name
+        shutil.rmtree(output_dir, ignore_errors=True)
+        cmd = launch_command(stage, zero, self.args.zero3_init == "true", output_dir, lm_dir=self.work / "lm",
+                             stage1_dir=stage1_dir, plan=self.plan)
+        with GpuMemoryPoller() as poller:
+            outcome = self.part(name, cmd, reserve=self.plan.reload_reserve_s)
+        if outcome is None:
+            return None
+        rc, lines, seconds = outcome
+        batch = int(recipe_value(stage, "per_device_train_batch_size", self.plan, 8))
+        summary: dict[str, Any] = {"stage": stage_no, "zero": zero, "seconds": round(seconds, 1),
+                                   "from": stage1_dir.name if stage1_dir else "--language_model",
+                                   "global_batch": batch, "status": self.results["parts"][name]["status"],
+                                   "max_steps": int(recipe_value(stage, "max_steps", self.plan, 0))}
+        summary.update(summarize_training(parse_train_logs(lines), batch))
+        metrics_file = output_dir / "final_results.json"
+        if metrics_file.exists():
+            metrics = json.loads(metrics_file.read_text())
+            summary["trainer"] = {k: metrics[k] for k in ("train_runtime", "train_samples_per_second",
+                                                          "train_steps_per_second", "train_loss") if k in metrics}
+            summary["peak_allocated_gib"] = trainer_memory(metrics)
+        summary["peak_gpu_used_gib"] = None if poller.peak_mib is None else round(poller.peak_mib / 1024, 2)
+        saved = (output_dir / "config.json").exists()
+        summary["saved"] = saved
+        self.results["recipes"][name] = summary
+        self.write()
+        return output_dir if rc == 0 and saved else None
+
+    def reload(self, model_dirs: list[Path]) -> None:
+        out_file = self.work / "reload.json"
+        out_file.unlink(missing_ok=True)
+        self.part("reload", self.child("reload", *map(str, model_dirs)))
+        if out_file.exists():
+            self.results["reload"] = json.loads(out_file.read_text())
+        self.write()
+
+    def run(self, parts: list[str]) -> int:
+        self.write()
+        if "throughput" in parts:
+            self.throughput()
+        finals: list[Path] = []
+        chains = [z for z in (2, 3) if f"zero{z}" in parts]
+        if chains:
+            if self.lm():
+                stage1_dirs: dict[int, Path] = {}
+                for zero in chains:
+                    stage1 = self.stage(zero, 1, None)
+                    if stage1 is not None:
+                        stage1_dirs[zero] = stage1
+                    # stage 2 continues from its own chain's stage 1, else from the other chain's (so a stage-1
+                    # failure under one ZeRO stage still lets stage 2 run under it)
+                    start = stage1 or next(iter(stage1_dirs.values()), None)
+                    if start is None:
+                        self.skip(f"zero{zero}_stage2", "no stage-1 model was saved")
+                        continue
+                    final = self.stage(zero, 2, start)
+                    if final is not None:
+                        finals.append(final)
+            else:
+                for zero in chains:
+                    self.skip(f"zero{zero}_stage1", "no language model directory")
+        if "reload" in parts:
+            if finals:
+                self.reload(finals)
+            else:
+                self.skip("reload", "no stage-2 model was saved")
+        self.results["meta"]["finished"] = True
+        self.write()
+        self.log.close()
+        print((self.out / "results.md").read_text(), flush=True)
+        failed = [n for n, r in self.results["parts"].items() if r.get("status") != "ok"]
+        return 1 if failed else 0
+
+
+def error_lines(lines: list[str], keep: int = 4) -> list[str]:
+    """The last few distinct lines that name an exception (what a failed part's report shows)."""
+    found: list[str] = []
+    for line in reversed(lines):
+        text = line.strip()
+        if re.search(r"(Error|Exception|error:)", text) and "ChildFailedError" not in text and "raise " not in text:
+            text = text[:300]
+            if text not in found:
+                found.append(text)
+            if len(found) == keep:
+                break
+    return found[::-1]
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def host_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+            info["nvidia_smi"] = out.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return info
+
+
+def default_scan_backend(dry_run: bool) -> str:
+    """The fast scan on a GPU: mamba-ssm's kernel where it is installed, else the Triton kernels; "torch" on CPU."""
+    if dry_run:
+        return "torch"
+    return "cuda" if importlib.util.find_spec("mamba_ssm") else "triton"
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _throughput_table(rows: list[dict[str, Any]], mode: str) -> list[str]:
+    cells = {(r["resolution"], r["model"]): r for r in rows if r["mode"] == mode}
+    resolutions = sorted({res for res, _ in cells})
+    models = [m for m in ENCODERS if any(m == model for _, model in cells)]
+    if not resolutions:
+        return ["(no measurements)"]
+    head = (["px", "tokens per image"] + [f"{ENCODER_LABELS[m]} img/s" for m in models]
+            + ["Mamba ÷ ViT-B", "Mamba ÷ CLIP-L"] + [f"{ENCODER_LABELS[m]} tok/s" for m in models]
+            + [f"{ENCODER_LABELS[m]} peak GiB" for m in models])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in resolutions:
+        row = [cells.get((res, m), {}) for m in models]
+        tokens = " / ".join(str(r.get("tokens", "–")) for r in row)
+
+        def rate(r: dict[str, Any], key: str) -> str:
+            return _fmt(r.get(key)) if r.get("status") == "ok" else (r.get("status", "–").split(":")[0] or "–")
+
+        def ratio(other: str) -> str:
+            a, b = cells.get((res, "defocus-mamba-base"), {}), cells.get((res, other), {})
+            if a.get("status") == "ok" and b.get("status") == "ok":
+                return f"{a['images_per_s'] / b['images_per_s']:.2f}x"
+            return "–"
+
+        lines.append("| " + " | ".join([str(res), tokens] + [rate(r, "images_per_s") for r in row]
+                                       + [ratio("vit-b16"), ratio("clip-vit-l14")]
+                                       + [rate(r, "tokens_per_s") for r in row]
+                                       + [_fmt(r.get("peak_mem_gib"), 2) for r in row]) + " |")
+    return lines
+
+
+def goal_line(rows: list[dict[str, Any]]) -> Optional[str]:
+    """Issue 17's goal at the largest resolution: Mamba-B >= 1.5x ViT-B/16's inference images/s, less peak memory."""
+    inference = {(r["resolution"], r["model"]): r for r in rows if r["mode"] == "inference" and r["status"] == "ok"}
+    shared = sorted(res for res, m in inference if m == "defocus-mamba-base" and (res, "vit-b16") in inference)
+    if not shared:
+        return None
+    res = shared[-1]
+    mamba, vit = inference[(res, "defocus-mamba-base")], inference[(res, "vit-b16")]
+    speed = mamba["images_per_s"] / vit["images_per_s"]
+    verdict = f"{speed:.2f}x ViT-B/16's inference throughput ({'meets' if speed >= 1.5 else 'misses'} the 1.5x goal)"
+    if mamba.get("peak_mem_gib") is not None and vit.get("peak_mem_gib") is not None:
+        less = mamba["peak_mem_gib"] < vit["peak_mem_gib"]
+        verdict += (f", peak memory {mamba['peak_mem_gib']:.2f} vs {vit['peak_mem_gib']:.2f} GiB "
+                    f"({'less' if less else 'not less'})")
+    return f"At {res} px De-focus Mamba-B runs at {verdict}."
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    meta, env, versions = results["meta"], results.get("env", {}), results.get("versions", {})
+    title = "GPU run" + (" — DRY RUN on the CPU (tiny sizes; the numbers mean nothing)" if meta["dry_run"] else "")
+    lines = [f"# {title}", "",
+             f"Started {meta.get('started')}, {meta.get('elapsed_s')} s elapsed of a {meta.get('budget_s')} s budget"
+             f"{'' if meta.get('finished') else ' (still running or cut short)'}.", "",
+             f"- card: {env.get('gpu') or meta.get('host', {}).get('nvidia_smi') or env.get('device', 'not read')}"
+             + (f" ({env['gpu_memory_gib']} GiB, sm {env['capability']})" if env.get("gpu") else ""),
+             f"- scan backend: {meta.get('scan_backend')} (available: "
+             f"{', '.join(env.get('scan_backends_available', []))}"
+             + ("; NOT registered by `import defocus_mllm`" if env.get("scan_backend_registered_by_import") is False
+                else "") + ")",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v), ""]
+    lines += ["## Parts", "", "| part | status | seconds | timeout s |", "|---|---|---|---|"]
+    for name, record in results["parts"].items():
+        lines.append(f"| {name} | {record.get('status')} | {_fmt(record.get('seconds'))} | "
+                     f"{_fmt(record.get('timeout_s'))} |")
+    for name, record in results["parts"].items():
+        if record.get("errors"):
+            lines += ["", f"{name} failed with:", "", "```"] + record["errors"] + ["```"]
+    rows = results.get("throughput", [])
+    if rows:
+        batches = sorted({(r["resolution"], r["batch"]) for r in rows})
+        lines += ["", "## Encoder throughput (bf16, random weights, one process, one card)", "",
+                  "Batch per resolution (the same for every encoder): "
+                  + ", ".join(f"{res} px: {b}" for res, b in batches) + ". Peak memory: the model's weights plus "
+                  "everything its measurement allocated (`torch.cuda.max_memory_allocated`).", "",
+                  "### Inference", ""] + _throughput_table(rows, "inference")
+        lines += ["", "### Forward + backward (train mode, mean of the output as the loss)", ""]
+        lines += _throughput_table(rows, "train")
+        goal = goal_line(rows)
+        if goal:
+            lines += ["", goal]
+    if results.get("lm"):
+        lm = results["lm"]
+        lines += ["", f"Language model: {lm['shape']} ({lm['model_type']}), {lm['parameters'] / 1e6:.1f}M parameters, "
+                      f"vocabulary {lm['vocab_size']}, random init, saved in {lm['dtype']}."]
+    if results.get("recipes"):
+        lines += ["", "## Recipes: `accelerate launch` + DeepSpeed, one process, bf16, activation checkpointing", "",
+                  "| run | from | steps logged | loss first → last | finite | falling | samples/s (steady) | "
+                  "samples/s (Trainer) | peak allocated GiB | peak GPU used GiB | seconds | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results["recipes"].items():
+            trainer = r.get("trainer", {})
+            cells = [name, r.get("from"), r.get("steps_logged", 0),
+                     f"{_fmt(r.get('loss_first'), 3)} → {_fmt(r.get('loss_last'), 3)}", _fmt(r.get("loss_finite")),
+                     _fmt(r.get("loss_falling")), _fmt(r.get("steady_samples_per_s"), 2),
+                     _fmt(trainer.get("train_samples_per_second"), 2), _fmt(r.get("peak_allocated_gib"), 2),
+                     _fmt(r.get("peak_gpu_used_gib"), 2), _fmt(r.get("seconds")), r.get("status")]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if results.get("reload"):
+        lines += ["", "## Reload with `AutoModelForImageTextToText` (bf16) and generate", "",
+                  "| model | status | load s | answers (question → answer / gold) |", "|---|---|---|---|"]
+        for entry in results["reload"]:
+            answers = "; ".join(f"{qa['question']} → {qa['answer']!r} / {qa['gold']}"
+                                for qa in entry.get("answers", []))
+            lines.append(f"| {entry['model_dir']} | {entry['status']} | {_fmt(entry.get('load_s'))} | {answers} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+ALL_PARTS = ["throughput", "zero2", "zero3", "reload"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU; exercises every code path")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "outputs" / "gpu_run"),
+                        help="results.json, results.md, gpu_run.log (default: $OUT, else outputs/gpu_run)")
+    parser.add_argument("--work", default=None, help="models and checkpoints (default: a new temporary directory)")
+    parser.add_argument("--budget-s", type=float, default=None, help="overall time budget (default: the plan's)")
+    parser.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma-separated subset of {ALL_PARTS}")
+    parser.add_argument("--scan-backend", default=None, help="DEFOCUS_SCAN_BACKEND for every part (default: cuda "
+                                                             "with mamba-ssm, else triton; torch for --dry-run)")
+    parser.add_argument("--zero3-init", choices=["true", "false"], default="true",
+                        help="accelerate's zero3_init_flag for the ZeRO-3 launches (recipes/accelerate/zero3.yaml "
+                             "sets true)")
+    parser.add_argument("--child", choices=["throughput", "lm", "reload"], help=argparse.SUPPRESS)
+    parser.add_argument("model_dirs", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.scan_backend = args.scan_backend or default_scan_backend(args.dry_run)
+    unknown = set(args.parts.split(",")) - set(ALL_PARTS)
+    if unknown:
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose from {ALL_PARTS}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    plan = dry_plan() if args.dry_run else real_plan()
+    if args.child:
+        work = Path(args.work)
+        if args.child == "throughput":
+            run_throughput(plan, work / "throughput.jsonl", work / "env.json")
+        elif args.child == "lm":
+            info = build_lm_dir(plan, work / "lm")
+            print(json.dumps(info), flush=True)
+            (work / "lm_info.json").write_text(json.dumps(info, indent=1))
+        else:
+            run_reload(plan, [Path(p) for p in args.model_dirs], work / "reload.json")
+        return 0
+    signal.signal(signal.SIGTERM, _terminate)
+    return Run(plan, args).run(args.parts.split(","))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
