@@ -1,17 +1,19 @@
 """defocus-mllm: De-focus Attention Networks (1D causal vision encoders) for the Hugging Face multimodal stack.
 
-Layers, each importing only the ones before it: `ops` (scan kernels) -> `encoder` (the De-focus vision model) ->
+Layers, each importing only the ones before it: `images` and `files` (the one image loader of every path; errors
+that name a truncated weights or data file), `ops` (scan kernels) -> `encoder` (the De-focus vision model) ->
 `llava` (the multimodal model) -> `data` -> `training` -> `evaluation`. docs/architecture.md has the map.
 
 Importing the package registers `DefocusVisionConfig` (`model_type="defocus_vision"`) with `AutoConfig`, and the
-encoder with `AutoModel` and `AutoModelForImageClassification`, so that stock classes such as
-`LlavaForConditionalGeneration` can build it from a config.
+encoder with `AutoModel`, `AutoModelForImageClassification` and `AutoBackbone`, so that stock classes such as
+`LlavaForConditionalGeneration` and `UperNetForSemanticSegmentation` can build it from a config.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from .encoder import (
     DEFOCUS_PRESETS,
+    DefocusBackbone,
     DefocusForImageClassification,
     DefocusImageProcessor,
     DefocusPreTrainedModel,
@@ -35,6 +37,7 @@ def _register() -> None:
     AutoConfig.register(DefocusVisionConfig.model_type, DefocusVisionConfig, exist_ok=True)
     AutoModel.register(DefocusVisionConfig, DefocusVisionModel, exist_ok=True)
     AutoModelForImageClassification.register(DefocusVisionConfig, DefocusForImageClassification, exist_ok=True)
+    AutoBackbone.register(DefocusVisionConfig, DefocusBackbone, exist_ok=True)
     # No torchvision: the PIL backend is the only one.
     AutoImageProcessor.register(DefocusVisionConfig, image_processor_classes={"pil": DefocusImageProcessor},
                                 exist_ok=True)
@@ -44,6 +47,7 @@ _register()
 
 __all__ = [
     "DEFOCUS_PRESETS",
+    "DefocusBackbone",
     "DefocusForImageClassification",
     "DefocusImageProcessor",
     "DefocusPreTrainedModel",

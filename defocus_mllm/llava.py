@@ -7,7 +7,9 @@ tokenizer with an `<image>` token, processor, chat template) and offers the free
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,8 +28,12 @@ from transformers import (
 )
 
 from .encoder.configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
-from .encoder.image_processing import DefocusImageProcessor, load_image, to_rgb
+from .encoder.image_processing import DefocusImageProcessor
+from .images import load_image, to_rgb
 from .encoder.modeling_defocus import DefocusForImageClassification, DefocusVisionModel
+from .files import naming_corrupt_files
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 
@@ -97,7 +103,11 @@ def _is_dir(value: Any) -> bool:
 def load_vision_tower(vision_tower: Union[str, PathLike, DefocusVisionConfig, nn.Module],
                       image_size: Optional[int] = None) -> DefocusVisionModel:
     """A `DefocusVisionModel` from a preset name, a config, a model (an image classifier gives its encoder) or a
-    saved / converted directory (classifier checkpoints included: their heads are dropped)."""
+    saved / converted directory (classifier checkpoints included: their heads are dropped).
+
+    A tower from a preset or a directory gets no stochastic depth (`drop_path_rate=0`, no schedule): the presets'
+    rates (up to 0.75) are for encoder pre-training, and a LLaVA tower trained in train mode should not drop blocks.
+    Pass a `DefocusVisionConfig` (or a model) to keep a drop-path rate on purpose."""
     if isinstance(vision_tower, DefocusForImageClassification):
         model = vision_tower.defocus
     elif isinstance(vision_tower, DefocusVisionModel):
@@ -111,10 +121,13 @@ def load_vision_tower(vision_tower: Union[str, PathLike, DefocusVisionConfig, nn
                              f"(model_type={getattr(config, 'model_type', None)!r})")
         # Saved classifiers keep their weights under `defocus.`; loading through the classifier finds them.
         arch = (config.architectures or [""])[0]
-        model = (DefocusForImageClassification.from_pretrained(vision_tower).defocus
-                 if arch == "DefocusForImageClassification" else DefocusVisionModel.from_pretrained(vision_tower))
+        with naming_corrupt_files(vision_tower, "weights file"):
+            model = (DefocusForImageClassification.from_pretrained(vision_tower).defocus
+                     if arch == "DefocusForImageClassification" else DefocusVisionModel.from_pretrained(vision_tower))
+        _without_drop_path(model)
     elif isinstance(vision_tower, str) and vision_tower in DEFOCUS_PRESETS:
         model = DefocusVisionModel(DefocusVisionConfig.from_preset(vision_tower))
+        _without_drop_path(model)
     else:
         raise ValueError(f"vision_tower={vision_tower!r} is neither a De-focus model, config, directory nor preset "
                          f"(presets: {', '.join(sorted(DEFOCUS_PRESETS))})")
@@ -125,6 +138,32 @@ def load_vision_tower(vision_tower: Union[str, PathLike, DefocusVisionConfig, nn
     return model
 
 
+def _without_drop_path(model: DefocusVisionModel) -> None:
+    """Switch a tower's stochastic depth off, in its config (saved with the LLaVA model) and in its blocks."""
+    model.config.drop_path_rate = 0.0
+    model.config.min_drop_path_rate = 0.0
+    model.config.use_scheduled_drop_path = False
+    model.set_drop_path_rate(0.0)
+
+
+@contextmanager
+def _zero3_init_disabled():
+    """Hide an active ZeRO-3 config from transformers for the duration (it is restored afterwards).
+
+    While a ZeRO-3 `HfDeepSpeedConfig` is alive, transformers builds every sub-model of a config (`from_config`) under
+    `deepspeed.zero.Init` and initialises its weights there; for the meta-device Llava shell that is both wasted work
+    (a second random LM) and a crash (weight init copies out of meta tensors). The shell's parts are replaced anyway.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_language_model(language_model: Union[PathLike, PretrainedConfig, nn.Module]) -> PreTrainedModel:
     """A causal LM from a config (randomly initialised), a model or a local directory."""
     if isinstance(language_model, PreTrainedModel):
@@ -132,7 +171,8 @@ def load_language_model(language_model: Union[PathLike, PretrainedConfig, nn.Mod
     if isinstance(language_model, PretrainedConfig):
         return AutoModelForCausalLM.from_config(language_model)
     if _is_dir(language_model):
-        return AutoModelForCausalLM.from_pretrained(language_model)
+        with naming_corrupt_files(language_model, "weights file"):
+            return AutoModelForCausalLM.from_pretrained(language_model)
     raise ValueError(f"language_model={language_model!r} is neither a causal LM, its config, nor a local directory")
 
 
@@ -178,6 +218,11 @@ def build_llava(
     (loaded from `language_model` when it is a directory and none is given) gains `<image>`; the embeddings are
     resized to match. `vision_feature_layer=-1` feeds the projector the final LayerNorm output, which is well scaled
     (the raw residual stream of a deep pre-norm encoder is not).
+
+    The encoder and projector take the language model's dtype (a checkpoint loads in its saved dtype, bf16 for every
+    real LM; an LM built under ZeRO-3 init takes the DeepSpeed config's), so the model runs without autocast; the
+    encoder keeps its residual stream in fp32 inside. Under ZeRO-3 the LM stays partitioned as loaded; the shell is
+    built with ZeRO-3 init switched off (see `_zero3_init_disabled`).
     """
     vision = load_vision_tower(vision_tower, image_size=image_size)
     if tokenizer is None:
@@ -186,6 +231,10 @@ def build_llava(
         tokenizer = AutoTokenizer.from_pretrained(language_model)
     lm = load_language_model(language_model)
     tokenizer = prepare_tokenizer(tokenizer)
+    positions = getattr(lm.config, "max_position_embeddings", None)
+    if positions and (tokenizer.model_max_length is None or tokenizer.model_max_length > positions):
+        # Saved with the processor, so that a reloaded model knows how long a prompt may be (chat checks it).
+        tokenizer.model_max_length = positions
 
     text_config = lm.config
     config = LlavaConfig(
@@ -198,9 +247,9 @@ def build_llava(
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
     )
     # Build the shell on the meta device, then move the real encoder / LM in: no second copy of a 7B LM in memory.
-    with torch.device("meta"):
+    with _zero3_init_disabled(), torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower = vision
+    model.model.vision_tower = vision.to(dtype=lm.dtype)
     model.model.language_model = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
     model.lm_head = lm.get_output_embeddings()
     projector = type(model.model.multi_modal_projector)(config)
@@ -221,19 +270,48 @@ def build_llava(
     return model, processor
 
 
-def chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, image: Union[Image.Image, PathLike],
-         question: str, **generate_kwargs: Any) -> str:
-    """Answer `question` about `image` (a PIL image or a file path) with the processor's chat template.
+def position_limit(model: nn.Module, tokenizer: Any = None) -> Optional[int]:
+    """How many tokens (prompt, image tokens and answer) the language model can place: the smaller of its
+    `max_position_embeddings` and the tokenizer's `model_max_length`; None when neither says."""
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    limits = [getattr(text_config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None]
+    limits = [int(limit) for limit in limits if limit and limit < 1e9]  # transformers' "no limit" is 1e30
+    return min(limits) if limits else None
 
-    Greedy decoding of at most 64 new tokens unless `generate_kwargs` say otherwise.
+
+def chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+         image: Union[Image.Image, PathLike, None], question: str, **generate_kwargs: Any) -> str:
+    """Answer `question` about `image` with the processor's chat template.
+
+    `image` is a PIL image, a file path, an `http(s)://` URL (fetched as `transformers` fetches images), or None for a
+    text-only question; all are read by `defocus_mllm.images.load_image`. Greedy decoding of at most 64 new tokens
+    unless `generate_kwargs` say otherwise. A prompt that does not fit the language model's positions
+    (`position_limit`) is refused with a `ValueError`; an answer that would run past them is cut short (warned).
     """
-    image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    content = [{"type": "text", "text": question}]
+    images = None
+    if image is not None:
+        images = [to_rgb(image) if isinstance(image, Image.Image) else load_image(image)]
+        content.insert(0, {"type": "image"})
+    messages = [{"role": "user", "content": content}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = processor(images=images, text=[prompt], return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     generate_kwargs.setdefault("max_new_tokens", 64)
     generate_kwargs.setdefault("do_sample", False)
+    limit, length = position_limit(model, processor.tokenizer), inputs["input_ids"].shape[1]
+    if limit is not None:
+        if length >= limit:
+            raise ValueError(f"The prompt is {length} tokens long (image tokens included) but the language model has "
+                             f"{limit} positions (model_max_length): shorten the question or use a smaller image size")
+        if generate_kwargs["max_new_tokens"] > limit - length:
+            logger.warning("max_new_tokens=%d would run past the language model's %d positions; the answer is cut "
+                           "to %d new tokens", generate_kwargs["max_new_tokens"], limit, limit - length)
+            generate_kwargs["max_new_tokens"] = limit - length
+            if generate_kwargs.get("min_new_tokens", 0) > limit - length:
+                generate_kwargs["min_new_tokens"] = limit - length
     with torch.no_grad():
         output = model.generate(**inputs, **generate_kwargs)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
@@ -341,6 +419,7 @@ __all__ = [
     "load_language_model",
     "load_vision_tower",
     "model_parts",
+    "position_limit",
     "prepare_tokenizer",
     "set_trainable",
 ]

@@ -23,6 +23,7 @@ from defocus_mllm.training import (
     LlavaTrainer,
     LlavaTrainingArguments,
     ModelArguments,
+    StopOnSignal,
     build_llava_model,
     build_supervised_dataset,
     configure_trainable,
@@ -58,11 +59,15 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     trainable, total = count_trainable_parameters(model)
     print(f"finetune: {len(dataset)} conversations; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable")
 
-    # Train, save (LoRA merged), and score on easy-VQA with the same code `eval/run.py` runs.
+    # Train (SIGTERM: a checkpoint at the next step, then exit), save (LoRA merged), and score on easy-VQA with the
+    # same code `eval/run.py` runs.
+    stop = StopOnSignal()
     trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=dataset.collator(),
                            processing_class=processor, projector_lr=args.projector_lr,
-                           vision_tower_lr=args.vision_tower_lr, callbacks=callbacks)
+                           vision_tower_lr=args.vision_tower_lr, callbacks=[*(callbacks or []), stop])
     metrics.update(trainer.train(resume_from_checkpoint=resume).metrics)
+    if stop.interrupted:
+        return stop.report(trainer, metrics)
     model = save_llava(trainer, processor, dataset, args)
     metrics.update(skipped_samples=len(dataset.skipped), train_time_s=time.time() - started)
     if args.eval_easy_vqa:

@@ -19,6 +19,7 @@ from defocus_mllm.training import (
     LlavaTrainer,
     LlavaTrainingArguments,
     ModelArguments,
+    StopOnSignal,
     build_llava_model,
     build_supervised_dataset,
     configure_trainable,
@@ -27,6 +28,8 @@ from defocus_mllm.training import (
     resolve_resume_checkpoint,
     save_llava,
     setup_logging,
+    wants_vision_warmup,
+    warm_up_vision_tower,
 )
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "pretrain_easy_vqa.yaml"
@@ -42,12 +45,20 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     # Image-text pairs, and the model whose projector learns to map the frozen encoder into the frozen LM.
     conversations = load_conversations(data_args, seed=args.seed)
     model, processor = build_llava_model(model_args, data_args, conversations)
+    resume = resolve_resume_checkpoint(args)
+    metrics: dict[str, Any] = {}
+    if wants_vision_warmup(model_args, resume):
+        metrics.update(warm_up_vision_tower(model, processor.image_processor, model_args, args))
     dataset = build_supervised_dataset(conversations, model, processor, data_args, args)
     model = configure_trainable(model, args)  # the projector alone
 
+    stop = StopOnSignal()  # SIGTERM: a checkpoint at the next step, then exit
     trainer = LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=dataset.collator(),
-                           processing_class=processor, projector_lr=args.projector_lr, callbacks=callbacks)
-    metrics = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args)).metrics
+                           processing_class=processor, projector_lr=args.projector_lr,
+                           callbacks=[*(callbacks or []), stop])
+    metrics.update(trainer.train(resume_from_checkpoint=resume).metrics)
+    if stop.interrupted:
+        return stop.report(trainer, metrics)
     save_llava(trainer, processor, dataset, args)
     metrics["skipped_samples"] = len(dataset.skipped)
     trainer.log_metrics("final", metrics)

@@ -12,7 +12,7 @@ Every field of `defocus_mllm.training.{EncoderModelArguments, EncoderDataArgumen
 
 from typing import Any, Optional
 
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from defocus_mllm.data.augment import MixupCutmix
 from defocus_mllm.data.image_classification import ImageClassificationCollator
@@ -21,6 +21,7 @@ from defocus_mllm.training import (
     EncoderModelArguments,
     EncoderPretrainingTrainer,
     ScheduledDropPathCallback,
+    StopOnSignal,
     parse_recipe_args,
     resolve_resume_checkpoint,
     setup_logging,
@@ -35,7 +36,7 @@ from defocus_mllm.training.encoder_setup import (
 from defocus_mllm.training.encoder_trainer import keep_main_logits, top_k_accuracy
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None) -> dict[str, Any]:
     model_args, data_args, args = parse_recipe_args((EncoderModelArguments, EncoderDataArguments, TrainingArguments),
                                                     argv)
     setup_logging(args)
@@ -51,8 +52,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     # The release's training strategies: scheduled drop path, mixup / cutmix, repeated augmentation, layer decay.
     config = model.config
-    callbacks = ([ScheduledDropPathCallback(config.min_drop_path_rate, config.drop_path_rate)]
-                 if config.use_scheduled_drop_path else [])
+    stop = StopOnSignal()  # SIGTERM: a checkpoint at the next step, then exit
+    callbacks = [*(callbacks or []), stop]
+    if config.use_scheduled_drop_path:
+        callbacks.append(ScheduledDropPathCallback(config.min_drop_path_rate, config.drop_path_rate))
     mixup = MixupCutmix(len(classes), data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mixup_prob,
                         data_args.mixup_switch_prob, model_args.label_smoothing)
     trainer = EncoderPretrainingTrainer(
@@ -62,6 +65,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         layer_decay=model_args.layer_decay, repeated_aug=data_args.repeated_aug)
 
     metrics = dict(trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args)).metrics)
+    if stop.interrupted:
+        return stop.report(trainer, metrics)
     trainer.save_model()
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())

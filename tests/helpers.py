@@ -11,6 +11,9 @@ import sys
 from types import ModuleType
 from typing import Any, Iterable, Optional
 
+import pytest
+import torch
+
 from defocus_mllm import DefocusVisionConfig, build_llava
 from defocus_mllm.training.tiny_lm import tiny_llama_config, train_tokenizer
 
@@ -55,3 +58,23 @@ def load_script(path: str | os.PathLike, name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny models (import it into the module to use it): a second thread
+    only adds contention on a shared 2-core machine, where it made the mixer tests 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scramble_filter(mixer, generator: torch.Generator) -> None:
+    """Move an attention / retention mixer's filter off its initial values, so that tests do not pass by a symmetry
+    of the initialisation."""
+    with torch.no_grad():
+        if mixer.filter.A_log is not None:
+            mixer.filter.A_log.copy_(torch.randn(mixer.filter.A_log.shape, generator=generator) - 2.0)
+        if mixer.filter.freq is not None:
+            mixer.filter.freq.copy_(torch.rand(mixer.filter.freq.shape, generator=generator))

@@ -1,4 +1,4 @@
-"""Release checkpoints -> Hugging Face directories: layouts, safe loading, and the numerics of SPEC §2.2.
+"""Release checkpoints -> Hugging Face directories: layouts, safe loading, and the numerics of docs/method.md §2.3.
 
 `release_forward` below is an independent functional implementation of the released network, written from the
 specification and run directly on a release-layout state dict; the converted model must reproduce it.
@@ -47,7 +47,7 @@ def release_state_dict(seed=0, head="linear", aux=True):
 
 
 def release_forward(sd, pixels, delta_scale=1.0, rope_scale=1.0, head="linear"):
-    """SPEC §2.1-2.2, step by step, in float64. Returns (tokens after the final norm, main logits, aux logits)."""
+    """docs/method.md §2.1-2.3, step by step, in float64. Returns (tokens after the final norm, main logits, aux logits)."""
     sd = {k: v.double() for k, v in sd.items()}
     x = F.conv2d(pixels.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH)
     x = torch.cat([x.flatten(2).transpose(1, 2), sd["cls_token"].expand(x.shape[0], 1, -1)], 1)

@@ -273,7 +273,7 @@ def test_accelerate_launch_single_process(tmp_path, shapes_folder):
 
 @pytest.mark.slow
 def test_accelerate_launch_deepspeed_zero2_two_processes(tmp_path, shapes_folder):
-    # no train_batch_size: the Trainer fills the batch sizes in from its own arguments (SPEC §5)
+    # no train_batch_size: the Trainer fills the batch sizes in from its own arguments (docs/method.md §7)
     ds_config = tmp_path / "zero2.json"
     ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
                                      "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",

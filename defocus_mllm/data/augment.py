@@ -3,7 +3,7 @@
 The training transform follows the DeiT / timm ImageNet recipe the release was trained with: random resized
 crop (bicubic), horizontal flip, an optional stronger PIL augmentation (RandAugment, `rand_augment`), colour
 jitter when no stronger augmentation is given, normalisation, random erasing; mixup / cutmix act on whole
-batches (`MixupCutmix`). The evaluation transform is the released encoders' (SPEC §3): resize the short side to
+batches (`MixupCutmix`). The evaluation transform is the released encoders' (docs/method.md §6.4): resize the short side to
 `int(256 / 224 * size)`, centre-crop, normalise with the ImageNet mean / std.
 
 Stronger augmentation plugs in as any callable `PIL.Image -> PIL.Image` passed as `pil_augment`, applied after
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from ..images import to_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_PCT = 224 / 256
@@ -38,7 +40,7 @@ def _random_streams(seed: Optional[int]) -> tuple[random.Random, Optional[torch.
 
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> `[3, H, W]` float tensor scaled to [0, 1] then normalised with `mean` / `std`."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -159,7 +161,7 @@ class ImageClassificationTransform:
         return cls(size=size, train=train, mean=processor.image_mean, std=processor.image_std, **kwargs)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)  # the package's one rule for modes (defocus_mllm.images)
         if self.train:
             box = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, self.rng)
             image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)

@@ -80,11 +80,9 @@ def load_easy_vqa(split: str = "train", turns_per_sample: int = 1, seed: int = 0
     instruction data does): the image is encoded once for several answers. `captions=True` instead makes one
     caption-style sample per image ("a red circle."), built from the answers, for projector pretraining.
     `curriculum` orders the list in phases, each shuffled on its own, to be trained on in order (sequential
-    sampling), e.g. `"described*3, open, all*2"`:
-      * `described`: text-only conversations in which the image is replaced by its description ("a red circle.",
-        read off the image's answers): the tiny LM learns to compare and negate from words, cheaply (no image);
-      * `open`: the open questions alone ("what color is the shape?"), which teach it to read the image;
-      * `all`: every question. `*N` repeats a phase N times, each pass regrouped and reshuffled.
+    sampling), e.g. `"described*3, open, all*2"`: `described` (text only, the image replaced by its description),
+    `open` (the open questions alone), `all` (every question); `*N` repeats a phase N times, each pass regrouped and
+    reshuffled. docs/easy_vqa.md says what each phase is for.
     `balance_yes_no=True` keeps as many "yes" as "no" answers among the plain and among the negated yes/no
     questions (a random subset of the majority answer): easy-VQA's are 5:1, so the question's form alone answers
     83% of them and a model never needs the image for them. `limit` caps the number of images.
@@ -208,15 +206,33 @@ def load_easy_vqa_labels(split: str = "train") -> tuple[list[Path], list[int], l
     return image_paths, labels, classes
 
 
+EASY_VQA_KINDS = ("open colour", "open shape", "yes/no colour", "yes/no shape")
+
+
+def easy_vqa_question_kind(question: str, answer: str) -> str:
+    """The kind of an easy-VQA question, one of `EASY_VQA_KINDS`: open when the answer is a colour or a shape
+    ("what color is the circle?" -> open colour), yes/no otherwise, about a colour when the question names one
+    ("is there not a red shape?" -> yes/no colour) and about a shape when it does not ("is a circle present?")."""
+    if answer in EASY_VQA_COLORS:
+        return "open colour"
+    if answer in EASY_VQA_SHAPES:
+        return "open shape"
+    words = question.rstrip("?").split()
+    return "yes/no colour" if any(w in EASY_VQA_COLORS for w in words) else "yes/no shape"
+
+
 __all__ = [
     "EASY_VQA_COLORS",
     "EASY_VQA_INSTRUCTION",
+    "EASY_VQA_KINDS",
     "EASY_VQA_PHASES",
     "EASY_VQA_SHAPES",
     "easy_vqa_color_and_shape",
     "easy_vqa_prompt",
+    "easy_vqa_question_kind",
     "easy_vqa_questions",
     "load_easy_vqa",
     "load_easy_vqa_labels",
     "parse_easy_vqa_curriculum",
 ]
+

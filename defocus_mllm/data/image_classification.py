@@ -7,35 +7,29 @@
 * `ImageClassificationCollator`: stacks `{"pixel_values", "labels"}`.
 * `RepeatedAugmentationSampler`: DeiT's repeated augmentation for the Trainer.
 
-Images load lazily; a missing or corrupt file raises an error naming it.
+Images load lazily through `defocus_mllm.images.load_image`, the loader of every other path (transparency onto
+white, 16-bit and float images scaled to 8 bits); a missing or corrupt file raises an error naming it.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
+
+from ..images import load_image, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
-def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, with an error naming the file when it is missing or not an image."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"Cannot read image file {path}: {err}") from err
+load_rgb_image = load_image  # the package's one image loader, under the name this module has always used
 
 
 def find_classes(root: str | os.PathLike) -> list[str]:
@@ -124,8 +118,11 @@ class HFImageClassificationDataset(Dataset):
         if isinstance(image, (str, os.PathLike)):
             image = load_rgb_image(image)
         elif isinstance(image, dict):
-            image = load_rgb_image(io.BytesIO(image["bytes"])) if image.get("bytes") else load_rgb_image(image["path"])
-        elif not isinstance(image, Image.Image):
+            image = (load_rgb_image(image["bytes"], name=f"sample {index}") if image.get("bytes")
+                     else load_rgb_image(image["path"]))
+        elif isinstance(image, Image.Image):
+            image = to_rgb(image, name=f"sample {index}")
+        else:
             raise ValueError(f"Sample {index}: column {self.image_column!r} holds {type(image).__name__}, not an image")
         if not isinstance(label, int) or isinstance(label, bool):
             raise ValueError(f"Sample {index}: column {self.label_column!r} holds {label!r}, not an integer class id")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..encoder.image_processing import load_image, to_rgb
+from ..images import load_image, to_rgb
 from .conversations import BadSampleError, Conversation, check_conversation
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """LLaVA instruction data as `input_ids`, `labels` and `pixel_values`.
 
     Samples longer than `model_max_length` are truncated; when truncation would cut into image tokens (or leave no
-    reply to learn) the sample is dropped and counted. Bad samples (no assistant turn, image markers that do not
-    match the images, missing image files) raise `BadSampleError` naming the file and sample, or with
-    `skip_bad_samples=True` are dropped, counted and reported (`skipped`). Unreadable images found later, while
-    training, are skipped the same way (the collator drops them) or raise.
+    reply to learn) the sample is dropped and counted. Bad samples (unreadable records, no assistant turn, image
+    markers that do not match the images, missing image files) raise `BadSampleError` naming the file and sample, or
+    with `skip_bad_samples=True` are dropped and listed (`skipped`, each sample once). Unreadable images found later,
+    while training, are skipped the same way or raise: the item is a `SkippedSample`, which the collator drops and
+    passes on (`skipped_samples` in the batch) so that skips found in dataloader worker processes reach the
+    `LlavaTrainer`, which lists them here (`record_skipped`).
     """
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer: Any, image_processor: Any,
@@ -88,7 +90,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.skip_bad_samples = skip_bad_samples
-        self.skipped: list[str] = []
+        self._skipped: dict[str, None] = {}  # messages in the order found, each once
         self.truncated = 0
         self.dropped_too_long = 0
         self.samples: list[tuple[Conversation, TokenizedConversation]] = []
@@ -114,11 +116,22 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise ValueError("No usable training samples" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
 
+    @property
+    def skipped(self) -> list[str]:
+        """The bad samples skipped so far, one message each (file, sample, problem)."""
+        return list(self._skipped)
+
+    def record_skipped(self, messages: Sequence[str]) -> None:
+        """Add skips found elsewhere (dataloader workers, other processes); a sample already listed is not repeated."""
+        for message in messages:
+            self._skipped.setdefault(str(message), None)
+
     def _skip(self, err: Exception) -> None:
         if not self.skip_bad_samples:
             raise err
-        self.skipped.append(str(err))
-        logger.warning("Skipping bad sample: %s", err)
+        if str(err) not in self._skipped:
+            self._skipped[str(err)] = None
+            logger.warning("Skipping bad sample: %s", err)
 
     def _fit(self, tokens: TokenizedConversation, image_token_id: int, max_length: int
              ) -> Optional[TokenizedConversation]:
@@ -140,7 +153,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Optional[dict[str, Any]]:
+    def __getitem__(self, index: int) -> Union[dict[str, Any], "SkippedSample"]:
         conv, tokens = self.samples[index]
         item: dict[str, Any] = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels)}
         if conv.images:
@@ -150,7 +163,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             except (OSError, ValueError) as err:
                 error = BadSampleError(f"{conv.where()}: {err}")
                 self._skip(error)
-                return None
+                return SkippedSample(str(error))
         return item
 
     def collator(self) -> "SupervisedCollator":
@@ -168,17 +181,33 @@ def _exists(path: Any) -> bool:
 
 
 @dataclass
+class SkippedSample:
+    """What `SupervisedDataset` returns for a sample it skipped while training: the message that lists it."""
+
+    message: str
+
+
+@dataclass
 class SupervisedCollator:
     """Right-pads `input_ids` (pad id) and `labels` (-100), builds the attention mask and concatenates the images of
-    the batch in sample order (the order of their `<image>` placeholders). `None` items (skipped bad images) are
-    dropped."""
+    the batch in sample order (the order of their `<image>` placeholders).
+
+    Skipped items (`SkippedSample`, or None) are dropped; their messages travel in the batch as `skipped_samples`
+    (the `LlavaTrainer` takes them out before the forward pass). A batch whose items were all skipped becomes one
+    pad token with nothing to learn and `all_skipped=True`: the `LlavaTrainer` takes a zero-loss step on it, which
+    keeps several processes in step where raising would stop the run.
+    """
 
     pad_token_id: int
 
-    def __call__(self, items: list[Optional[dict[str, Any]]]) -> dict[str, torch.Tensor]:
-        items = [item for item in items if item is not None]
+    def __call__(self, items: list[Union[dict[str, Any], SkippedSample, None]]) -> dict[str, Any]:
+        skipped = [item.message for item in items if isinstance(item, SkippedSample)]
+        items = [item for item in items if isinstance(item, dict)]
         if not items:
-            raise ValueError("Every sample of this batch was skipped as bad")
+            return {"input_ids": torch.full((1, 1), self.pad_token_id, dtype=torch.long),
+                    "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+                    "attention_mask": torch.ones((1, 1), dtype=torch.long), "all_skipped": True,
+                    "skipped_samples": skipped}
         longest = max(len(item["input_ids"]) for item in items)
         input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
@@ -190,11 +219,14 @@ class SupervisedCollator:
         pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
+        if skipped:
+            batch["skipped_samples"] = skipped
         return batch
 
 
 __all__ = [
     "IGNORE_INDEX",
+    "SkippedSample",
     "SupervisedCollator",
     "SupervisedDataset",
     "TokenizedConversation",

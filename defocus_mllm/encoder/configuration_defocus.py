@@ -7,13 +7,21 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-MIXERS = ("mamba", "attention", "retention")
+try:
+    from transformers.backbone_utils import BackboneConfigMixin
+except ImportError:  # older releases keep it under `utils`
+    from transformers.utils.backbone_utils import BackboneConfigMixin
+
 AUX_LOSS_MODES = ("per_token", "pooled", "none")
 HEAD_TYPES = ("linear", "mlp")
 FILTER_MODES = ("learnable", "fixed", "none")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flex_eager")
+# Sizes, counts and scale factors: zero or negative values build no model (or a silently empty one).
+POSITIVE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "state_size", "time_step_rank",
+                   "conv_kernel", "patch_size", "image_size", "num_channels", "rope_scale_factor", "delta_scale_factor")
 
 
-class DefocusVisionConfig(PretrainedConfig):
+class DefocusVisionConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
     Configuration of [`DefocusVisionModel`] and [`DefocusForImageClassification`].
 
@@ -38,6 +46,11 @@ class DefocusVisionConfig(PretrainedConfig):
         delta_scale_factor (`float`): Mamba's `delta` is divided by it (2 at 384px in the release).
         causal (`bool`): causal token mixing; `False` only makes sense for `mixer="attention"` (non-causal ViT).
         num_attention_heads (`int`): heads of the attention / retention mixers.
+        attention_backend (`str`): how `mixer="attention"` computes softmax attention: `"sdpa"`
+            (`scaled_dot_product_attention` with a dense `[H, L, L]` decay + mask bias), `"flex"` (FlexAttention under
+            `torch.compile`: the decay as a `score_mod`, causality as a block mask), `"flex_eager"` (FlexAttention
+            without compiling, for debugging) or `"auto"` (`"flex"` on CUDA, `"sdpa"` elsewhere; docs/method.md §3.4).
+            The same numbers either way; a run-time choice, also settable per mixer (`mixer.attention_backend`).
         mlp_ratio (`float`): width of the feed-forward block of the attention / retention variants (0: none).
         patch_size, image_size, num_channels: the patch embedding; any multiple of `patch_size` works at run time,
             `image_size` is the training / preprocessing size.
@@ -52,6 +65,16 @@ class DefocusVisionConfig(PretrainedConfig):
         rms_norm_eps, layer_norm_eps: block RMSNorm and final LayerNorm epsilons.
         initializer_range (`float`): std of the truncated-normal init of every Linear.
         time_step_min, time_step_max, time_step_floor, time_step_scale: `dt` initialisation.
+        out_features (`list[str]`), out_indices (`list[int]`): the stages [`DefocusBackbone`] returns, named after
+            `stage_names` = `["stem", "stage1", ..., "stageN"]` (the embedding output, then each block); either
+            one sets the other (default: the last stage), as in every Hugging Face backbone config.
+        apply_layernorm (`bool`): the backbone's feature maps go through the encoder's final LayerNorm (the
+            residual stream is fp32 and grows with depth); `False` returns the raw residual stream.
+        reshape_hidden_states (`bool`): feature maps `[B, hidden, H/p, W/p]` (CLS token dropped); `False`: the image
+            tokens `[B, (H/p)(W/p), hidden]`.
+        backbone_feature_pyramid (`bool`): the ViTDet simple feature pyramid on top of the backbone: the stride-`p`
+            maps become maps at strides `p/4, p/2, p, 2p` (one selected stage feeds all four scales; four
+            selected stages get one scale each, shallowest finest), for heads with an FPN such as UperNet.
     """
 
     model_type = "defocus_vision"
@@ -73,6 +96,7 @@ class DefocusVisionConfig(PretrainedConfig):
         delta_scale_factor: float = 1.0,
         causal: bool = True,
         num_attention_heads: int = 12,
+        attention_backend: str = "auto",
         mlp_ratio: float = 4.0,
         patch_size: int = 16,
         image_size: int = 224,
@@ -91,6 +115,11 @@ class DefocusVisionConfig(PretrainedConfig):
         time_step_max: float = 0.1,
         time_step_floor: float = 1e-4,
         time_step_scale: float = 1.0,
+        out_features: list[str] | None = None,
+        out_indices: list[int] | None = None,
+        apply_layernorm: bool = True,
+        reshape_hidden_states: bool = True,
+        backbone_feature_pyramid: bool = False,
         **kwargs: Any,
     ) -> None:
         self.mixer = mixer
@@ -108,6 +137,7 @@ class DefocusVisionConfig(PretrainedConfig):
         self.delta_scale_factor = delta_scale_factor
         self.causal = causal
         self.num_attention_heads = num_attention_heads
+        self.attention_backend = attention_backend
         self.mlp_ratio = mlp_ratio
         self.patch_size = patch_size
         self.image_size = image_size
@@ -126,17 +156,37 @@ class DefocusVisionConfig(PretrainedConfig):
         self.time_step_max = time_step_max
         self.time_step_floor = time_step_floor
         self.time_step_scale = time_step_scale
+        self.validate_sizes()  # before anything (the backbone stages, say) is derived from them
+        self.apply_layernorm = apply_layernorm
+        self.reshape_hidden_states = reshape_hidden_states
+        self.backbone_feature_pyramid = backbone_feature_pyramid
+        kwargs.pop("stage_names", None)  # derived from the depth (see `stage_names`)
         super().__init__(**kwargs)
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         self.validate_fields()
+
+    def validate_sizes(self) -> None:
+        """Raise a `ValueError` naming the first size, count or scale factor that is not a positive number."""
+        names = POSITIVE_FIELDS + (("num_attention_heads",) if self.mixer != "mamba" else ())
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise ValueError(f"DefocusVisionConfig: {name}={value!r} must be positive")
 
     def validate_fields(self) -> None:
         """Raise a `ValueError` that names the field when the configuration cannot build a model."""
+        self.validate_sizes()
+        from .mixers import MIXER_CLASSES  # the single list of mixers; imported here, the mixers import this layer
+
+        mixers = tuple(MIXER_CLASSES)
         checks = [
-            (self.mixer in MIXERS, f"mixer={self.mixer!r} must be one of {MIXERS}"),
+            (self.mixer in mixers, f"mixer={self.mixer!r} must be one of {mixers}"),
             (self.aux_loss_mode in AUX_LOSS_MODES, f"aux_loss_mode={self.aux_loss_mode!r} must be one of {AUX_LOSS_MODES}"),
             (self.head_type in HEAD_TYPES, f"head_type={self.head_type!r} must be one of {HEAD_TYPES}"),
             (self.rope_mode in FILTER_MODES[:2], f"rope_mode={self.rope_mode!r} must be 'learnable' or 'fixed'"),
             (self.decay_mode in FILTER_MODES, f"decay_mode={self.decay_mode!r} must be one of {FILTER_MODES}"),
+            (self.attention_backend in ATTENTION_BACKENDS,
+             f"attention_backend={self.attention_backend!r} must be one of {ATTENTION_BACKENDS}"),
             (self.patch_size > 0, f"patch_size={self.patch_size} must be positive"),
             (self.image_size % self.patch_size == 0, f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"),
             (self.causal or self.mixer == "attention", "causal=False is only defined for mixer='attention'"),
@@ -164,6 +214,11 @@ class DefocusVisionConfig(PretrainedConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"DefocusVisionConfig: {message}")
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The backbone's stages: `"stem"` (the embedding output) and `"stage{i}"` (after block `i`)."""
+        return ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
 
     @property
     def num_image_tokens(self) -> int:
@@ -210,7 +265,7 @@ _DEFOCUS_DROP_PATH = dict(drop_path_rate=0.75, min_drop_path_rate=0.1, use_sched
 # The miniature study's size: `mamba-tiny`'s width (64), depth (4), patch and image size, with 4 heads.
 _TINY = dict(patch_size=8, image_size=64, num_labels=10)
 
-# The released De-focus Mamba sizes (SPEC §2.2). `*-causal` presets are the plain causal baselines
+# The released De-focus Mamba sizes (docs/method.md §2.5). `*-causal` presets are the plain causal baselines
 # of the paper's comparison: the same network without the learnable bandpass filter.
 DEFOCUS_PRESETS: dict[str, dict[str, Any]] = {
     "mamba-small": _mamba(384, 24, drop_path_rate=0.3),
@@ -223,7 +278,7 @@ DEFOCUS_PRESETS: dict[str, dict[str, Any]] = {
     # A few-million-parameter encoder for CPU work (tests, offline recipes, the miniature study).
     "mamba-tiny": dict(mixer="mamba", hidden_size=64, num_hidden_layers=4, intermediate_size=128, state_size=16,
                        time_step_rank=8, group_norm_size=32, patch_size=8, image_size=64, num_labels=10),
-    # De-focus ViT (SPEC §2.3) and its baselines: DeiT sizes, no absolute position embedding.
+    # De-focus ViT (docs/method.md §2.6) and its baselines: DeiT sizes, no absolute position embedding.
     "vit-small": _vit(384, 12, 6, drop_path_rate=0.3),
     "vit-base": _vit(768, 12, 12, **_DEFOCUS_DROP_PATH),
     "vit-base-causal": _vit(768, 12, 12, drop_path_rate=0.1, **_NO_FILTER),

@@ -1,6 +1,7 @@
 """Convert released De-focus Mamba checkpoints into Hugging Face model directories.
 
     defocus-convert SRC OUT_DIR [--ema] [--delta-scale-factor F] [--rope-scale-factor F] [--image-size N]
+                    [--allow-non-finite]
     python -m defocus_mllm.convert SRC OUT_DIR ...
 
 SRC may be a plain state dict, a training file `{"model": sd, "model_ema": sd, "optimizer": ..., "config": obj}`,
@@ -8,6 +9,10 @@ a detection file `{"state_dict": {"backbone.*": ...}}` (backbone only), or a `.s
 classes and head type are read off the tensor shapes. Loading never executes pickled code: files that hold
 pickled non-tensor objects (a training config, say) are read with an unpickler that only rebuilds tensors and
 replaces every other object by an inert placeholder.
+
+Nonsense is refused with an error naming it (exit status 2, no traceback): a truncated or unreadable file, a tensor
+whose shape does not fit the architecture read off the others (the key and both shapes), NaN / infinite weights
+(kept only with `--allow-non-finite`), and zero, negative or NaN scale factors and sizes.
 """
 
 from __future__ import annotations
@@ -96,7 +101,11 @@ def load_checkpoint(path: str | Path) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # truncated / not a safetensors file
+            raise CheckpointError(f"{path}: truncated or unreadable safetensors file ({type(exc).__name__}: {exc})") \
+                from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -183,15 +192,38 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k if k.startswith(("head.", "head2.")) else f"defocus.{k}": v for k, v in sd.items()}
 
 
+def check_finite(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise a `CheckpointError` naming the first floating-point tensor that holds NaN or infinite values."""
+    for key, tensor in sd.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            nans, infs = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise CheckpointError(f"{source}: tensor {key!r} holds {nans} NaN and {infs} infinite value(s); a model "
+                                  f"converted from it would output NaN (pass --allow-non-finite, or "
+                                  f"allow_non_finite=True, to convert it anyway)")
+
+
+def check_shapes(weights: dict[str, torch.Tensor], model: torch.nn.Module, source: str = "checkpoint") -> None:
+    """Raise a `CheckpointError` naming the first tensor whose shape differs from the model's, with both shapes."""
+    expected = model.state_dict()
+    for key, tensor in weights.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            name = key[len("defocus."):] if key.startswith("defocus.") else key
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the architecture "
+                                  f"read off the other tensors expects {tuple(expected[key].shape)}")
+
+
 def convert_checkpoint(src: str | Path, out_dir: Optional[str | Path] = None, *, use_ema: bool = False,
                        delta_scale_factor: Optional[float] = None, rope_scale_factor: Optional[float] = None,
-                       image_size: Optional[int] = None, group_norm_size: Optional[int] = None):
+                       image_size: Optional[int] = None, group_norm_size: Optional[int] = None,
+                       allow_non_finite: bool = False):
     """Convert `src` and (when `out_dir` is given) save it as a Hugging Face directory; returns the model.
 
     A checkpoint with classification heads becomes a `DefocusForImageClassification`; a backbone-only file
-    (detection) becomes a `DefocusVisionModel`.
+    (detection) becomes a `DefocusVisionModel`. NaN / infinite weights are refused unless `allow_non_finite`.
     """
     sd = extract_state_dict(load_checkpoint(src), use_ema=use_ema, source=str(src))
+    if not allow_non_finite:
+        check_finite(sd, source=str(src))
     try:
         config = infer_config(sd, delta_scale_factor=delta_scale_factor, rope_scale_factor=rope_scale_factor,
                               image_size=image_size, group_norm_size=group_norm_size)
@@ -203,6 +235,7 @@ def convert_checkpoint(src: str | Path, out_dir: Optional[str | Path] = None, *,
     else:
         config.aux_loss_mode = "none"
         model, weights = DefocusVisionModel(config), {k: v for k, v in sd.items() if not k.startswith("head2.")}
+    check_shapes(weights, model, source=str(src))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{src}: the weights do not fit the inferred architecture; missing {missing[:8]}, "
@@ -232,12 +265,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--image-size", type=int, default=None, help="preprocessing / default image size")
     parser.add_argument("--group-norm-size", type=int, default=None,
                         help="channels per group of the scan-output norm (not visible in shapes; release: 64)")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="convert weights that hold NaN / infinite values (refused by default)")
     args = parser.parse_args(argv)
     try:
         model = convert_checkpoint(args.src, args.out_dir, use_ema=args.ema,
                                    delta_scale_factor=args.delta_scale_factor,
                                    rope_scale_factor=args.rope_scale_factor, image_size=args.image_size,
-                                   group_norm_size=args.group_norm_size)
+                                   group_norm_size=args.group_norm_size, allow_non_finite=args.allow_non_finite)
     except CheckpointError as exc:
         print(f"defocus-convert: error: {exc}", file=sys.stderr)
         return 2

@@ -1,52 +1,26 @@
 """Image processor of the De-focus encoder: the release's evaluation transform on the PIL backend (no torchvision).
 
 Resize the short side to `int(256 / 224 * crop)` (bicubic), centre-crop `crop`, scale to [0, 1] and normalise with
-the ImageNet mean / std (SPEC §2.2). `do_pad=True` first pads the image to a square with the mean colour, as LLaVA-1.5
+the ImageNet mean / std (docs/method.md §6.4). `do_pad=True` first pads the image to a square with the mean colour, as LLaVA-1.5
 does, so that nothing is cropped away. The processor also rejects what the encoder cannot see: an image smaller than
-one patch, and unreadable image files (named in the error).
+one patch, and unreadable image files (named in the error). Files, URLs and PIL images of any mode are read by
+`defocus_mllm.images` (transparency onto white, 16-bit and float images scaled to 8 bits), as on every other path.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from ..images import load_image, to_rgb
+
 # The release evaluates at 224 after resizing the short side to 256.
 RESIZE_RATIO = 256 / 224
-
-
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open an image file as RGB; a missing or undecodable file raises a `ValueError` naming it.
-
-    Grayscale, palette and RGBA images are converted to RGB (transparent pixels become white, which is what a
-    viewer shows, rather than the arbitrary colour stored under them).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"Cannot read image file {path}: {err}") from err
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of a PIL image of any mode; transparency is composited onto white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class DefocusImageProcessor(LlavaImageProcessorPil):
@@ -99,12 +73,10 @@ class DefocusImageProcessor(LlavaImageProcessorPil):
         return super()._preprocess(images, *args, do_pad=do_pad, size=size, crop_size=crop_size, **kwargs)
 
     def fetch_images(self, image_url_or_urls: Any):
-        # Local paths get our RGB conversion and an error that names the file; URLs keep the stock behaviour.
+        # Paths and URLs go through the package's one loader (its mode rule, errors that name the file or URL).
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(x) for x in image_url_or_urls]
-        if isinstance(image_url_or_urls, os.PathLike) or (
-            isinstance(image_url_or_urls, str) and not image_url_or_urls.startswith(("http://", "https://"))
-        ):
+        if isinstance(image_url_or_urls, (str, os.PathLike, bytes)):
             return load_image(image_url_or_urls)
         return super().fetch_images(image_url_or_urls)
 

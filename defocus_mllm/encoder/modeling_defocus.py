@@ -1,4 +1,4 @@
-"""De-focus Attention Network: a 1D causal vision encoder as a Hugging Face model (SPEC §2)."""
+"""De-focus Attention Network: a 1D causal vision encoder as a Hugging Face model (docs/method.md §2)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_defocus import DefocusVisionConfig
-from .mixers import build_mixer
+from .mixers import TokenMixer, build_mixer
 
 
 class DefocusRMSNorm(nn.Module):
@@ -81,7 +81,7 @@ class DefocusMLP(nn.Module):
 class DefocusBlock(GradientCheckpointingLayer):
     """`x = x + drop_path(mixer(RMSNorm(x)))` with the residual stream in fp32.
 
-    Mixers that declare `has_feed_forward` (attention, retention) get a second pre-norm sub-block
+    Mixers whose `has_feed_forward` is True (attention, retention) get a second pre-norm sub-block
     `x = x + drop_path(mlp(RMSNorm(x)))` when `config.mlp_ratio > 0`; Mamba's gated projection is its own MLP.
     """
 
@@ -91,7 +91,7 @@ class DefocusBlock(GradientCheckpointingLayer):
         self.norm = DefocusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = build_mixer(config, layer_idx)
         self.norm2 = self.mlp = None
-        if getattr(self.mixer, "has_feed_forward", False) and config.mlp_ratio > 0:
+        if self.mixer.has_feed_forward and config.mlp_ratio > 0:
             self.norm2 = DefocusRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = DefocusMLP(config.hidden_size, int(config.hidden_size * config.mlp_ratio))
         self.drop_path_rate = 0.0  # set at run time by `DefocusPreTrainedModel.set_drop_path_rate`
@@ -137,9 +137,10 @@ class DefocusPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.cls_token, std=std)
             if module.pos_embed is not None:
                 init.trunc_normal_(module.pos_embed, std=std)
-        # the mixer's own parameters; `apply` visits children first, so its Linears are already done
-        if hasattr(module, "_init_mixer_weights"):
-            module._init_mixer_weights()
+        elif isinstance(module, TokenMixer):
+            # the mixer's own parameters (docs/method.md §3.3); `apply` visits children first, so its Linears are
+            # already done
+            module.init_weights()
 
     def set_drop_path_rate(self, rate: float) -> list[float]:
         """Set the stochastic-depth rate of the last layer; layer `i` gets `rate * i / (depth - 1)`.
@@ -212,7 +213,9 @@ class DefocusVisionModel(DefocusPreTrainedModel):
         for i, block in enumerate(self.blocks):
             hidden = block(hidden)
             if want_hidden and i < len(self.blocks) - 1:
-                all_hidden.append(hidden)
+                # the residual stream stays fp32 here; the returned copy has the parameters' dtype (a bf16 projector
+                # reads it when `vision_feature_layer` is not -1)
+                all_hidden.append(hidden.to(self.norm.weight.dtype))
         hidden = self.norm(hidden.to(self.norm.weight.dtype))
         if want_hidden:
             all_hidden.append(hidden)

@@ -1,8 +1,8 @@
-"""Training: LLaVA's two stages and encoder pretraining on the Hugging Face `Trainer`.
+"""Training: LLaVA's two stages, encoder pretraining and semantic segmentation on the Hugging Face `Trainer`.
 
-One module per idea: `arguments` (the recipes' dataclasses and YAML parsing), `runtime` (logging, resume),
-`llava_setup` / `encoder_setup` (the steps of each recipe), `llava_trainer` / `encoder_trainer` (the `Trainer`
-subclasses), `callbacks` (scheduled drop path), `warmup` (the offline vision warm-up) and `tiny_lm` (the offline
+One module per idea: `arguments` (the recipes' dataclasses and YAML parsing), `runtime` (logging, resume, stop on SIGTERM),
+`llava_setup` / `encoder_setup` / `segmentation` (the steps of each recipe), `llava_trainer` / `encoder_trainer`
+(the `Trainer` subclasses), `callbacks` (scheduled drop path), `warmup` (the offline vision warm-up) and `tiny_lm` (the offline
 default's tiny Llama and tokenizer). The recipes in `recipes/` call these steps in order.
 """
 
@@ -13,6 +13,8 @@ from .arguments import (
     EncoderModelArguments,
     LlavaTrainingArguments,
     ModelArguments,
+    SegmentationDataArguments,
+    SegmentationModelArguments,
     parse_overrides,
     parse_recipe_args,
 )
@@ -29,7 +31,7 @@ from .llava_setup import (
     wants_vision_warmup,
 )
 from .llava_trainer import LlavaTrainer
-from .runtime import resolve_resume_checkpoint, setup_logging
+from .runtime import StopOnSignal, resolve_resume_checkpoint, setup_logging
 from .warmup import warm_up_vision_tower
 
 __all__ = [
@@ -42,6 +44,9 @@ __all__ = [
     "LlavaTrainingArguments",
     "ModelArguments",
     "ScheduledDropPathCallback",
+    "StopOnSignal",
+    "SegmentationDataArguments",
+    "SegmentationModelArguments",
     "build_llava_model",
     "build_supervised_dataset",
     "configure_trainable",

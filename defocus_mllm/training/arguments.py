@@ -5,6 +5,8 @@ command line (`--learning_rate 1e-3`), which overrides the file.
   `LlavaTrainingArguments` (extends `transformers.TrainingArguments`).
 * Encoder pretraining (`recipes/pretrain_encoder.py`): `EncoderModelArguments`, `EncoderDataArguments`, and
   `transformers.TrainingArguments`.
+* Semantic segmentation (`recipes/segment.py`): `SegmentationModelArguments`, `SegmentationDataArguments`, and
+  `transformers.TrainingArguments`.
 """
 
 from __future__ import annotations
@@ -72,8 +74,12 @@ class DataArguments:
     max_train_samples: Optional[int] = None
     model_max_length: int = 2048
     image_aspect_ratio: str = field(default="pad", metadata={"help": "'pad' (LLaVA-1.5: pad to square) or 'crop'"})
-    skip_bad_samples: bool = field(default=False, metadata={"help": "drop bad samples (counted, reported) instead "
-                                                                     "of stopping"})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "drop bad samples (malformed lines, unknown "
+                                                                     "speakers, unreadable or missing images...) and "
+                                                                     "list them in skipped_samples.txt instead of "
+                                                                     "stopping"})
+    allow_images_outside_folder: bool = field(default=False, metadata={
+        "help": "accept image paths in a LLaVA JSON file that are absolute or climb out of image_folder ('..')"})
 
 
 @dataclass
@@ -141,6 +147,39 @@ class EncoderDataArguments:
 
 
 
+# ------------------------------------------------------------------------------------------ semantic segmentation
+
+@dataclass
+class SegmentationModelArguments:
+    backbone: str = field(default="mamba-tiny", metadata={
+        "help": "De-focus encoder: DEFOCUS_PRESETS name (random init), or a saved / converted encoder directory"})
+    backbone_overrides: Optional[str] = field(default=None, metadata={
+        "help": "encoder config overrides, JSON or key=value,key=value (e.g. mixer=attention)"})
+    out_indices: Optional[list[int]] = field(default=None, metadata={
+        "help": "backbone stages fed to the head (0: the embedding, i: after block i); default: the last block of "
+                "each quarter of the depth"})
+    feature_pyramid: bool = field(default=True, metadata={
+        "help": "ViTDet simple feature pyramid: the stride-p maps become strides p/4, p/2, p, 2p"})
+    decode_hidden_size: int = field(default=32, metadata={"help": "UperNet's channel width (its default, 512, is "
+                                                                  "sized for ImageNet-scale backbones)"})
+    auxiliary_head: bool = field(default=False, metadata={
+        "help": "UperNet's FCN auxiliary head on the third map (weighted auxiliary_loss_weight; needs 3+ maps)"})
+    auxiliary_channels: int = 32
+    auxiliary_loss_weight: float = 0.4
+
+
+@dataclass
+class SegmentationDataArguments:
+    dataset: str = field(default="easy-vqa", metadata={
+        "help": "'easy-vqa': easy-VQA's images with the shape's mask read off the colours (offline)"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "training resolution (default: the images')"})
+    hflip: float = field(default=0.5, metadata={"help": "probability of a random horizontal flip (training)"})
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    figure_images: int = field(default=8, metadata={
+        "help": "test images in the predictions figure saved to output_dir/predictions.png (0: none)"})
+
+
 # ------------------------------------------------------------------------------------------------------ parsing
 
 def parse_recipe_args(dataclass_types: Sequence[type], argv: Optional[list[str]] = None,
@@ -188,6 +227,8 @@ __all__ = [
     "LlavaTrainingArguments",
     "ModelArguments",
     "PROJECTOR_FILE",
+    "SegmentationDataArguments",
+    "SegmentationModelArguments",
     "parse_overrides",
     "parse_recipe_args",
 ]

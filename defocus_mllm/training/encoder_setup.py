@@ -14,6 +14,7 @@ from ..data.augment import IMAGENET_MEAN, ImageClassificationTransform, load_aug
 from ..data.image_classification import HFImageClassificationDataset, ImageFolderDataset
 from ..encoder.configuration_defocus import DefocusVisionConfig
 from ..encoder.modeling_defocus import DefocusForImageClassification
+from ..files import naming_corrupt_files
 from .arguments import EncoderDataArguments, EncoderModelArguments, parse_overrides
 
 logger = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ def build_classification_datasets(data_args: EncoderDataArguments, train_tf: Cal
     elif data_args.dataset_name:
         import datasets
 
-        if Path(data_args.dataset_name).is_dir() and any(
-                (Path(data_args.dataset_name) / f).exists() for f in ("dataset_dict.json", "state.json")):
-            raw = datasets.load_from_disk(data_args.dataset_name)
-        else:
-            raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        with naming_corrupt_files(data_args.dataset_name, "data file", recursive=True):
+            if Path(data_args.dataset_name).is_dir() and any(
+                    (Path(data_args.dataset_name) / f).exists() for f in ("dataset_dict.json", "state.json")):
+                raw = datasets.load_from_disk(data_args.dataset_name)
+            else:
+                raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         if data_args.train_split not in raw:
             raise ValueError(f"Dataset {data_args.dataset_name} has no split {data_args.train_split!r}: {list(raw)}")
         columns = (data_args.image_column, data_args.label_column)
@@ -67,8 +69,9 @@ def build_classifier(model_args: EncoderModelArguments, classes: list[str]) -> D
                      label2id={c: i for i, c in enumerate(classes)}, label_smoothing=model_args.label_smoothing)
     if model_args.model_name_or_path:
         config = DefocusVisionConfig.from_pretrained(model_args.model_name_or_path, **overrides)
-        return DefocusForImageClassification.from_pretrained(model_args.model_name_or_path, config=config,
-                                                             ignore_mismatched_sizes=True)
+        with naming_corrupt_files(model_args.model_name_or_path, "weights file"):
+            return DefocusForImageClassification.from_pretrained(model_args.model_name_or_path, config=config,
+                                                                 ignore_mismatched_sizes=True)
     return DefocusForImageClassification(DefocusVisionConfig.from_preset(model_args.preset, **overrides))
 
 

@@ -16,7 +16,8 @@ from ..data.conversations import Conversation, load_hf_dataset, load_llava_json
 from ..data.easy_vqa import load_easy_vqa
 from ..data.supervised import SupervisedDataset
 from ..encoder.configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
-from ..llava import LLAVA_V1_SYSTEM, apply_lora, build_llava, model_parts, set_trainable
+from ..files import naming_corrupt_files
+from ..llava import LLAVA_V1_SYSTEM, apply_lora, build_llava, model_parts, position_limit, set_trainable
 from .arguments import PROJECTOR_FILE, DataArguments, LlavaTrainingArguments, ModelArguments, parse_overrides
 from .tiny_lm import tiny_llama_config, train_tokenizer
 
@@ -34,9 +35,10 @@ def load_conversations(data_args: DataArguments, seed: int = 0) -> list[Conversa
                               curriculum=data_args.easy_vqa_curriculum, limit=data_args.easy_vqa_max_images,
                               balance_yes_no=data_args.easy_vqa_balance_yes_no)
     elif Path(path).is_dir():
-        convs = load_hf_dataset(path, split=data_args.dataset_split)
+        convs = load_hf_dataset(path, split=data_args.dataset_split, skip_bad_samples=data_args.skip_bad_samples)
     elif Path(path).suffix in (".json", ".jsonl"):
-        convs = load_llava_json(path, data_args.image_folder)
+        convs = load_llava_json(path, data_args.image_folder, skip_bad_samples=data_args.skip_bad_samples,
+                                allow_images_outside_folder=data_args.allow_images_outside_folder)
     else:
         raise FileNotFoundError(f"data_path={path!r}: not 'easy-vqa', a .json/.jsonl file, or a dataset directory")
     if data_args.max_train_samples is not None:
@@ -54,7 +56,8 @@ def build_llava_model(model_args: ModelArguments, data_args: DataArguments, conv
     """`(model, processor)` from a saved directory, or assembled by `build_llava` (the offline default when no
     language model is named: a tiny Llama and a tokenizer trained on `conversations`)."""
     if model_args.model_name_or_path:
-        model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
+        with naming_corrupt_files(model_args.model_name_or_path, "weights file"):
+            model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     else:
         vision: Any = model_args.vision_tower
@@ -101,7 +104,8 @@ def load_projector(model: nn.Module, source: str | os.PathLike) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"Projector weights not found: {path}")
     projector = model_parts(model)["projector"][0]
-    state = load_file(str(path))
+    with naming_corrupt_files(path, "projector weights file"):
+        state = load_file(str(path))
     missing, unexpected = projector.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model's projector: missing {missing}, unexpected {unexpected}")
@@ -133,12 +137,18 @@ def wants_vision_warmup(model_args: ModelArguments, resume: Optional[str]) -> bo
 
 def build_supervised_dataset(conversations: Sequence[Conversation], model: nn.Module, processor: Any,
                              data_args: DataArguments, args: LlavaTrainingArguments) -> SupervisedDataset:
-    """Tokenised conversations with their images, as many `<image>` placeholders per image as the tower has tokens."""
+    """Tokenised conversations with their images, as many `<image>` placeholders per image as the tower has tokens.
+    Samples are cut at `model_max_length`, or at the language model's positions when it has fewer (warned)."""
     image_processor = processor.image_processor
     num_image_tokens = (image_processor.crop_size["height"] // processor.patch_size) * (
         image_processor.crop_size["width"] // processor.patch_size) + processor.num_additional_image_tokens
+    max_length, limit = data_args.model_max_length, position_limit(model, processor.tokenizer)
+    if limit is not None and max_length > limit:
+        logger.warning("model_max_length=%d is more than the language model's %d positions; samples are cut at %d",
+                       max_length, limit, limit)
+        max_length = limit
     return SupervisedDataset(conversations, processor.tokenizer, image_processor, model.config.image_token_id,
-                             num_image_tokens, model_max_length=data_args.model_max_length,
+                             num_image_tokens, model_max_length=max_length,
                              skip_bad_samples=data_args.skip_bad_samples, show_progress=args.process_index == 0)
 
 
@@ -149,6 +159,10 @@ def save_llava(trainer: Trainer, processor: Any, dataset: SupervisedDataset, arg
     if trainer.is_world_process_zero():
         model.config.use_cache = True
     trainer.model = model
+    if args.world_size > 1:  # each process found its own bad images; list them all
+        from accelerate.utils import gather_object
+
+        dataset.record_skipped(gather_object(dataset.skipped))
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output_dir)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from ..files import naming_corrupt_files
 from ..llava import model_parts
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class LlavaTrainer(Trainer):
-    """`Trainer` with LLaVA's per-part learning rates and length grouping from the dataset's precomputed lengths
-    (the stock sampler would otherwise read every sample, images included, to measure it)."""
+    """`Trainer` with LLaVA's per-part learning rates, length grouping from the dataset's precomputed lengths (the
+    stock sampler would otherwise read every sample, images included, to measure it), and the bad-sample bookkeeping
+    of `SupervisedCollator` (skips listed once on the dataset, all-skipped batches as zero-loss steps)."""
 
     def __init__(self, *args: Any, projector_lr: Optional[float] = None, vision_tower_lr: Optional[float] = None,
                  **kwargs: Any) -> None:
@@ -58,8 +60,23 @@ class LlavaTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(model, LlavaForConditionalGeneration):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         logger.info("Loading model weights from %s", resume_from_checkpoint)
-        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        with naming_corrupt_files(resume_from_checkpoint, "checkpoint weights file"):
+            loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
         model.load_state_dict(loaded.state_dict(), strict=True)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        # `SupervisedCollator`'s bookkeeping: skips found in dataloader workers are listed on the dataset here, in the
+        # main process, and a batch of skipped samples only is a zero-loss step (every process still steps together).
+        skipped = inputs.pop("skipped_samples", None)
+        if skipped and hasattr(self.train_dataset, "record_skipped"):
+            self.train_dataset.record_skipped(skipped)
+        if inputs.pop("all_skipped", False):
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            loss = outputs.logits.sum() * 0.0
+            return (loss, outputs) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         if self.optimizer is not None or (self.projector_lr is None and self.vision_tower_lr is None):

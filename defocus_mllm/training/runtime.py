@@ -1,13 +1,29 @@
-"""What every recipe does around the Trainer: logging set up as transformers does, and which checkpoint to resume."""
+"""What every recipe does around the Trainer: logging set up as transformers does, which checkpoint to resume (never
+a half-written one), and a clean stop on SIGTERM (`StopOnSignal`)."""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import os
-from typing import Optional
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
 
-from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..files import find_corrupt_files
+
+logger = logging.getLogger(__name__)
+
+# What `Trainer.save_model` writes, whatever the setup (full model, sharded, LoRA adapter, DeepSpeed engine state).
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def setup_logging(args: TrainingArguments) -> None:
@@ -20,13 +36,182 @@ def setup_logging(args: TrainingArguments) -> None:
     logging.getLogger("defocus_mllm").setLevel(level)
 
 
+def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why a `checkpoint-*` directory cannot be resumed from; None when it is complete.
+
+    The Trainer writes `trainer_state.json` last (after the weights, optimizer, scheduler and RNG states), so a save
+    killed midway leaves a directory without it; a readable state, a weights file and readable `.safetensors`
+    headers make a complete checkpoint.
+    """
+    path = Path(path)
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json (the Trainer writes it last: the save was interrupted)"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return "trainer_state.json is truncated"
+    if not any((path / name).is_file() for name in WEIGHTS_FILES) and not any(path.glob("global_step*")):
+        return "no model weights"
+    bad = find_corrupt_files(path)
+    if bad:
+        return f"{bad[0][0].name} is truncated or corrupt ({bad[0][1]})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
+    """The newest complete `checkpoint-<step>` in `output_dir` (None if there is none); incomplete ones newer than it
+    are skipped with a warning that names them."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(((int(m.group(1)), entry) for entry in os.listdir(output_dir)
+                    if (m := re.fullmatch(r"checkpoint-(\d+)", entry))
+                    and os.path.isdir(os.path.join(output_dir, entry))), reverse=True)
+    for _, entry in steps:
+        path = os.path.join(output_dir, entry)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
 def resolve_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
-    """`--resume_from_checkpoint last`: the newest `checkpoint-*` in `output_dir` (a fresh start when there is none);
-    any other value is passed through."""
+    """`--resume_from_checkpoint last`: the newest complete `checkpoint-*` in `output_dir` (half-written ones are
+    skipped and named; a fresh start when there is none). A checkpoint named explicitly must be complete."""
     resume = args.resume_from_checkpoint
     if resume == "last":
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        return last_complete_checkpoint(args.output_dir)
+    if resume and os.path.isdir(resume):
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            raise ValueError(f"{resume} is incomplete ({problem}); resume from an earlier checkpoint, or pass "
+                             f"--resume_from_checkpoint last to take the newest complete one")
     return resume
 
 
-__all__ = ["resolve_resume_checkpoint", "setup_logging"]
+class StopOnSignal(TrainerCallback):
+    """On SIGTERM (what cluster schedulers send before preempting or timing out a job), save a checkpoint at the
+    next step boundary and stop training; the recipes then exit with status 0 instead of finishing the run.
+
+    The handler is installed when training begins and the previous one restored when it ends; before that the
+    signal has its usual effect. Dataloader worker processes ignore the first SIGTERM (a signal to the whole process
+    group, or Slurm's to every process of the job, reaches them too; dying, they would crash the step before its
+    checkpoint); a second one, or one after the training process is gone, ends them. With several processes the
+    decision is taken together (an all-reduce per step), so that every rank saves the same step even if the signal
+    reached only some of them. A process started by `accelerate launch` also asks Linux to send it SIGTERM when the
+    launcher dies: the single-process launcher does not forward signals, so `kill <launcher>` would otherwise leave
+    the training running.
+
+    After `trainer.train()`, `interrupted` tells whether the run stopped this way and `report(trainer, metrics)` says
+    where the checkpoint is.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)) -> None:
+        self.signals = tuple(signals)
+        self.received: Optional[str] = None
+        self.stopped_at: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_at is not None
+
+    def _handle(self, signum: int, frame) -> None:  # only records: the training loop acts at the step boundary
+        self.received = self.received or signal.Signals(signum).name
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            follow_launcher()
+        dataloader = kwargs.get("train_dataloader")
+        base = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the torch DataLoader
+        if base is not None and hasattr(base, "worker_init_fn") and not isinstance(base.worker_init_fn,
+                                                                                    _WorkersOutliveSignal):
+            base.worker_init_fn = _WorkersOutliveSignal(base.worker_init_fn, self.signals)
+
+    def _agreed(self, args: TrainingArguments) -> bool:
+        flag = self.received is not None
+        if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            tensor = torch.tensor([int(flag)], device=args.device)
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self.stopped_at is None and self._agreed(args):
+            self.received = self.received or "SIGTERM"  # a rank the signal did not reach follows the others
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                logger.warning("%s received: saving checkpoint-%d and stopping", self.received, state.global_step)
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self.stopped_at == state.global_step:
+            control.should_save = False  # saved already at the step boundary
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def report(self, trainer, metrics: dict) -> dict:
+        """Say (on the main process) where the checkpoint of the interrupted run is and how to go on; returns
+        `metrics` with `interrupted_at_step`, what the recipes return instead of finishing the run."""
+        if trainer.is_world_process_zero():
+            path = Path(trainer.args.output_dir) / f"checkpoint-{self.stopped_at}"
+            print(f"{self.received} received: stopped at step {self.stopped_at}, checkpoint saved to {path}; continue "
+                  f"with --resume_from_checkpoint last", flush=True)
+        return {**metrics, "interrupted_at_step": self.stopped_at}
+
+
+class _WorkersOutliveSignal:
+    """A dataloader `worker_init_fn` (wrapping the Trainer's) after which the worker ignores the first of `signals`
+    while its training process lives; picklable, for the `spawn` start method."""
+
+    def __init__(self, worker_init_fn, signals: Sequence[int]) -> None:
+        self.worker_init_fn, self.signals = worker_init_fn, tuple(signals)
+
+    def __call__(self, worker_id: int) -> None:
+        parent = os.getppid()
+
+        def once(signum, frame):
+            signal.signal(signum, signal.SIG_DFL)  # a second signal ends the worker
+            if os.getppid() != parent:  # the training process is gone: nothing to keep serving
+                os.kill(os.getpid(), signum)
+
+        for signum in self.signals:
+            signal.signal(signum, once)
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
+
+
+def follow_launcher(signum: int = signal.SIGTERM) -> bool:
+    """If this process was started by `accelerate launch`, have Linux send it `signum` when the launcher dies
+    (`PR_SET_PDEATHSIG`); returns whether it was set. Elsewhere (another parent, another OS) nothing changes: a
+    process started from a shell keeps running after the shell exits, as `nohup` users expect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    names = [os.path.basename(word) for word in words]
+    if not (("accelerate" in names and "launch" in names) or "accelerate.commands.launch" in names):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signum), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died before the request was made
+        os.kill(os.getpid(), signum)
+    return True
+
+
+__all__ = ["StopOnSignal", "checkpoint_problem", "follow_launcher", "last_complete_checkpoint",
+           "resolve_resume_checkpoint", "setup_logging"]

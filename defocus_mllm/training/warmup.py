@@ -24,11 +24,11 @@ logger = logging.getLogger(__name__)
 def warm_up_vision_tower(model: nn.Module, image_processor: Any, model_args: ModelArguments,
                          args: LlavaTrainingArguments) -> dict[str, float]:
     """Train the LLaVA's (fresh) vision tower in place as an image classifier, the offline stand-in for the
-    pretrained encoder LLaVA starts from. Returns the warm-up's training metrics.
+    pretrained encoder LLaVA starts from (docs/easy_vqa.md says why). Returns the warm-up's training metrics.
 
-    From scratch, a tiny encoder learns what the questions ask about (shapes above all) far more slowly through a
-    language model's answers than from labels. A few epochs as a '<color> <shape>' classifier (the same training
-    images, their labels read off the training answers) give stage 2 features worth reading. Not for DeepSpeed runs.
+    The classes are easy-VQA's '<color> <shape>' labels (or the sub-folders of an image-folder tree), and the
+    images go through the LLaVA processor's own preprocessing, so stage 2 sees the same inputs. Not for DeepSpeed
+    runs.
     """
     if args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise ValueError("vision_warmup_epochs > 0 runs without DeepSpeed: warm the encoder up in a plain run (or with "

@@ -1,0 +1,209 @@
+"""One image loader for every path (training, evaluation, chat, encoder pretraining, diagnostics), and its rule for
+modes: transparency onto white, 16-bit and float scaled to 8 bits, anything else converted or refused by name."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defocus_mllm.encoder.image_processing import DefocusImageProcessor, load_image, to_rgb
+
+# A 16-bit image with a dark left half (1000 of 65535) and a bright right half (60000 of 65535): scaled to 8 bits
+# the halves are round(1000 * 255 / 65535) = 4 and round(60000 * 255 / 65535) = 233.
+DARK16, BRIGHT16 = 1000, 60000
+DARK8, BRIGHT8 = 4, 233
+# The release's (and LLaVA-1.5's CLIP-free) ImageNet normalisation, written out rather than read off the processor.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _sixteen_bit_png(path):
+    array = np.full((32, 32), DARK16, dtype=np.uint16)
+    array[:, 16:] = BRIGHT16
+    Image.fromarray(array).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"  # what Pillow opens a 16-bit grayscale PNG as
+    return path
+
+
+def _transparent_png(path):
+    # fully transparent pixels whose stored colour is black: a viewer shows white
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(path)
+    return path
+
+
+def _processor():
+    return DefocusImageProcessor(crop_size={"height": 32, "width": 32}, patch_size=8)
+
+
+def _via_training(path):
+    from defocus_mllm.data.conversations import Conversation
+    from defocus_mllm.data.supervised import SupervisedDataset
+    from defocus_mllm.training.tiny_lm import train_tokenizer
+    from defocus_mllm.llava import prepare_tokenizer
+
+    seen = []
+
+    class Recorder:
+        def __call__(self, images, return_tensors):
+            seen.extend(images)
+            return {"pixel_values": torch.zeros(len(images), 3, 8, 8)}
+
+    tokenizer = prepare_tokenizer(train_tokenizer(["what is it?", "grey", "USER: ASSISTANT:"], vocab_size=120))
+    conv = Conversation("s0", [path], [{"role": "user", "content": "<image>\nwhat is it?"},
+                                       {"role": "assistant", "content": "grey"}])
+    dataset = SupervisedDataset([conv], tokenizer, Recorder(), tokenizer.convert_tokens_to_ids("<image>"), 2,
+                                show_progress=False)
+    dataset[0]
+    return seen[0]
+
+
+def _via_evaluation(path):
+    from defocus_mllm.evaluation.sources import PathImage
+
+    return PathImage(path).load()
+
+
+def _via_evaluation_bytes(path):
+    from defocus_mllm.evaluation.sources import BytesImage
+
+    return BytesImage(path.read_bytes()).load()
+
+
+def _via_encoder_pretraining(path):
+    from defocus_mllm.data.image_classification import ImageListDataset
+
+    return ImageListDataset([(path, 0)], transform=lambda image: image, classes=["a"])[0]["pixel_values"]
+
+
+def _via_encoder_pretraining_hf_dataset(path):
+    """A Hugging Face image-classification dataset hands PIL images of the file's own mode to the transform."""
+    from defocus_mllm.data.augment import ImageClassificationTransform
+    from defocus_mllm.data.image_classification import HFImageClassificationDataset
+
+    class Rows(list):
+        column_names = ["image", "label"]
+        features = None
+
+    seen = []
+    with Image.open(path) as image:
+        image.load()
+        dataset = HFImageClassificationDataset(Rows([{"image": image, "label": 0}]), seen.append)
+        dataset[0]
+    tensor = ImageClassificationTransform(size=32, train=False, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=1.0)(seen[0])
+    return Image.fromarray(np.rint(tensor.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+
+def _via_chat_processor(path):
+    """What `chat` feeds the encoder: the processor's pixels, un-normalised with the ImageNet constants."""
+    with Image.open(path) as image:
+        image.load()
+        pixels = _processor()(images=[image], return_tensors="pt")["pixel_values"][0]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    raw = (pixels * std + mean).clamp(0, 1)
+    return Image.fromarray(np.rint(raw.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+
+def _via_chat_path(path):
+    return _processor().fetch_images(str(path))
+
+
+class _Stopped(Exception):
+    pass
+
+
+PATHS = {"training": _via_training, "evaluation": _via_evaluation, "evaluation bytes": _via_evaluation_bytes,
+         "encoder pretraining": _via_encoder_pretraining,
+         "encoder pretraining (HF dataset)": _via_encoder_pretraining_hf_dataset,
+         "chat processor": _via_chat_processor, "chat path": _via_chat_path}
+
+
+@pytest.mark.parametrize("path_name", sorted(PATHS))
+def test_sixteen_bit_png_keeps_its_contrast_on_every_path(path_name, tmp_path):
+    image = PATHS[path_name](_sixteen_bit_png(tmp_path / "gray16.png"))
+    array = np.asarray(image)
+    assert image.mode == "RGB" and array.shape[-1] == 3
+    height, width = array.shape[:2]
+    left, right = array[height // 2, width // 4], array[height // 2, 3 * width // 4]
+    assert np.abs(left.astype(int) - DARK8).max() <= 1 and np.abs(right.astype(int) - BRIGHT8).max() <= 1, (left, right)
+
+
+@pytest.mark.parametrize("path_name", sorted(PATHS))
+def test_transparent_pixels_are_white_on_every_path(path_name, tmp_path):
+    image = PATHS[path_name](_transparent_png(tmp_path / "clear.png"))
+    assert np.abs(np.asarray(image).astype(int) - 255).max() <= 1
+
+
+def test_diagnostics_read_images_with_the_same_loader(tmp_path, monkeypatch):
+    from defocus_mllm.encoder import diagnostics
+
+    seen = []
+    monkeypatch.setattr(diagnostics, "load_diagnostic_model", lambda *a, **k: (_ for _ in ()).throw(_Stopped()))
+    import defocus_mllm.images as images
+
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda source, *a, **k: seen.append(real(source)) or seen[-1])
+    with pytest.raises(_Stopped):
+        diagnostics.diagnose(["mamba-tiny"], _sixteen_bit_png(tmp_path / "gray16.png"), figures=False)
+    assert len(seen) == 1 and np.asarray(seen[0])[16, 24, 0] == BRIGHT8
+
+
+def test_one_loader_serves_every_path():
+    import defocus_mllm.images as images
+    from defocus_mllm.data import image_classification, supervised
+    from defocus_mllm.encoder import image_processing
+    from defocus_mllm import llava
+
+    for module in (image_processing, supervised, llava):
+        assert module.load_image is images.load_image and module.to_rgb is images.to_rgb, module.__name__
+    assert image_classification.load_rgb_image is images.load_image
+
+
+def _mode_image(mode: str) -> Image.Image:
+    """A 2x1 image of `mode` with a dark and a bright pixel, in the mode's own value range."""
+    if mode.startswith("I;16"):
+        order = {"I;16B": ">", "I;16": "<", "I;16L": "<", "I;16N": "="}[mode]
+        return Image.frombytes(mode, (2, 1), np.array([5000, 60000], dtype=f"{order}u2").tobytes())
+    if mode == "I":
+        return Image.fromarray(np.array([[5000, 60000]], dtype=np.int32))
+    if mode == "F":
+        return Image.fromarray(np.array([[0.1, 0.9]], dtype=np.float32))
+    if mode == "LAB":
+        return Image.frombytes("LAB", (2, 1), bytes([20, 0, 0, 230, 0, 0]))  # a*, b* are signed bytes: 0 is grey
+    rgb = Image.fromarray(np.array([[[20, 20, 20], [230, 230, 230]]], dtype=np.uint8))
+    if mode in ("PA", "La", "RGBa"):
+        return rgb.convert({"PA": "P", "La": "L", "RGBa": "RGB"}[mode]).convert({"PA": "PA", "La": "LA",
+                                                                                  "RGBa": "RGBA"}[mode]).convert(mode)
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", sorted(Image.MODES))
+def test_every_mode_pillow_opens_keeps_its_contrast_or_is_refused_by_name(mode):
+    try:
+        image = _mode_image(mode)
+    except ValueError:
+        pytest.skip(f"Pillow cannot build a {mode} image here")
+    try:
+        rgb = to_rgb(image)
+    except ValueError as err:
+        assert repr(mode) in str(err)
+        return
+    array = np.asarray(rgb).astype(int)
+    assert rgb.mode == "RGB" and array.shape == (1, 2, 3)
+    assert array[0, 1].mean() - array[0, 0].mean() > 100, (mode, array.tolist())
+
+
+@pytest.mark.parametrize("values, dtype", [([0, 70000], np.int32), ([-5, 200], np.int32), ([0.0, np.nan], np.float32),
+                                           ([0.0, 1e6], np.float32)])
+def test_values_without_a_brightness_are_refused(values, dtype):
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    with pytest.raises(ValueError, match=f"mode {image.mode!r}"):
+        to_rgb(image)
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png"):
+        load_image(tmp_path / "notes.png")
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        load_image(tmp_path / "gone.png")

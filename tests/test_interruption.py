@@ -1,0 +1,224 @@
+"""Interrupted runs: `--resume_from_checkpoint last` skips a half-written checkpoint, and SIGTERM (what cluster
+schedulers send before preemption) makes every recipe save a checkpoint at the next step boundary and exit cleanly,
+also when it is sent to `accelerate launch`."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback, TrainingArguments
+
+from defocus_mllm.training import resolve_resume_checkpoint
+from helpers import accelerate_launch_command, load_script
+from test_recipes import TINY, _colour_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(root: Path, step: int, state: bool = True, weights: bool = True, truncate: bool = False) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if weights:
+        save_file({"w": torch.zeros(64)}, str(path / "model.safetensors"))
+        if truncate:
+            data = (path / "model.safetensors").read_bytes()
+            (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    if state:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_resume_last_skips_half_written_checkpoints_and_says_so(tmp_path, caplog):
+    _checkpoint(tmp_path, 3)
+    _checkpoint(tmp_path, 6, state=False)  # killed while writing the optimizer: no trainer_state.json yet
+    _checkpoint(tmp_path, 9, truncate=True)  # a weights file cut short (disk full)
+    (tmp_path / "checkpoint-12").mkdir()  # killed right after the folder was made
+    (tmp_path / "checkpoint-15").mkdir()
+    (tmp_path / "checkpoint-15" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint-15" / "trainer_state.json").write_text('{"global_st')  # truncated state
+    args = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="last", report_to="none")
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume_checkpoint(args) == str(tmp_path / "checkpoint-3")
+    for step in (6, 9, 12, 15):
+        assert f"checkpoint-{step}" in caplog.text
+    assert "incomplete" in caplog.text
+
+
+def test_resume_from_an_incomplete_checkpoint_by_name_is_refused(tmp_path):
+    _checkpoint(tmp_path, 6, state=False)
+    args = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / "checkpoint-6"),
+                             report_to="none")
+    with pytest.raises(ValueError, match=r"checkpoint-6 is incomplete.*trainer_state\.json"):
+        resolve_resume_checkpoint(args)
+
+
+class _SignalAt(TrainerCallback):
+    """Sends this process SIGTERM at the end of step `step`, as a scheduler would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def sigterm_guard():
+    """Keeps a SIGTERM that nothing handles from killing the test run; records it instead."""
+    unhandled = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: unhandled.append(True))
+    yield unhandled
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _recipe_args(name: str, tmp_path: Path) -> list[str]:
+    out = ["--output_dir", str(tmp_path / "out"), "--max_steps", "50", "--save_strategy", "steps", "--save_steps",
+           "1000", "--logging_steps", "1"]
+    if name == "pretrain_encoder":
+        return ["--config", str(ROOT / "recipes" / "configs" / "encoder_tiny.yaml"), "--train_dir",
+                str(_colour_folder(tmp_path / "images")), "--per_device_train_batch_size", "2", "--use_cpu", "true",
+                "--disable_tqdm", "true", "--report_to", "none", "--eval_strategy", "no", *out]
+    return [*TINY, *out]
+
+
+@pytest.mark.parametrize("name", ["finetune", "pretrain", "pretrain_encoder"])
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_stops_every_recipe(name, tmp_path, sigterm_guard, capsys):
+    recipe = load_script(ROOT / "recipes" / f"{name}.py", f"recipe_{name}_sigterm")
+    metrics = recipe.main(_recipe_args(name, tmp_path), callbacks=[_SignalAt(2)])
+    assert not sigterm_guard  # the recipe's own handler took the signal
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and metrics["interrupted_at_step"] == 2
+    assert not (out / "model.safetensors").exists()  # no final model: the run is to be resumed, not finished
+    assert "SIGTERM" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the guard is back in place
+
+
+def _wait_for(stream, text: str, timeout: float) -> str:
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"{text!r} never appeared:\n{seen[-3000:]}")
+
+
+def _popen(cmd: list[str], cwd: Path, new_group: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_group)
+
+
+def _long_run(tmp_path: Path) -> list[str]:
+    return [*TINY, "--output_dir", str(tmp_path / "out"), "--max_steps", "100000", "--save_strategy", "steps",
+            "--save_steps", "100000", "--logging_steps", "1"]
+
+
+def _check_checkpoint(out: Path, log: str) -> None:
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, log[-3000:]
+    assert (checkpoints[0] / "trainer_state.json").is_file() and (checkpoints[0] / "model.safetensors").is_file()
+    assert "SIGTERM" in log and "--resume_from_checkpoint last" in log
+
+
+@pytest.mark.parametrize("target", ["process", "process group, 2 dataloader workers"])
+def test_sigterm_to_a_training_process_saves_and_exits_with_status_0(tmp_path, target):
+    workers = ["--dataloader_num_workers", "2"] if "group" in target else []
+    process = _popen([sys.executable, str(ROOT / "recipes" / "finetune.py"), *_long_run(tmp_path), *workers],
+                     tmp_path, new_group=True)
+    try:
+        log = _wait_for(process.stdout, "'loss'", timeout=300)
+        if "group" in target:  # the training process and its dataloader workers, as Slurm signals a job step
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, (log + rest)[-3000:]
+    _check_checkpoint(tmp_path / "out", log + rest)
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (it is neither gone nor a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_reaches_the_training_process(tmp_path):
+    """`accelerate launch` (one process) does not forward SIGTERM; the recipes follow their launcher instead."""
+    launcher = _popen([*accelerate_launch_command("--num_processes", "1", "--cpu"),
+                       str(ROOT / "recipes" / "finetune.py"), *_long_run(tmp_path)], tmp_path)
+    trainer_pid = None
+    try:
+        log = _wait_for(launcher.stdout, "'loss'", timeout=300)
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        assert len(children) == 1
+        trainer_pid = int(children[0])
+        launcher.send_signal(signal.SIGTERM)
+        deadline = time.time() + 120
+        while _alive(trainer_pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _alive(trainer_pid), "the training process outlived its launcher"
+        rest = launcher.stdout.read()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.wait()
+        if trainer_pid is not None and _alive(trainer_pid):
+            os.kill(trainer_pid, signal.SIGKILL)
+    _check_checkpoint(tmp_path / "out", log + rest)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """Under DeepSpeed ZeRO-2 on two processes, a signal that reaches rank 1 only: both save the same step, exit 0."""
+    launcher = _popen([*accelerate_launch_command("--num_processes", "2", "--use_deepspeed"),
+                       "--deepspeed_config_file", str(ROOT / "recipes" / "deepspeed" / "zero2.json"),
+                       str(ROOT / "recipes" / "finetune.py"), *_long_run(tmp_path)], tmp_path)
+    ranks = {}
+    try:
+        log = _wait_for(launcher.stdout, "'loss'", timeout=400)
+        for pid in _children(launcher.pid):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[int(rank)] = pid
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGTERM)
+        rest, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in ranks.values():  # never leave a training process behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode == 0, (log + rest)[-4000:]
+    _check_checkpoint(tmp_path / "out", log + rest)
