@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from defocus_mllm.training import (
     SegmentationDataArguments,
     SegmentationModelArguments,
+    StopOnSignal,
     parse_recipe_args,
     resolve_resume_checkpoint,
     setup_logging,
@@ -36,7 +37,7 @@ from defocus_mllm.training.segmentation import (
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "segment_easy_vqa.yaml"
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None) -> dict[str, Any]:
     started, cpu_started = time.time(), time.process_time()
     model_args, data_args, args = parse_recipe_args(
         (SegmentationModelArguments, SegmentationDataArguments, TrainingArguments), argv,
@@ -52,10 +53,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
           f"stages {backbone.out_features}{' + feature pyramid' if backbone.backbone_feature_pyramid else ''}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
-    # Train, save, and score on the test images: per-class IoU and their mean.
+    # Train (SIGTERM: a checkpoint at the next step, then exit), save, and score on the test images: per-class IoU
+    # and their mean.
+    stop = StopOnSignal()
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      compute_metrics=SegmentationMetrics(labels), preprocess_logits_for_metrics=argmax_logits)
+                      compute_metrics=SegmentationMetrics(labels), preprocess_logits_for_metrics=argmax_logits,
+                      callbacks=[*(callbacks or []), stop])
     metrics = dict(trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args)).metrics)
+    if stop.interrupted:
+        return stop.report(trainer, metrics)
     trainer.save_model()
     metrics.update(trainer.evaluate())
     if data_args.figure_images and trainer.is_world_process_zero():

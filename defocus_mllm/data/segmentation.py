@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import load_image
+from ..images import load_image, to_rgb
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 
 EASY_VQA_SEGMENTATION_LABELS = ("background", "shape")
@@ -40,7 +40,7 @@ def _most_common_colour(pixels: np.ndarray) -> np.ndarray:
 def shape_mask(image: Image.Image | np.ndarray, coverage: float = 0.5) -> np.ndarray:
     """`[H, W]` bool mask of the one shape of a flat-coloured image on a one-colour background (module docstring):
     the pixels that are at least `coverage` shape colour, with the background the most common colour."""
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    pixels = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image)
     if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ValueError(f"shape_mask expects an RGB image [H, W, 3], got shape {pixels.shape}")
     height, width = pixels.shape[:2]
