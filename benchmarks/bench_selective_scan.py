@@ -1,19 +1,25 @@
-"""Benchmark `selective_scan` (forward + backward) against a plain per-step autograd loop.
+"""Benchmark `selective_scan` backends against a plain per-step autograd loop, in one process.
 
-    python benchmarks/bench_selective_scan.py [--batch 8 --dim 1536 --length 197 --state 16 --repeats 3]
+    python benchmarks/bench_selective_scan.py [--batch 8 --dim 1536 --length 197 --state 16 --repeats 5]
+    python benchmarks/bench_selective_scan.py --quick        # tiny smoke run
 
-Prints the time and peak memory of each backend next to the baseline loop, run in the same process, and the
-ratio. Peak memory is the process's resident-set high-water mark for CPU runs (measured in a fresh child
-process per variant so that one variant's peak does not hide another's) and `torch.cuda.max_memory_allocated`
-on CUDA.
+Two measurements per variant: training (forward + backward of `y.square().mean()`) and inference (forward under
+`torch.inference_mode`). The variants run interleaved, round after round, in the same process, and each reports
+its best time (the median in brackets): on a machine shared with other work the best of several interleaved runs
+is the least disturbed estimate. Ratios are against the per-step loop and against the "torch" backend.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the rise of the process's resident-set high-water
+mark during one run (Linux: the mark is reset through /proc/self/clear_refs, after glibc's `malloc_trim` has
+returned the free heap memory of earlier runs to the OS). Memory runs come after all timing runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import resource
+import ctypes
+import statistics
 import time
+from typing import Callable, Optional
 
 import torch
 
@@ -30,40 +36,90 @@ def per_step_loop(u, delta, A, B, C):
     return torch.stack(ys, dim=-1)
 
 
-def make_inputs(args, device):
+class PeakMemory:
+    """Peak memory (MiB) that one call adds: CUDA allocator peak, or the CPU resident-set high-water mark.
+
+    On CPU this needs Linux (`/proc/self/clear_refs` resets the mark); `available` is False elsewhere. Before each
+    call glibc's `malloc_trim(0)` hands the free memory of malloc's heaps back to the OS, so the call's peak is not
+    hidden by memory an earlier call left in malloc's free lists.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.available = device == "cuda" or self._reset_mark()
+        self._trim = None
+        if device != "cuda":
+            try:
+                self._trim = ctypes.CDLL(None).malloc_trim
+            except (OSError, AttributeError):  # not glibc
+                pass
+
+    @staticmethod
+    def _reset_mark() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise KeyError(key)
+
+    def measure(self, fn: Callable[[], object]) -> Optional[float]:
+        if not self.available:
+            fn()
+            return None
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - before) / 2**20
+        if self._trim is not None:
+            self._trim(0)
+        self._reset_mark()
+        before = self._status_kib("VmRSS")
+        fn()
+        return (self._status_kib("VmHWM") - before) / 1024
+
+
+def make_inputs(batch: int, dim: int, length: int, state: int, device: str) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    b, d, l, n = args.batch, args.dim, args.length, args.state
-    tensors = [torch.randn(b, d, l, generator=g), torch.rand(b, d, l, generator=g) * 0.1,
-               -torch.rand(d, n, generator=g) * n, torch.randn(b, n, l, generator=g), torch.randn(b, n, l, generator=g)]
+    tensors = [torch.randn(batch, dim, length, generator=g), torch.rand(batch, dim, length, generator=g) * 0.1,
+               -torch.rand(dim, state, generator=g) * state, torch.randn(batch, state, length, generator=g),
+               torch.randn(batch, state, length, generator=g)]
     return [t.to(device).requires_grad_() for t in tensors]
 
 
-def run_variant(name, args, device):
-    fn = per_step_loop if name == "per-step loop" else (lambda *x: selective_scan(*x, backend=name))
-    inputs = make_inputs(args, device)
-    times = []
-    for i in range(args.repeats + 1):  # the first run warms up
-        if device == "cuda":
-            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        y = fn(*inputs)
-        y.square().mean().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-        for t in inputs:
-            t.grad = None
+def variant_fn(name: str):
+    if name == "per-step loop":
+        return per_step_loop
+    return lambda *x: selective_scan(*x, backend=name)
+
+
+def run_once(fn, inputs: list[torch.Tensor], mode: str, device: str) -> float:
+    """Seconds for one training (fwd + bwd) or inference (fwd) run."""
     if device == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    if mode == "train":
+        fn(*inputs).square().mean().backward()
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return min(times), peak_mb
-
-
-def _child(name, args, device, queue):
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    queue.put(run_variant(name, args, device))
+        with torch.inference_mode():
+            fn(*inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    for t in inputs:
+        t.grad = None
+    return elapsed
 
 
 def main() -> None:
@@ -72,25 +128,46 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1536)
     parser.add_argument("--length", type=int, default=197)
     parser.add_argument("--state", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and one round (smoke test)")
     args = parser.parse_args()
-    names = ["per-step loop"] + [b for b in available_backends() if args.device == "cuda" or b != "cuda"]
-    print(f"selective_scan fwd+bwd  B={args.batch} D={args.dim} L={args.length} N={args.state}  device={args.device}")
-    results = {}
-    ctx = mp.get_context("spawn")
-    for name in names:
-        if args.device == "cpu":
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(name, args, args.device, queue))
-            proc.start(); results[name] = queue.get(); proc.join()
-        else:
-            results[name] = run_variant(name, args, args.device)
-    base_t, base_m = results["per-step loop"]
-    print(f"{'variant':<16}{'time (s)':>10}{'peak MiB':>11}{'speed-up':>10}{'memory ratio':>14}")
-    for name, (t, m) in results.items():
-        print(f"{name:<16}{t:>10.3f}{m:>11.0f}{base_t / t:>9.2f}x{m / base_m:>13.2f}x")
+    if args.quick:
+        args.batch, args.dim, args.length, args.state, args.repeats = 2, 8, 12, 5, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    on_device = [b for b in available_backends() if (b in ("cuda", "triton")) == (device == "cuda") or b == "torch"]
+    names = ["per-step loop"] + on_device
+    print(f"selective_scan  B={args.batch} D={args.dim} L={args.length} N={args.state}  device={device}  "
+          f"threads={torch.get_num_threads()}  torch {torch.__version__}")
+    inputs = make_inputs(args.batch, args.dim, args.length, args.state, device)
+    times: dict[tuple[str, str], list[float]] = {(n, m): [] for n in names for m in ("train", "infer")}
+    for round_ in range(args.repeats + 1):  # round 0 warms up (and compiles the CPU kernel if needed)
+        for name in names:
+            for mode in ("train", "infer"):
+                t = run_once(variant_fn(name), inputs, mode, device)
+                if round_:
+                    times[(name, mode)].append(t)
+    memory = PeakMemory(device)
+    peaks = {(n, m): memory.measure(lambda: run_once(variant_fn(n), inputs, m, device))
+             for n in names for m in ("train", "infer")}
+
+    def row(name: str, mode: str) -> str:
+        best, med = min(times[(name, mode)]), statistics.median(times[(name, mode)])
+        vs_loop = min(times[("per-step loop", mode)]) / best
+        vs_torch = min(times[("torch", mode)]) / best
+        peak = peaks[(name, mode)]
+        mem = f"{peak:>9.1f}" if peak is not None else f"{'n/a':>9}"
+        return (f"{name:<15}{best * 1e3:>10.1f}{f'({med * 1e3:.1f})':>11}{vs_loop:>10.2f}x{vs_torch:>10.2f}x"
+                f"{mem}")
+
+    for mode, title in (("train", "training: forward + backward"), ("infer", "inference: forward, inference_mode")):
+        print(f"\n{title}")
+        print(f"{'variant':<15}{'best ms':>10}{'(median)':>11}{'vs loop':>11}{'vs torch':>11}{'peak MiB':>9}")
+        for name in names:
+            print(row(name, mode))
 
 
 if __name__ == "__main__":

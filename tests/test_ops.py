@@ -1,14 +1,19 @@
-"""The selective scan and causal conv against literal implementations written here."""
+"""The selective scan and causal conv against literal implementations written here; the benchmark scripts run."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from defocus_mllm.ops import causal_conv1d_silu, register_selective_scan_backend, selective_scan
 from defocus_mllm.ops.selective_scan import _AVAILABLE, _BACKENDS
 
 
 def literal_scan(u, delta, A, B, C):
-    """SPEC §2.2 step 6, one channel, state and step at a time (float64)."""
+    """The recurrence as written, one batch, channel, state and step at a time (float64)."""
     batch, dim, length = u.shape
     n_state = A.shape[1]
     y = torch.zeros(batch, dim, length, dtype=torch.float64)
@@ -47,6 +52,37 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any ATen op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (None, 0)
+        self.calls = []  # (op name, numel) of outputs in new memory (views and no-op casts left out)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in list(args) + list((kwargs or {}).values())
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                if t.untyped_storage().data_ptr() not in inputs:
+                    self.calls.append((str(func), t.numel()))
+                if t.numel() > self.largest[1]:
+                    self.largest = (f"{func}: {tuple(t.shape)}", t.numel())
+        return out
+
+
+def max_tensor_numel(fn, calls=None):
+    """`(description, numel)` of the largest tensor created by the ops `fn` runs; `calls` (a list) receives
+    `(op, numel)` for each output in new memory."""
+    with _LargestOutput() as mode:
+        fn()
+    if calls is not None:
+        calls.extend(mode.calls)
+    return mode.largest
+
+
 def test_forward_and_gradients_match_literal_recurrence():
     inputs = make_inputs()
     ref_in = [t.double().requires_grad_() for t in inputs]
@@ -79,6 +115,24 @@ def test_stable_for_long_sequences_and_strongly_negative_decay():
     leaves = [t.clone().requires_grad_() for t in mixed]
     selective_scan(*leaves).square().mean().backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_inference_path_keeps_only_the_running_state():
+    """Without gradients the PyTorch scan updates one [B, D, N] state in place: same output, no [L, B, D, N]."""
+    inputs = make_inputs(batch=2, dim=4, length=64, n_state=8, seed=2)
+    with_grad = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="torch")
+    with torch.inference_mode():
+        y = selective_scan(*inputs, backend="torch")
+    with torch.no_grad():
+        y_ng = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="torch")
+    assert y.grad_fn is None and y_ng.grad_fn is None
+    assert rel_err(y, with_grad.detach()) < 1e-6 and torch.equal(y, y_ng)
+    assert rel_err(y, vector_reference(*[t.double() for t in inputs])) < 1e-5
+    what, numel = max_tensor_numel(lambda: selective_scan(*inputs, backend="torch"))
+    assert numel <= max(t.numel() for t in inputs) < 64 * 2 * 4 * 8, what  # states: [64, 2, 4, 8]
+    # the training path does store the states, which is what the check above would catch
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    assert max_tensor_numel(lambda: selective_scan(*leaves, backend="torch"))[1] >= 64 * 2 * 4 * 8
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
@@ -129,3 +183,14 @@ def test_causal_conv_matches_literal_convolution():
                 expected[:, :, t] += w[:, 0, k] * x[:, :, t - (3 - k)]
     expected = torch.nn.functional.silu(expected + b[:, None])
     assert torch.allclose(out, expected, atol=1e-6)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script", ["bench_selective_scan.py", "bench_encoder.py"])
+def test_benchmark_scripts_run_quick(script):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "vs" in proc.stdout, proc.stdout

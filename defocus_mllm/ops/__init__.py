@@ -1,17 +1,21 @@
-"""Sequence operators of the De-focus mixers, with CUDA kernel dispatch and pure-PyTorch fallbacks."""
+"""Sequence operators of the De-focus mixers: kernel dispatch (native CPU, Triton, CUDA) with pure-PyTorch fallbacks."""
 
 from .causal_conv import causal_conv1d_silu
+from .cpu_scan import selective_scan_cpu
 from .selective_scan import (
     available_backends,
     register_selective_scan_backend,
     selective_scan,
     selective_scan_torch,
 )
+from .triton_scan import selective_scan_triton  # registers the "triton" backend (needs triton; CUDA or interpreter)
 
 __all__ = [
     "available_backends",
     "causal_conv1d_silu",
     "register_selective_scan_backend",
     "selective_scan",
+    "selective_scan_cpu",
     "selective_scan_torch",
+    "selective_scan_triton",
 ]

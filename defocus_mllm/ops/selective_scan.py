@@ -15,6 +15,9 @@ from typing import Callable, Optional
 
 import torch
 
+from . import cpu_scan
+from .cpu_scan import selective_scan_cpu
+
 ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _BACKENDS: dict[str, ScanFn] = {}
@@ -28,6 +31,7 @@ def register_selective_scan_backend(name: str, fn: ScanFn, is_available: Callabl
 
 
 def available_backends() -> list[str]:
+    """Registered backends that can run here (asking about `"cpu"` compiles the CPU kernel if not cached)."""
     return [name for name, ok in _AVAILABLE.items() if ok()]
 
 
@@ -106,10 +110,44 @@ class _SelectiveScanTorch(torch.autograd.Function):
         )
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@torch.no_grad()
+def _scan_torch_inference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          C: torch.Tensor) -> torch.Tensor:
+    """Forward-only sequential scan: one running state `[B, D, N]` updated in place, no per-step state copies.
+
+    Extra memory besides the output is `O(B·D·N)` (the state and one decay buffer) plus a `delta * u` product of
+    the input's size; cost is linear in `L`.
+    """
+    dtype = u.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    delta32, A32 = delta.to(compute), A.to(compute)
+    B32, C32 = B.to(compute), C.to(compute)
+    du = delta32 * u.to(compute)  # [B, D, L]
+    batch, dim, length = u.shape
+    s = u.new_zeros(batch, dim, A.shape[1], dtype=compute)
+    decay = torch.empty_like(s)
+    ys = u.new_empty(length, batch, dim, 1, dtype=compute)  # time-major, so each step writes a contiguous block
+    for t in range(length):
+        torch.mul(delta32[:, :, t, None], A32, out=decay)
+        s.mul_(decay.exp_()).addcmul_(du[:, :, t, None], B32[:, None, :, t])
+        torch.bmm(s, C32[:, :, t, None], out=ys[t])
+    return ys.squeeze(-1).permute(1, 2, 0).to(dtype)
+
+
 def selective_scan_torch(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                          C: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch selective scan (fp32 accumulation, differentiable, any device)."""
-    return _SelectiveScanTorch.apply(u, delta, A, B, C)
+    """Pure-PyTorch selective scan (fp32 accumulation, differentiable, any device).
+
+    With gradients it stores the states `[L, B, D, N]` for the backward pass; without (no input requires grad, or
+    under `no_grad` / `inference_mode`) it keeps only the running state.
+    """
+    if _needs_grad(u, delta, A, B, C):
+        return _SelectiveScanTorch.apply(u, delta, A, B, C)
+    return _scan_torch_inference(u, delta, A, B, C)
 
 
 def _mamba_ssm_available() -> bool:
@@ -131,14 +169,23 @@ def selective_scan_cuda(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
 
 register_selective_scan_backend("torch", selective_scan_torch)
 register_selective_scan_backend("cuda", selective_scan_cuda, _mamba_ssm_available)
+# the native CPU kernel; `is_available` compiles it on first use (seconds, cached), never at import
+register_selective_scan_backend("cpu", selective_scan_cpu, cpu_scan.is_available)
+
+# Backends tried in order for each device type when no backend is named; "torch" runs anywhere and ends each
+# list. Backends registered by other modules (e.g. "triton") take part once registered.
+_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 def _default_backend(u: torch.Tensor) -> str:
     forced = os.environ.get("DEFOCUS_SCAN_BACKEND")
     if forced:
         return forced
-    if u.is_cuda and _AVAILABLE["cuda"]():
-        return "cuda"
+    if u.dtype == torch.float64:  # the kernels accumulate in fp32; the PyTorch scan keeps float64 (gradcheck)
+        return "torch"
+    for name in _PREFERENCE.get(u.device.type, ()):
+        if name in _BACKENDS and _AVAILABLE[name]():
+            return name
     return "torch"
 
 
@@ -150,8 +197,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         u, delta: `[B, D, L]` input and (already positive) time steps.
         A: `[D, N]` state matrix (negative reals).
         B, C: `[B, N, L]` input-dependent input / output projections.
-        backend: `"torch"`, `"cuda"` or any registered name; `None` picks `"cuda"` for CUDA tensors when mamba-ssm
-            is importable, else `"torch"` (the `DEFOCUS_SCAN_BACKEND` environment variable overrides).
+        backend: `"torch"`, `"cpu"`, `"cuda"` or any registered name. `None` picks, for fp32/bf16/fp16 inputs,
+            `"cpu"` (the native kernel, compiled on first use) for CPU tensors and `"cuda"` (mamba-ssm) or
+            `"triton"` for CUDA tensors where available, else `"torch"`; float64 inputs use `"torch"`. The
+            `DEFOCUS_SCAN_BACKEND` environment variable overrides.
 
     Returns:
         `y: [B, D, L]` in `u`'s dtype.

@@ -1,0 +1,115 @@
+"""Benchmark De-focus Mamba-Small and De-focus ViT-Small against transformers' ViT-S/16: fp32 CPU inference.
+
+    python benchmarks/bench_encoder.py [--sizes 224 448 896 --batches 8 4 2 --repeats 3]
+    python benchmarks/bench_encoder.py --profile 896      # also print torch.profiler's top ops at 896 px
+    python benchmarks/bench_encoder.py --quick            # tiny smoke run
+
+All three encoders are built in this process with random weights (transformers' `ViTModel` with ViT-S/16 sizes:
+hidden 384, 12 layers, 6 heads, MLP 1536, its default attention implementation; one per resolution, since its
+position embedding fixes the grid). Each resolution runs the models interleaved, round after round, under
+`torch.inference_mode`, and reports the best round's images/s (median in brackets): on a machine shared with other
+work the best of interleaved rounds is the least disturbed estimate. Ratios are against ViT-S/16.
+
+Peak memory is what one forward adds on top of the weights: the rise of the process's resident-set high-water
+mark during the call (Linux: reset through /proc/self/clear_refs, after glibc's `malloc_trim` has returned the
+free heap memory of earlier calls to the OS), measured after all timing rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import ViTConfig, ViTModel
+
+from bench_selective_scan import PeakMemory
+from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm.ops import available_backends
+
+BASELINE = "ViT-S/16 (transformers)"
+# images/s goals for De-focus Mamba-S relative to ViT-S/16, by resolution
+GOALS = {224: 0.7, 448: 1.0, 896: 1.5}
+
+
+def vit_small(image_size: int, layers: int) -> ViTModel:
+    config = ViTConfig(hidden_size=384, num_hidden_layers=layers, num_attention_heads=6, intermediate_size=1536,
+                       image_size=image_size, patch_size=16)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def defocus(preset: str, layers: int) -> DefocusVisionModel:
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    return DefocusVisionModel(DefocusVisionConfig.from_preset(preset, **overrides)).eval()
+
+
+def timed(model, pixels: torch.Tensor) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(pixel_values=pixels)
+    return time.perf_counter() - start
+
+
+def profile(name: str, model, pixels: torch.Tensor, rows: int = 12) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.inference_mode(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(pixel_values=pixels)
+    print(f"\n--- torch.profiler, {name}, {tuple(pixels.shape)}: top ops by self CPU time ---")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 896])
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 4, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", type=int, nargs="*", default=None,
+                        help="resolutions to profile after timing (no value: all)")
+    parser.add_argument("--quick", action="store_true", help="2-layer models, tiny images, one round (smoke test)")
+    args = parser.parse_args()
+    if len(args.sizes) != len(args.batches):
+        parser.error("--sizes and --batches need the same number of values")
+    layers = {"mamba": 24, "vit": 12}
+    if args.quick:
+        args.sizes, args.batches, args.repeats = [32, 64], [2, 1], 1
+        layers = {"mamba": 2, "vit": 2}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"fp32 CPU inference, threads={torch.get_num_threads()}, torch {torch.__version__}, "
+          f"scan backends available: {', '.join(available_backends())}")
+    models = {"De-focus Mamba-S": defocus("mamba-small", 0 if not args.quick else layers["mamba"]),
+              "De-focus ViT-S": defocus("vit-small", 0 if not args.quick else layers["vit"])}
+    print(f"\n{'model':<26}{'px':>5}{'batch':>6}{'img/s':>8}{'(median)':>10}{'vs ViT-S':>10}{'peak MiB':>10}  goal",
+          flush=True)
+    for size, batch in zip(args.sizes, args.batches):
+        run = {BASELINE: vit_small(size, layers["vit"]), **models}
+        pixels = torch.randn(batch, 3, size, size)
+        times: dict[str, list[float]] = {name: [] for name in run}
+        for round_ in range(args.repeats + 1):  # round 0 warms up (and compiles the CPU scan kernel if needed)
+            for name, model in run.items():
+                t = timed(model, pixels)
+                if round_:
+                    times[name].append(t)
+        memory = PeakMemory("cpu")
+        peaks = {name: memory.measure(lambda m=model: timed(m, pixels)) for name, model in run.items()}
+        base = batch / min(times[BASELINE])
+        for name, ts in times.items():
+            ips, med = batch / min(ts), batch / statistics.median(ts)
+            peak = f"{peaks[name]:>10.0f}" if peaks[name] is not None else f"{'n/a':>10}"
+            goal = ""
+            if name == "De-focus Mamba-S" and size in GOALS:
+                goal = f"  >= {GOALS[size]:.1f}x: {'met' if ips / base >= GOALS[size] else 'MISSED'}"
+            print(f"{name:<26}{size:>5}{batch:>6}{ips:>8.2f}{f'({med:.2f})':>10}{ips / base:>9.2f}x{peak}{goal}",
+                  flush=True)
+        if args.profile is not None and (not args.profile or size in args.profile):
+            for name, model in run.items():
+                profile(name, model, pixels)
+        del run
+
+
+if __name__ == "__main__":
+    main()

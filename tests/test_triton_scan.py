@@ -1,0 +1,120 @@
+"""The Triton selective scan (forward and every gradient) against a literal float64 recurrence.
+
+The kernels run on CPU tensors through Triton's interpreter, which `triton.jit` selects only if `TRITON_INTERPRET=1`
+is already set when a kernel is decorated, i.e. when `defocus_mllm.ops.triton_scan` is first imported. Inside one
+pytest process any other test may have imported the package first (and the variable would leak into the tests that
+follow), so the checks run in a child process started with the variable set: this file is also that child's script
+(`python tests/test_triton_scan.py` prints the measured errors as JSON). The parent runs it once per session and
+asserts case by case. It skips only when triton is not installed; a broken install or a failing kernel fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# name: (batch, dim, length, n_state, dtype, launch options, A scale)
+CASES = {
+    "fp32_odd": (2, 5, 7, 3, "float32", {}, 1.0),
+    "fp32_single_step": (1, 3, 1, 16, "float32", {}, 1.0),
+    "fp32_n33_padded": (1, 2, 9, 33, "float32", {}, 1.0),
+    # several chunks (the last one partial) and channel blocks (the last one partial), fast decays
+    "fp32_chunked": (2, 3, 37, 5, "float32", {"chunk": 16, "block_d": 2}, 20.0),
+    "bf16_chunked": (2, 4, 11, 4, "bfloat16", {"chunk": 4}, 1.0),
+    "fp16": (1, 3, 6, 2, "float16", {}, 1.0),
+}
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+NAMES = ("y", "u", "delta", "A", "B", "C")
+
+
+def literal_scan(u, delta, A, B, C):
+    """s_t = exp(delta_t A) s_{t-1} + delta_t B_t u_t, y_t = sum_n C_t s_t, one time step at a time (float64)."""
+    s = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
+    ys = []
+    for t in range(u.shape[-1]):
+        s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((s * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, -1)
+
+
+def make_inputs(batch, dim, length, n_state, dtype, a_scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = getattr(torch, dtype)
+    return [
+        torch.randn(batch, dim, length, generator=g).to(low),
+        (torch.rand(batch, dim, length, generator=g) + 0.05).to(low),
+        -(torch.rand(dim, n_state, generator=g) + 0.1) * a_scale,  # A stays fp32, as in the mixers
+        torch.randn(batch, n_state, length, generator=g).to(low),
+        torch.randn(batch, n_state, length, generator=g).to(low),
+    ]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def run_cases() -> dict:
+    """Child-process side: every case through `selective_scan(backend="triton")`, errors vs the literal scan."""
+    from defocus_mllm.ops import available_backends, selective_scan
+    from defocus_mllm.ops.triton_scan import _interpreted
+
+    results = {"interpreted": _interpreted(), "available": "triton" in available_backends(), "cases": {}}
+    for name, (batch, dim, length, n_state, dtype, options, a_scale) in CASES.items():
+        inputs = make_inputs(batch, dim, length, n_state, dtype, a_scale)
+        ours = [t.clone().requires_grad_() for t in inputs]
+        ref = [t.double().requires_grad_() for t in inputs]
+        if options:
+            from defocus_mllm.ops.triton_scan import selective_scan_triton
+
+            scan = lambda *t: selective_scan_triton(*t, **options)  # noqa: E731
+        else:
+            scan = lambda *t: selective_scan(*t, backend="triton")  # noqa: E731
+        y = scan(*ours)
+        with torch.no_grad():  # the inference launch skips saving the chunk-boundary states
+            y_no_grad = scan(*inputs)
+        y_ref = literal_scan(*ref)
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        y.backward(grad_out)
+        y_ref.backward(grad_out.double())
+        results["cases"][name] = {
+            "errors": dict(zip(NAMES, [rel_err(y, y_ref)] + [rel_err(a.grad, b.grad) for a, b in zip(ours, ref)])),
+            "no_grad_matches": torch.equal(y_no_grad, y.detach()),
+            "dtypes_ok": y.dtype == inputs[0].dtype and all(a.grad.dtype == a.dtype for a in ours),
+            "shape_ok": y.shape == inputs[0].shape,
+        }
+    return results
+
+
+@pytest.fixture(scope="module")
+def child_results() -> dict:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the `dev` extra installs it)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_backend_runs_in_the_interpreter(child_results):
+    assert child_results["interpreted"], "kernels were not built for Triton's interpreter despite TRITON_INTERPRET=1"
+    assert child_results["available"], "the 'triton' backend is not registered as available"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_literal_recurrence(child_results, case):
+    result = child_results["cases"][case]
+    assert result["shape_ok"] and result["dtypes_ok"], "output / gradient shape or dtype differs from the inputs'"
+    assert result["no_grad_matches"], "the forward under torch.no_grad differs from the differentiable one"
+    tolerance = TOLERANCE[CASES[case][4]]
+    bad = {name: err for name, err in result["errors"].items() if not err < tolerance}
+    assert not bad, f"{case}: relative errors above {tolerance:g}: {bad}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_cases()))
