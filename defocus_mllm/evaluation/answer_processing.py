@@ -162,6 +162,11 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     if len(set(refs)) > 1:
         refs = [process_digits_articles(process_punctuation(a)) for a in refs]
         prediction = process_digits_articles(process_punctuation(prediction))
+    return _leave_one_out_accuracy(prediction, refs)
+
+
+def _leave_one_out_accuracy(prediction: str, refs: Sequence[str]) -> float:
+    """Mean over the annotators of `min(1, matches among the others / 3)` for already-processed answers."""
     total_matches = sum(1 for a in refs if a == prediction)
     score = 0.0
     for ref in refs:
@@ -224,11 +229,4 @@ def evalai_vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """
     if len(answers) == 0:
         raise ValueError("evalai_vqa_accuracy needs at least one reference answer")
-    prediction = evalai_answer(prediction)
-    refs = [evalai_answer(a) for a in answers]
-    total_matches = sum(1 for a in refs if a == prediction)
-    score = 0.0
-    for ref in refs:
-        matches = total_matches - (1 if ref == prediction else 0)
-        score += min(1.0, matches / 3.0)
-    return score / len(refs)
+    return _leave_one_out_accuracy(evalai_answer(prediction), [evalai_answer(a) for a in answers])
