@@ -1,5 +1,6 @@
 """The selective scan and causal conv against literal implementations written here; the benchmark scripts run."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,26 @@ def test_benchmark_scripts_run_quick(script):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "vs" in proc.stdout, proc.stdout
+
+
+def test_profile_encoder_groups_kernels_and_runs_quick():
+    spec = importlib.util.spec_from_file_location("profile_encoder", REPO / "benchmarks" / "profile_encoder.py")
+    profile_encoder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_encoder)
+    # kernel names as torch.profiler reported them on an H100 (docs/gpu.md)
+    assert profile_encoder.kind_of("_scan_fwd_kernel") == "scan"
+    assert profile_encoder.kind_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
+    assert profile_encoder.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "matmul"
+    assert profile_encoder.kind_of("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast"
+                                   "<at::native::direct_copy_kernel_cuda") == "copy"
+    assert profile_encoder.kind_of("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float>") == "norm"
+    assert profile_encoder.kind_of("void at::native::(anonymous namespace)::conv_depthwise2d_forward_kernel") == "conv"
+    assert profile_encoder.kind_of("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") == \
+        "elementwise"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_encoder.py"), "--quick", "--rows", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = [line for line in proc.stdout.splitlines() if line.startswith("=== ")]
+    assert len(cases) == len(profile_encoder.QUICK_CASES), proc.stdout
+    shares = [line for line in proc.stdout.splitlines() if line.strip().startswith("by kind:")]
+    assert len(shares) == len(cases) and "matmul" in shares[-1], proc.stdout

@@ -31,8 +31,13 @@ try:  # triton is optional (the `cuda` and `dev` extras); anything going wrong o
 except Exception:  # noqa: BLE001 - ImportError, or a broken install
     triton = None
 
-_TILE_FWD = 2048  # register-tile budget (BLOCK_D * N_PAD * CHUNK elements) per program, forward
-_TILE_BWD = 4096  # backward: a larger channel block divides the dB / dC atomics by BLOCK_D
+# Register-tile budget (BLOCK_D * N_PAD * CHUNK elements) per program and the chunk's share of it. Measured on an
+# H100 (docs/kernels.md, "The Triton scan on an H100"): at N=16 chunk 32 with 2 channels per program and 4 warps was
+# the fastest forward + backward of the sweep at B=8/L=197, B=64/L=197 and B=4/L=4097, 1.4-1.7x the earlier
+# chunk 64 / 2-4 channels / 4-8 warps; every larger chunk or channel block of the sweep was slower.
+_TILE_FWD = 1024
+_TILE_BWD = 1024
+_CHUNK_TILE = 512  # CHUNK * N_PAD
 
 
 def _next_pow2(x: int) -> int:
@@ -162,7 +167,7 @@ def _launch_config(dim: int, length: int, n_state: int, chunk: Optional[int], bl
                    budget: int) -> tuple[int, int, int]:
     n_pad = _next_pow2(n_state)
     if chunk is None:
-        chunk = min(_next_pow2(length), max(16, 1024 // n_pad))
+        chunk = min(_next_pow2(length), max(16, _CHUNK_TILE // n_pad))
     if block_d is None:
         block_d = min(_next_pow2(dim), max(1, budget // (n_pad * chunk)))
     if chunk & (chunk - 1) or block_d & (block_d - 1):
@@ -210,7 +215,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
             _scan_bwd_kernel[grid](u, delta, A, B, C, grad_y, states, du, ddelta, dA, dB, dC, dim, length, n_state,
                                    n_chunks, BLOCK_D=block_d_bwd, N_PAD=n_pad, CHUNK=chunk,
-                                   num_warps=num_warps or (8 if block_d_bwd * n_pad * chunk >= 4096 else 4))
+                                   num_warps=num_warps or 4)
         return du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), None, None, None
 
 
