@@ -34,6 +34,23 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         return fn(x.contiguous(), weight.to(x.dtype).contiguous(),
                   None if bias is None else bias.to(x.dtype), activation="silu")
     kernel = weight.shape[-1]
-    out = F.conv1d(F.pad(x, (kernel - 1, 0)), weight.unsqueeze(1).to(x.dtype),
-                   None if bias is None else bias.to(x.dtype), groups=x.shape[1])
+    weight = weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.stride(1) == 1 and x.shape[1] > 1:
+        return F.silu(_shifted_taps(x.transpose(1, 2), weight, bias)).transpose(1, 2)
+    out = F.conv1d(F.pad(x, (kernel - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
     return F.silu(out)
+
+
+def _shifted_taps(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The causal depthwise convolution of a channels-last `x [B, L, D]` as `K` shifted multiply-adds (tap `k` looks
+    back `K - 1 - k` steps): no padded or transposed copy, which is what `conv1d` would need in this layout."""
+    kernel, length = weight.shape[-1], x.shape[1]
+    out = x * weight[:, kernel - 1]
+    if bias is not None:
+        out = out + bias
+    for k in range(kernel - 1):
+        shift = kernel - 1 - k
+        if shift < length:
+            out[:, shift:].addcmul_(x[:, : length - shift], weight[:, k])
+    return out
