@@ -177,3 +177,14 @@ def test_vision_warmup_trains_the_llava_tower_in_place(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="without DeepSpeed"):
         warm_up_vision_tower(model, processor.image_processor, model_args, args)
+
+
+def test_the_accelerate_command_of_the_readme_starts():
+    # `accelerate launch` (the console script, as the README runs it) imports more than `python -m
+    # accelerate.commands.launch`, which the other tests use: e.g. timm whenever it is installed, which breaks when
+    # timm's torchvision does not import (the lmms-eval extra over the CPU torch, .ci/run)
+    script = Path(sys.executable).with_name("accelerate")
+    assert script.exists(), f"no accelerate command next to {sys.executable}: is the train extra installed?"
+    proc = subprocess.run([str(script), "launch", "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--num_processes" in proc.stdout
