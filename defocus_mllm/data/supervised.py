@@ -21,6 +21,7 @@ from .conversations import BadSampleError, Conversation, check_conversation
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+_TOKENIZE_BATCH = 512  # conversations per batched chat-template / tokenizer call
 
 
 def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -29,19 +30,33 @@ def assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tupl
     A reply's span runs from the end of the prompt that asks for it (`add_generation_prompt=True`) to the end of the
     conversation rendered up to and including it, so it covers the end-of-turn tokens the model must learn to emit.
     """
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
-                                                                   add_generation_prompt=gen)
-    text = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start, end = len(render(messages[:i], gen=True)), len(render(messages[: i + 1]))
-        if not (text.startswith(render(messages[: i + 1])) and start <= end):
-            raise ValueError("The chat template does not render conversations prefix by prefix; assistant tokens "
-                             "cannot be located")
-        spans.append((start, end))
-    return text, spans
+    return assistant_char_spans_batch(tokenizer, [messages])[0]
+
+
+def assistant_char_spans_batch(tokenizer: Any, conversations: Sequence[list[dict[str, str]]]
+                               ) -> list[tuple[str, list[tuple[int, int]]]]:
+    """`assistant_char_spans` of many conversations, with three batched chat-template calls instead of one call per
+    rendered prefix (the per-call overhead was most of the cost of tokenizing a dataset)."""
+    replies = [[i for i, m in enumerate(msgs) if m["role"] == "assistant"] for msgs in conversations]
+    render = lambda batch, gen=False: tokenizer.apply_chat_template(  # noqa: E731
+        batch, tokenize=False, add_generation_prompt=gen) if batch else []
+    texts = render([list(msgs) for msgs in conversations])
+    prompts = iter(render([list(msgs[:i]) for msgs, idx in zip(conversations, replies) for i in idx], gen=True))
+    # a reply that ends its conversation ends at the end of the whole text: no render of its own
+    upto = iter(render([list(msgs[: i + 1]) for msgs, idx in zip(conversations, replies) for i in idx
+                        if i != len(msgs) - 1]))
+    out = []
+    for text, msgs, idx in zip(texts, conversations, replies):
+        spans = []
+        for i in idx:
+            prompt, rendered = next(prompts), (text if i == len(msgs) - 1 else next(upto))
+            start, end = len(prompt), len(rendered)
+            if not (text.startswith(rendered) and start <= end):
+                raise ValueError("The chat template does not render conversations prefix by prefix; assistant tokens "
+                                 "cannot be located")
+            spans.append((start, end))
+        out.append((text, spans))
+    return out
 
 
 @dataclass
@@ -53,23 +68,34 @@ class TokenizedConversation:
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], image_token_id: int,
                           num_image_tokens: int) -> TokenizedConversation:
     """Token ids and labels (`-100` except on assistant replies); each `<image>` becomes `num_image_tokens` ids."""
-    text, spans = assistant_char_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    return tokenize_conversations(tokenizer, [messages], image_token_id, num_image_tokens)[0]
+
+
+def tokenize_conversations(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], image_token_id: int,
+                           num_image_tokens: int) -> list[TokenizedConversation]:
+    """`tokenize_conversation` of many conversations, the template and the tokenizer called once per batch."""
+    if not conversations:
+        return []
+    rendered = assistant_char_spans_batch(tokenizer, conversations)
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and tokenizer.bos_token and not text.startswith(tokenizer.bos_token) and \
-            tokenizer("a")["input_ids"][:1] == [bos]:
-        ids, offsets = [bos] + ids, [(0, 0)] + offsets  # the tokenizer adds BOS by itself; the template did not
-    input_ids, labels = [], []
-    for token, (start, end) in zip(ids, offsets):
-        in_reply = any(s <= start < e for s, e in spans) and end > start
-        if token == image_token_id:
-            input_ids += [image_token_id] * num_image_tokens
-            labels += [IGNORE_INDEX] * num_image_tokens
-        else:
-            input_ids.append(token)
-            labels.append(token if in_reply else IGNORE_INDEX)
-    return TokenizedConversation(input_ids, labels)
+    # the tokenizer adds BOS by itself (its post-processor) where the template did not write it
+    adds_bos = bos is not None and bool(tokenizer.bos_token) and tokenizer("a")["input_ids"][:1] == [bos]
+    out = []
+    for (text, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        if adds_bos and not text.startswith(tokenizer.bos_token):
+            ids, offsets = [bos] + ids, [(0, 0)] + offsets
+        input_ids, labels = [], []
+        for token, (start, end) in zip(ids, offsets):
+            in_reply = any(s <= start < e for s, e in spans) and end > start
+            if token == image_token_id:
+                input_ids += [image_token_id] * num_image_tokens
+                labels += [IGNORE_INDEX] * num_image_tokens
+            else:
+                input_ids.append(token)
+                labels.append(token if in_reply else IGNORE_INDEX)
+        out.append(TokenizedConversation(input_ids, labels))
+    return out
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -94,20 +120,25 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.truncated = 0
         self.dropped_too_long = 0
         self.samples: list[tuple[Conversation, TokenizedConversation]] = []
-        for conv in tqdm(conversations, desc="Tokenizing", disable=not show_progress, mininterval=2):
+        batch: list[Conversation] = []
+        progress = tqdm(total=len(conversations), desc="Tokenizing", disable=not show_progress, mininterval=2)
+        for conv in conversations:
             try:
                 check_conversation(conv)
                 for image in conv.images:
                     if not isinstance(image, Image.Image) and not _exists(image):
                         raise BadSampleError(f"{conv.where()}: image file not found: {image}")
-                tokens = tokenize_conversation(tokenizer, conv.messages, image_token_id, num_image_tokens)
             except BadSampleError as err:
                 self._skip(err)
+                progress.update(1)
                 continue
-            tokens = self._fit(tokens, image_token_id, model_max_length)
-            if tokens is None:
-                continue
-            self.samples.append((conv, tokens))
+            batch.append(conv)
+            if len(batch) == _TOKENIZE_BATCH:
+                self._add(batch, image_token_id, num_image_tokens, model_max_length, progress)
+                batch = []
+        self._add(batch, image_token_id, num_image_tokens, model_max_length, progress)
+        progress.update(len(conversations) - progress.n)
+        progress.close()
         if self.dropped_too_long:
             logger.warning("%d sample(s) dropped: model_max_length=%d would cut into their image tokens or leave no "
                            "reply", self.dropped_too_long, model_max_length)
@@ -115,6 +146,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
             logger.warning("%d sample(s) truncated to model_max_length=%d", self.truncated, model_max_length)
         if not self.samples:
             raise ValueError("No usable training samples" + (f" ({len(self.skipped)} skipped)" if self.skipped else ""))
+
+    def _add(self, batch: list[Conversation], image_token_id: int, num_image_tokens: int, model_max_length: int,
+             progress: Any) -> None:
+        tokenized = tokenize_conversations(self.tokenizer, [conv.messages for conv in batch], image_token_id,
+                                           num_image_tokens)
+        for conv, tokens in zip(batch, tokenized):
+            tokens = self._fit(tokens, image_token_id, model_max_length)
+            if tokens is not None:
+                self.samples.append((conv, tokens))
+        progress.update(len(batch))
 
     @property
     def skipped(self) -> list[str]:
