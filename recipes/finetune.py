@@ -32,6 +32,7 @@ from defocus_mllm.training import (
     resolve_resume_checkpoint,
     save_llava,
     setup_logging,
+    use_cpu_threads,
     wants_vision_warmup,
     warm_up_vision_tower,
 )
@@ -45,6 +46,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
                                                     default_config=str(DEFAULT_CONFIG))
     args.stage = "finetune"
     setup_logging(args)
+    use_cpu_threads(args, args.cpu_threads)
     set_seed(args.seed)
 
     # Data and model: a saved directory (e.g. the stage-1 output), or an encoder + LM joined by `build_llava`.

@@ -28,6 +28,7 @@ from defocus_mllm.training import (
     resolve_resume_checkpoint,
     save_llava,
     setup_logging,
+    use_cpu_threads,
     wants_vision_warmup,
     warm_up_vision_tower,
 )
@@ -40,6 +41,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
                                                     default_config=str(DEFAULT_CONFIG))
     args.stage = "pretrain"
     setup_logging(args)
+    use_cpu_threads(args, args.cpu_threads)
     set_seed(args.seed)
 
     # Image-text pairs, and the model whose projector learns to map the frozen encoder into the frozen LM.

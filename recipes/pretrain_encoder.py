@@ -25,6 +25,7 @@ from defocus_mllm.training import (
     parse_recipe_args,
     resolve_resume_checkpoint,
     setup_logging,
+    use_cpu_threads,
 )
 from defocus_mllm.training.encoder_setup import (
     build_classification_datasets,
@@ -40,6 +41,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     model_args, data_args, args = parse_recipe_args((EncoderModelArguments, EncoderDataArguments, TrainingArguments),
                                                     argv)
     setup_logging(args)
+    use_cpu_threads(args)
     set_seed(args.seed)
 
     # Data at the training resolution, and the model (a fresh preset or a saved directory) with one class per label.

@@ -25,6 +25,7 @@ from defocus_mllm.training import (
     parse_recipe_args,
     resolve_resume_checkpoint,
     setup_logging,
+    use_cpu_threads,
 )
 from defocus_mllm.training.segmentation import (
     SegmentationMetrics,
@@ -43,6 +44,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         (SegmentationModelArguments, SegmentationDataArguments, TrainingArguments), argv,
         default_config=str(DEFAULT_CONFIG))
     setup_logging(args)
+    use_cpu_threads(args)
     set_seed(args.seed)
 
     # Data (images with their masks) and the model: UperNet on a De-focus backbone, built from configs.

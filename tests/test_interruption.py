@@ -222,3 +222,29 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     assert launcher.returncode == 0, (log + rest)[-4000:]
     _check_checkpoint(tmp_path / "out", log + rest)
+
+
+def test_a_single_cpu_process_uses_every_core_unless_told_otherwise(monkeypatch, tmp_path):
+    import torch
+    from transformers import TrainingArguments
+
+    from defocus_mllm.training import use_cpu_threads
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` without a config sets
+        assert use_cpu_threads(args) == cores
+        torch.set_num_threads(1)
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert use_cpu_threads(args) == cores
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting is kept
+        assert use_cpu_threads(args) == 1
+        assert use_cpu_threads(args, 1) == 1  # --cpu_threads wins
+        with pytest.raises(ValueError, match="cpu_threads=0"):
+            use_cpu_threads(args, 0)
+    finally:
+        torch.set_num_threads(before)

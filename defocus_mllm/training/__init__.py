@@ -31,7 +31,7 @@ from .llava_setup import (
     wants_vision_warmup,
 )
 from .llava_trainer import LlavaTrainer
-from .runtime import StopOnSignal, resolve_resume_checkpoint, setup_logging
+from .runtime import StopOnSignal, resolve_resume_checkpoint, setup_logging, use_cpu_threads
 from .warmup import warm_up_vision_tower
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "save_llava",
     "save_projector",
     "setup_logging",
+    "use_cpu_threads",
     "wants_vision_warmup",
     "warm_up_vision_tower",
 ]

@@ -97,6 +97,9 @@ class LlavaTrainingArguments(TrainingArguments):
                                                                  "questions and print the accuracy"})
     eval_limit: Optional[int] = None
     eval_batch_size: int = 64
+    cpu_threads: Optional[int] = field(default=None, metadata={
+        "help": "intra-op threads of a CPU run (default: every core this process may use when it is the only "
+                "process and OMP_NUM_THREADS is unset or 1, which is what `accelerate launch` without a config sets)"})
 
 
 # ------------------------------------------------------------------------------------------- encoder pretraining

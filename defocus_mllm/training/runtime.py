@@ -36,6 +36,26 @@ def setup_logging(args: TrainingArguments) -> None:
     logging.getLogger("defocus_mllm").setLevel(level)
 
 
+def use_cpu_threads(args: TrainingArguments, threads: Optional[int] = None) -> int:
+    """Set torch's intra-op threads for a CPU run and return them; a GPU run is left alone.
+
+    `threads` wins when given. Otherwise a single-process run takes every core it may use when `OMP_NUM_THREADS` is
+    unset or 1: `accelerate launch` without a config starts its one CPU process with OMP_NUM_THREADS=1, which ran the
+    offline easy-VQA recipe 1.2x (warm-up) to 1.7x (LLaVA steps) slower than two threads on a 2-core machine. Any
+    other OMP_NUM_THREADS is respected, and several processes keep what the launcher gave each.
+    """
+    if args.device.type != "cpu":
+        return torch.get_num_threads()
+    if threads is None and args.world_size == 1 and os.environ.get("OMP_NUM_THREADS", "1") == "1":
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"cpu_threads={threads}: must be at least 1")
+        torch.set_num_threads(threads)
+        logger.info("CPU run: %d intra-op thread(s)", threads)
+    return torch.get_num_threads()
+
+
 def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
     """Why a `checkpoint-*` directory cannot be resumed from; None when it is complete.
 
