@@ -186,6 +186,23 @@ def test_causal_conv_matches_literal_convolution():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("length", [1, 2, 9])
+def test_causal_conv_of_channels_last_input_matches_the_contiguous_one_with_gradients(length):
+    # the Mamba mixer hands the conv a [B, D, L] view of [B, L, D] memory, which takes the shifted multiply-add path
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, length, 6, generator=g)
+    w, b = torch.randn(6, 1, 4, generator=g), torch.randn(6, generator=g)
+    results = []
+    for make in (lambda t: t.transpose(1, 2), lambda t: t.transpose(1, 2).contiguous()):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = causal_conv1d_silu(make(leaves[0]), leaves[1], leaves[2])
+        out.square().sum().backward()
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for channels_last, contiguous in zip(*results):
+        torch.testing.assert_close(channels_last, contiguous, rtol=1e-5, atol=1e-6)
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 
