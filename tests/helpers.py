@@ -78,3 +78,19 @@ def scramble_filter(mixer, generator: torch.Generator) -> None:
             mixer.filter.A_log.copy_(torch.randn(mixer.filter.A_log.shape, generator=generator) - 2.0)
         if mixer.filter.freq is not None:
             mixer.filter.freq.copy_(torch.rand(mixer.filter.freq.shape, generator=generator))
+
+
+def record_asked_questions(monkeypatch) -> list:
+    """Wraps the evaluation's `generate_answers` so that every question id it is asked for lands in the returned list
+    (to check what a resumed run asks again)."""
+    import defocus_mllm.evaluation.generation as generation
+
+    asked: list = []
+    real = generation.generate_answers
+
+    def counting(model, processor, samples, **kw):
+        asked.extend(s.question_id for s in samples)
+        return real(model, processor, samples, **kw)
+
+    monkeypatch.setattr(generation, "generate_answers", counting)
+    return asked

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, generate_answers, get_benchmark, run_benchmark
 from test_evaluation_loaders import FIXTURES, make_fixture
-from helpers import accelerate_launch_command, load_script
+from helpers import accelerate_launch_command, load_script, record_asked_questions
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "eval" / "run.py"
@@ -188,14 +187,7 @@ def test_interrupted_run_resumes_without_reanswering(model_dir, tmp_path, monkey
     kept = [dict(r, answer=f"KEPT{r['question_id']}") for r in full[:3]]
     (out / "predictions.rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + json.dumps(full[3])[:25])
 
-    asked = []
-    real = generation.generate_answers
-
-    def counting(model, processor, samples, **kw):
-        asked.extend(s.question_id for s in samples)
-        return real(model, processor, samples, **kw)
-
-    monkeypatch.setattr(generation, "generate_answers", counting)
+    asked = record_asked_questions(monkeypatch)
     run.main(args + ["--limit", "8"])
     assert asked == [3, 4, 5, 6, 7]
     preds = _lines(out / "predictions.jsonl")

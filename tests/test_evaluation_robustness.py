@@ -14,7 +14,7 @@ from PIL import Image
 
 import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, get_benchmark
-from helpers import build_tiny_llava, one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
+from helpers import build_tiny_llava, one_thread, record_asked_questions  # noqa: F401  (one_thread: autouse)
 from test_evaluation_e2e import _build_tiny_llava, _cli_args, _lines, run
 from test_evaluation_loaders import make_fixture
 
@@ -158,14 +158,7 @@ def test_bad_images_are_named_or_skipped_and_counted(defocus_model_dir, tmp_path
     # fixed images: the next run over the folder asks exactly the skipped questions again
     Image.new("RGB", (24, 24), (0, 0, 255)).save(tiny)
     Image.new("RGB", (24, 24), (0, 255, 0)).save(broken)
-    asked = []
-    real = generation.generate_answers
-
-    def counting(model, processor, samples, **kw):
-        asked.extend(s.question_id for s in samples)
-        return real(model, processor, samples, **kw)
-
-    monkeypatch.setattr(generation, "generate_answers", counting)
+    asked = record_asked_questions(monkeypatch)
     run.main(args)
     assert sorted(asked) == sorted(skipped)
     report = json.loads((out / "metrics.json").read_text())

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from test_ops import make_inputs, rel_err, vector_reference  # the float64 reference, shared
 
 # name: (batch, dim, length, n_state, dtype, launch options, A scale)
 CASES = {
@@ -33,30 +34,10 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 NAMES = ("y", "u", "delta", "A", "B", "C")
 
 
-def literal_scan(u, delta, A, B, C):
-    """s_t = exp(delta_t A) s_{t-1} + delta_t B_t u_t, y_t = sum_n C_t s_t, one time step at a time (float64)."""
-    s = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
-    ys = []
-    for t in range(u.shape[-1]):
-        s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
-        ys.append((s * C[:, None, :, t]).sum(-1))
-    return torch.stack(ys, -1)
-
-
-def make_inputs(batch, dim, length, n_state, dtype, a_scale, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    low = getattr(torch, dtype)
-    return [
-        torch.randn(batch, dim, length, generator=g).to(low),
-        (torch.rand(batch, dim, length, generator=g) + 0.05).to(low),
-        -(torch.rand(dim, n_state, generator=g) + 0.1) * a_scale,  # A stays fp32, as in the mixers
-        torch.randn(batch, n_state, length, generator=g).to(low),
-        torch.randn(batch, n_state, length, generator=g).to(low),
-    ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+def make_low_precision_inputs(batch, dim, length, n_state, dtype, a_scale):
+    """`test_ops.make_inputs`, with u, delta, B, C in `dtype` (A stays fp32, as in the mixers)."""
+    inputs = make_inputs(batch, dim, length, n_state, a_scale=a_scale)
+    return [t if i == 2 else t.to(getattr(torch, dtype)) for i, t in enumerate(inputs)]
 
 
 def run_cases() -> dict:
@@ -66,7 +47,7 @@ def run_cases() -> dict:
 
     results = {"interpreted": _interpreted(), "available": "triton" in available_backends(), "cases": {}}
     for name, (batch, dim, length, n_state, dtype, options, a_scale) in CASES.items():
-        inputs = make_inputs(batch, dim, length, n_state, dtype, a_scale)
+        inputs = make_low_precision_inputs(batch, dim, length, n_state, dtype, a_scale)
         ours = [t.clone().requires_grad_() for t in inputs]
         ref = [t.double().requires_grad_() for t in inputs]
         if options:
@@ -78,7 +59,7 @@ def run_cases() -> dict:
         y = scan(*ours)
         with torch.no_grad():  # the inference launch skips saving the chunk-boundary states
             y_no_grad = scan(*inputs)
-        y_ref = literal_scan(*ref)
+        y_ref = vector_reference(*ref)
         grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
         y.backward(grad_out)
         y_ref.backward(grad_out.double())

@@ -137,7 +137,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 self._add(batch, image_token_id, num_image_tokens, model_max_length, progress)
                 batch = []
         self._add(batch, image_token_id, num_image_tokens, model_max_length, progress)
-        progress.update(len(conversations) - progress.n)
         progress.close()
         if self.dropped_too_long:
             logger.warning("%d sample(s) dropped: model_max_length=%d would cut into their image tokens or leave no "

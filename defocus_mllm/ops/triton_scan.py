@@ -35,8 +35,7 @@ except Exception:  # noqa: BLE001 - ImportError, or a broken install
 # H100 (docs/kernels.md, "The Triton scan on an H100"): at N=16 chunk 32 with 2 channels per program and 4 warps was
 # the fastest forward + backward of the sweep at B=8/L=197, B=64/L=197 and B=4/L=4097, 1.4-1.7x the earlier
 # chunk 64 / 2-4 channels / 4-8 warps; every larger chunk or channel block of the sweep was slower.
-_TILE_FWD = 1024
-_TILE_BWD = 1024
+_TILE = 1024
 _CHUNK_TILE = 512  # CHUNK * N_PAD
 
 
@@ -62,6 +61,20 @@ if triton is not None:
         return a_left * a_right, s_left * a_right + s_right
 
     @triton.jit
+    def _chunk_states(u_ptr, delta_ptr, B_ptr, C_ptr, A, state, ud_off, bc_off, t, m_dt, m_nt):
+        """One chunk's inputs (fp32) and its states `s [BLOCK_D, N_PAD, CHUNK]` from the state before it; the
+        backward calls this too, so that it recomputes exactly the forward's states."""
+        u = tl.load(u_ptr + ud_off + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
+        dl = tl.load(delta_ptr + ud_off + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bc_off + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc_off + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
+        # steps past L have delta = 0, i.e. identity updates, so the chunk's last column is the carried state
+        decay = tl.exp(dl[:, None, :] * A[:, :, None])
+        x = (dl * u)[:, None, :] * Bt[None, :, :]
+        acc_a, acc_x = tl.associative_scan((decay, x), axis=2, combine_fn=_ssm_combine)
+        return u, dl, Bt, Ct, x, acc_x + acc_a * state[:, :, None]
+
+    @triton.jit
     def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, state_ptr, D, L, N, n_chunks,
                          STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
                          CHUNK: tl.constexpr):
@@ -85,15 +98,7 @@ if triton is not None:
             mask_t = t < L
             m_dt = mask_d[:, None] & mask_t[None, :]
             m_nt = mask_n[:, None] & mask_t[None, :]
-            u = tl.load(u_ptr + ud_off + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-            dl = tl.load(delta_ptr + ud_off + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + bc_off + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc_off + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
-            # steps past L have delta = 0, i.e. identity updates, so the chunk's last column is the carried state
-            decay = tl.exp(dl[:, None, :] * A[:, :, None])
-            x = (dl * u)[:, None, :] * Bt[None, :, :]
-            acc_a, acc_x = tl.associative_scan((decay, x), axis=2, combine_fn=_ssm_combine)
-            s = acc_x + acc_a * state[:, :, None]
+            _, _, _, Ct, _, s = _chunk_states(u_ptr, delta_ptr, B_ptr, C_ptr, A, state, ud_off, bc_off, t, m_dt, m_nt)
             y = tl.sum(s * Ct[None, :, :], axis=1)
             tl.store(y_ptr + ud_off + t[None, :], y.to(y_ptr.dtype.element_ty), mask=m_dt)
             state = tl.sum(tl.where(is_last, s, 0.0), axis=2)
@@ -125,22 +130,14 @@ if triton is not None:
             mask_t = t < L
             m_dt = mask_d[:, None] & mask_t[None, :]
             m_nt = mask_n[:, None] & mask_t[None, :]
-            u = tl.load(u_ptr + ud_off + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-            dl = tl.load(delta_ptr + ud_off + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
+            # recompute this chunk's states from the state saved at the end of the previous chunk
+            s0 = tl.load(state_ptr + st_off + tl.maximum(k - 1, 0) * N, mask=mask_dn, other=0.0)
+            s0 = tl.where(k > 0, s0, 0.0)
+            u, dl, Bt, Ct, x, s = _chunk_states(u_ptr, delta_ptr, B_ptr, C_ptr, A, s0, ud_off, bc_off, t, m_dt, m_nt)
             # the adjoint recurrence g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1} needs the next step's delta
             m_next = mask_d[:, None] & (t + 1 < L)[None, :]
             dl_next = tl.load(delta_ptr + ud_off + t[None, :] + 1, mask=m_next, other=0.0).to(tl.float32)
             gy = tl.load(gy_ptr + ud_off + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-            Bt = tl.load(B_ptr + bc_off + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc_off + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
-            # recompute this chunk's states from the state saved at the end of the previous chunk
-            s0 = tl.load(state_ptr + st_off + tl.maximum(k - 1, 0) * N, mask=mask_dn, other=0.0)
-            s0 = tl.where(k > 0, s0, 0.0)
-            decay = tl.exp(dl[:, None, :] * A[:, :, None])
-            du_t = dl * u
-            x = du_t[:, None, :] * Bt[None, :, :]
-            acc_a, acc_x = tl.associative_scan((decay, x), axis=2, combine_fn=_ssm_combine)
-            s = acc_x + acc_a * s0[:, :, None]
             # adjoint: the same affine recurrence run backwards in time
             decay_next = tl.exp(dl_next[:, None, :] * A[:, :, None])
             c = Ct[None, :, :] * gy[:, None, :]
@@ -155,7 +152,7 @@ if triton is not None:
             tl.store(ddelta_ptr + ud_off + t[None, :], dd.to(ddelta_ptr.dtype.element_ty), mask=m_dt)
             dA += tl.sum(g_prev * dl[:, None, :], axis=2)
             # dB, dC are shared by all channels: reduce the block in registers, then one atomic add per element
-            dB = tl.sum(g * du_t[:, None, :], axis=0)
+            dB = tl.sum(g * (dl * u)[:, None, :], axis=0)
             dC = tl.sum(s * gy[:, None, :], axis=0)
             tl.atomic_add(dB_ptr + bc_off + t[None, :], dB, mask=m_nt, sem="relaxed")
             tl.atomic_add(dC_ptr + bc_off + t[None, :], dC, mask=m_nt, sem="relaxed")
@@ -163,13 +160,13 @@ if triton is not None:
         tl.store(dA_ptr + (pid_b * D + d[:, None]) * N + n[None, :], dA, mask=mask_dn)
 
 
-def _launch_config(dim: int, length: int, n_state: int, chunk: Optional[int], block_d: Optional[int],
-                   budget: int) -> tuple[int, int, int]:
+def _launch_config(dim: int, length: int, n_state: int, chunk: Optional[int], block_d: Optional[int]
+                   ) -> tuple[int, int, int]:
     n_pad = _next_pow2(n_state)
     if chunk is None:
         chunk = min(_next_pow2(length), max(16, _CHUNK_TILE // n_pad))
     if block_d is None:
-        block_d = min(_next_pow2(dim), max(1, budget // (n_pad * chunk)))
+        block_d = min(_next_pow2(dim), max(1, _TILE // (n_pad * chunk)))
     if chunk & (chunk - 1) or block_d & (block_d - 1):
         raise ValueError(f"selective_scan_triton: chunk ({chunk}) and block_d ({block_d}) must be powers of two")
     return n_pad, chunk, block_d
@@ -183,39 +180,38 @@ class _SelectiveScanTriton(torch.autograd.Function):
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         batch, dim, length = u.shape
         n_state = A.shape[1]
-        n_pad, chunk, block_d_fwd = _launch_config(dim, length, n_state, chunk, block_d, _TILE_FWD)
+        n_pad, chunk, block_d = _launch_config(dim, length, n_state, chunk, block_d)
+        num_warps = num_warps or 4
         n_chunks = triton.cdiv(length, chunk)
         store_states = any(ctx.needs_input_grad[:5])
         states = u.new_empty((batch, dim, n_chunks, n_state) if store_states else (1,), dtype=torch.float32)
         y = torch.empty_like(u)
-        grid = (triton.cdiv(dim, block_d_fwd), batch)
+        grid = (triton.cdiv(dim, block_d), batch)
         with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
             _scan_fwd_kernel[grid](u, delta, A, B, C, y, states, dim, length, n_state, n_chunks,
-                                   STORE_STATES=store_states, BLOCK_D=block_d_fwd, N_PAD=n_pad, CHUNK=chunk,
-                                   num_warps=num_warps or 4)
+                                   STORE_STATES=store_states, BLOCK_D=block_d, N_PAD=n_pad, CHUNK=chunk,
+                                   num_warps=num_warps)
         if store_states:
             ctx.save_for_backward(u, delta, A, B, C, states)
-            ctx.config = (chunk, block_d, num_warps)
+            ctx.config = (n_pad, chunk, block_d, num_warps)  # the backward runs the same program layout
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         u, delta, A, B, C, states = ctx.saved_tensors
-        chunk, block_d, num_warps = ctx.config
+        n_pad, chunk, block_d, num_warps = ctx.config
         batch, dim, length = u.shape
         n_state = A.shape[1]
-        n_pad, chunk, block_d_bwd = _launch_config(dim, length, n_state, chunk, block_d, _TILE_BWD)
         n_chunks = states.shape[2]
         grad_y = grad_y.contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dA = u.new_empty(batch, dim, n_state, dtype=torch.float32)
         dB = u.new_zeros(batch, n_state, length, dtype=torch.float32)
         dC = u.new_zeros(batch, n_state, length, dtype=torch.float32)
-        grid = (triton.cdiv(dim, block_d_bwd), batch)
+        grid = (triton.cdiv(dim, block_d), batch)
         with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
             _scan_bwd_kernel[grid](u, delta, A, B, C, grad_y, states, du, ddelta, dA, dB, dC, dim, length, n_state,
-                                   n_chunks, BLOCK_D=block_d_bwd, N_PAD=n_pad, CHUNK=chunk,
-                                   num_warps=num_warps or 4)
+                                   n_chunks, BLOCK_D=block_d, N_PAD=n_pad, CHUNK=chunk, num_warps=num_warps)
         return du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), None, None, None
 
 
