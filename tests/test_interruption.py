@@ -248,3 +248,69 @@ def test_a_single_cpu_process_uses_every_core_unless_told_otherwise(monkeypatch,
             use_cpu_threads(args, 0)
     finally:
         torch.set_num_threads(before)
+
+
+def _session_processes(session: int) -> list[int]:
+    """Live processes of session `session` (a training process started with `start_new_session` and its workers,
+    whoever their parent is now)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _assert_exits_promptly_with_every_worker_gone(process: subprocess.Popen, log: str, timeout: float) -> str:
+    try:
+        rest, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        left = _session_processes(process.pid)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"still running {timeout:.0f} s later (processes {left}):\n{log[-3000:]}")
+    deadline = time.time() + 10  # workers the training process did not wait for would show here
+    while _session_processes(process.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _session_processes(process.pid)
+    if left:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not left, f"processes {left} outlived the training process"
+    assert process.returncode != 0, (log + rest)[-3000:]
+    return log + rest
+
+
+@pytest.mark.slow
+def test_an_error_in_training_with_dataloader_workers_exits_with_every_worker_gone(tmp_path):
+    """A truncated image met in a worker (no --skip_bad_samples): the error is printed and the run exits non-zero,
+    instead of waiting forever in multiprocessing's exit join for workers that ignore one SIGTERM."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(folder / "ok.png")
+    (folder / "cut.png").write_bytes((folder / "ok.png").read_bytes()[:60])
+    turns = [{"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "blue"}]
+    records = [{"id": f"s{i}", "image": "cut.png" if i == 20 else "ok.png", "conversations": turns} for i in range(40)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    args = [*TINY, "--data_path", str(tmp_path / "data.json"), "--image_folder", str(folder), "--output_dir",
+            str(tmp_path / "out"), "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+            "--train_sampling_strategy", "sequential", "--dataloader_num_workers", "2"]
+    process = _popen([sys.executable, str(ROOT / "recipes" / "finetune.py"), *args], tmp_path, new_group=True)
+    log = _wait_for(process.stdout, "'loss'", timeout=300)
+    log = _assert_exits_promptly_with_every_worker_gone(process, log, timeout=120)
+    assert "BadSampleError" in log and "cut.png" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_sigint_to_a_training_process_with_dataloader_workers_exits_with_every_worker_gone(tmp_path):
+    """Ctrl-C (SIGINT to the training process alone): KeyboardInterrupt, then a prompt non-zero exit."""
+    process = _popen([sys.executable, str(ROOT / "recipes" / "finetune.py"), *_long_run(tmp_path),
+                      "--dataloader_num_workers", "2"], tmp_path, new_group=True)
+    log = _wait_for(process.stdout, "'loss'", timeout=300)
+    process.send_signal(signal.SIGINT)
+    log = _assert_exits_promptly_with_every_worker_gone(process, log, timeout=60)
+    assert "KeyboardInterrupt" in log, log[-3000:]

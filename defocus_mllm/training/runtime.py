@@ -3,9 +3,11 @@ a half-written one), and a clean stop on SIGTERM (`StopOnSignal`)."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -117,7 +119,8 @@ class StopOnSignal(TrainerCallback):
     The handler is installed when training begins and the previous one restored when it ends; before that the
     signal has its usual effect. Dataloader worker processes ignore the first SIGTERM (a signal to the whole process
     group, or Slurm's to every process of the job, reaches them too; dying, they would crash the step before its
-    checkpoint); a second one, or one after the training process is gone, ends them. With several processes the
+    checkpoint); a second one, one after the training process is gone, or one while it exits ends them (an error or
+    a Ctrl-C exits through multiprocessing's exit handler, which sends each worker one SIGTERM and waits for it). With several processes the
     decision is taken together (an all-reduce per step), so that every rank saves the same step even if the signal
     reached only some of them. A process started by `accelerate launch` also asks Linux to send it SIGTERM when the
     launcher dies: the single-process launcher does not forward signals, so `kill <launcher>` would otherwise leave
@@ -149,7 +152,7 @@ class StopOnSignal(TrainerCallback):
         base = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the torch DataLoader
         if base is not None and hasattr(base, "worker_init_fn") and not isinstance(base.worker_init_fn,
                                                                                     _WorkersOutliveSignal):
-            base.worker_init_fn = _WorkersOutliveSignal(base.worker_init_fn, self.signals)
+            base.worker_init_fn = _WorkersOutliveSignal(base.worker_init_fn, self.signals, _exit_flag())
 
     def _agreed(self, args: TrainingArguments) -> bool:
         flag = self.received is not None
@@ -189,23 +192,46 @@ class StopOnSignal(TrainerCallback):
 
 class _WorkersOutliveSignal:
     """A dataloader `worker_init_fn` (wrapping the Trainer's) after which the worker ignores the first of `signals`
-    while its training process lives; picklable, for the `spawn` start method."""
+    while its training process lives and is not exiting; picklable, for the `spawn` start method.
 
-    def __init__(self, worker_init_fn, signals: Sequence[int]) -> None:
-        self.worker_init_fn, self.signals = worker_init_fn, tuple(signals)
+    `exiting` is a flag in shared memory that the training process sets when it starts to exit (`_exit_flag`): the
+    SIGTERM that multiprocessing's exit handler then sends is the training process's own, not a scheduler's, and
+    must end the worker, or the exit waits for it forever.
+    """
+
+    def __init__(self, worker_init_fn, signals: Sequence[int], exiting) -> None:
+        self.worker_init_fn, self.signals, self.exiting = worker_init_fn, tuple(signals), exiting
 
     def __call__(self, worker_id: int) -> None:
         parent = os.getppid()
+        exiting = self.exiting
 
         def once(signum, frame):
             signal.signal(signum, signal.SIG_DFL)  # a second signal ends the worker
-            if os.getppid() != parent:  # the training process is gone: nothing to keep serving
+            if exiting.value or os.getppid() != parent:  # the training process exits or is gone: stop serving it
                 os.kill(os.getpid(), signum)
 
         for signum in self.signals:
             signal.signal(signum, once)
         if self.worker_init_fn is not None:
             self.worker_init_fn(worker_id)
+
+
+_EXIT_FLAG = None
+
+
+def _exit_flag():
+    """This process's "exiting" flag in shared memory (made once, set by an exit hook), inherited by its dataloader
+    workers.
+
+    The hook is registered after multiprocessing's own (imported long before training starts), and exit hooks run
+    last-registered first, so the flag is set before multiprocessing signals and joins the workers.
+    """
+    global _EXIT_FLAG
+    if _EXIT_FLAG is None:
+        _EXIT_FLAG = multiprocessing.RawValue(ctypes.c_bool, False)
+        atexit.register(setattr, _EXIT_FLAG, "value", True)
+    return _EXIT_FLAG
 
 
 def follow_launcher(signum: int = signal.SIGTERM) -> bool:
