@@ -35,33 +35,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
+from ..ops.rotary import apply_rotary, rope_angles
 from .configuration_defocus import FILTER_MODES
-
-
-# --------------------------------------------------------------------------------------------------- rotation helpers
-
-
-def rope_angles(length: int, freq: torch.Tensor, scale_factor: float = 1.0) -> torch.Tensor:
-    """`theta[n, k] = (n / scale_factor) * freq[k]`, `[L, K]` in fp32.
-
-    Positions are built in fp32 whatever the autocast dtype: bf16 cannot represent integer positions past 256.
-    """
-    positions = torch.arange(length, device=freq.device, dtype=torch.float32) / scale_factor
-    return positions[:, None] * freq.float()[None, :]
-
-
-def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """Map each pair `(x[2i], x[2i+1])` of the last dim to `(-x[2i+1], x[2i])`."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-def apply_rotary(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """`x * cos(theta) + rotate_every_two(x) * sin(theta)`; `theta` broadcasts against `x`'s last two dims `[L, K]`.
-
-    `theta` holds one angle per element k; the layouts below decide whether the two elements of a pair share it.
-    """
-    return x * torch.cos(theta).to(x.dtype) + rotate_every_two(x) * torch.sin(theta).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- initial values
@@ -132,8 +107,8 @@ class PerElementRotary:
     def initial_frequencies(self) -> torch.Tensor:
         return default_rope_frequencies(self.size)
 
-    def angles(self, freq: torch.Tensor, length: int, scale_factor: float) -> torch.Tensor:
-        return rope_angles(length, freq, scale_factor)
+    def angles(self, freq: torch.Tensor, length: int, scale_factor: float, offset: int = 0) -> torch.Tensor:
+        return rope_angles(length, freq, scale_factor, offset)
 
 
 @dataclass(frozen=True)
@@ -147,9 +122,9 @@ class PairSharedRotary:
     def initial_frequencies(self) -> torch.Tensor:
         return default_head_rope_frequencies(self.num_heads, self.head_dim)
 
-    def angles(self, freq: torch.Tensor, length: int, scale_factor: float) -> torch.Tensor:
+    def angles(self, freq: torch.Tensor, length: int, scale_factor: float, offset: int = 0) -> torch.Tensor:
         per_element = freq.repeat_interleave(2, dim=-1).flatten()  # one angle per element, pairs equal
-        theta = rope_angles(length, per_element, scale_factor)  # [L, H * d]
+        theta = rope_angles(length, per_element, scale_factor, offset)  # [L, H * d]
         return theta.view(length, self.num_heads, self.head_dim).transpose(0, 1)
 
 
@@ -207,20 +182,21 @@ class BandpassFilter:
         """`A = -exp(A_log) < 0` in fp32 (`[H]` per head, Mamba's `[D, N]`); `None` without decay."""
         return None if self.A_log is None else -torch.exp(self.A_log.float())
 
-    def rotary_angles(self, length: int) -> Optional[torch.Tensor]:
-        """The angles of positions `0..length-1` in the owner's layout (`[L, N]` or `[H, L, d]`), fp32; `None`
-        without rotation."""
+    def rotary_angles(self, length: int, offset: int = 0) -> Optional[torch.Tensor]:
+        """The angles of positions `offset .. offset + length - 1` in the owner's layout (`[L, N]` or `[H, L, d]`),
+        fp32; `None` without rotation."""
         if self.freq is None:
             return None
-        return self.rotary_layout.angles(self.freq, length, self.rope_scale_factor)
+        return self.rotary_layout.angles(self.freq, length, self.rope_scale_factor, offset)
 
-    def rotate(self, *xs: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Rotate each `x` at its absolute positions (second-to-last dim); the identity without rotation.
+    def rotate(self, *xs: torch.Tensor, offset: int = 0) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Rotate each `x` at its absolute positions `offset + l` (`l` along the second-to-last dim); the identity
+        without rotation.
 
         `x`: `[..., L, N]` for Mamba's `B` / `C`, `[B, H, L, d]` for queries and keys. One tensor gives a tensor,
         several (of one length) a tuple, with the angles computed once for all of them.
         """
-        theta = self.rotary_angles(xs[0].shape[-2])
+        theta = self.rotary_angles(xs[0].shape[-2], offset)
         out = xs if theta is None else tuple(apply_rotary(x, theta) for x in xs)
         return out[0] if len(xs) == 1 else out
 

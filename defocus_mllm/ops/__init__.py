@@ -1,7 +1,10 @@
-"""Sequence operators of the De-focus mixers: kernel dispatch (native CPU, Triton, CUDA) with pure-PyTorch fallbacks."""
+"""Sequence operators of the De-focus mixers: kernel dispatch (native CPU, Triton, CUDA) with pure-PyTorch fallbacks.
+
+`mamba_mixer_core` is the Mamba mixer between its projections; `selective_scan` is the scan alone."""
 
 from .causal_conv import causal_conv1d_silu
 from .cpu_scan import selective_scan_cpu
+from .mamba_mixer import available_mamba_mixer_backends, mamba_mixer_core, register_mamba_mixer_backend
 from .selective_scan import (
     available_backends,
     register_selective_scan_backend,
@@ -12,7 +15,10 @@ from .triton_scan import selective_scan_triton  # registers the "triton" backend
 
 __all__ = [
     "available_backends",
+    "available_mamba_mixer_backends",
     "causal_conv1d_silu",
+    "mamba_mixer_core",
+    "register_mamba_mixer_backend",
     "register_selective_scan_backend",
     "selective_scan",
     "selective_scan_cpu",

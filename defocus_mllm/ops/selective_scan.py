@@ -11,23 +11,34 @@ No `D` skip term, gate or `delta` bias inside the scan: the De-focus mixer appli
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from . import cpu_scan
 from .cpu_scan import selective_scan_cpu
 
-ScanFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ScanFn = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+ScanResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
 _BACKENDS: dict[str, ScanFn] = {}
 _AVAILABLE: dict[str, Callable[[], bool]] = {}
+_CARRIES_STATE: set[str] = set()
 
 
-def register_selective_scan_backend(name: str, fn: ScanFn, is_available: Callable[[], bool] = lambda: True) -> None:
-    """Register a scan implementation, e.g. a native CPU kernel: `fn(u, delta, A, B, C) -> y`."""
+def register_selective_scan_backend(name: str, fn: ScanFn, is_available: Callable[[], bool] = lambda: True,
+                                    carries_state: bool = False) -> None:
+    """Register a scan implementation, e.g. a native CPU kernel: `fn(u, delta, A, B, C) -> y`.
+
+    A backend registered with `carries_state=True` is also called as `fn(u, delta, A, B, C, initial_state=s0,
+    return_final_state=True)` and then returns `(y, final_state)`, the states `[B, D, N]` fp32 (streaming).
+    """
     _BACKENDS[name] = fn
     _AVAILABLE[name] = is_available
+    if carries_state:
+        _CARRIES_STATE.add(name)
+    else:
+        _CARRIES_STATE.discard(name)
 
 
 def available_backends() -> list[str]:
@@ -44,13 +55,14 @@ class _SelectiveScanTorch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):  # noqa: D102 - shapes in `selective_scan`
+    def forward(ctx, u, delta, A, B, C, initial_state):  # noqa: D102 - shapes in `selective_scan`
         dtype = u.dtype
         # fp32 accumulation for fp32/bf16/fp16 inputs; float64 inputs (gradcheck) stay float64
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         u32, delta32, A32, B32, C32 = (t.to(compute) for t in (u, delta, A, B, C))
         batch, dim, length = u32.shape
         n = A32.shape[1]
+        s0 = u32.new_zeros(batch, dim, n) if initial_state is None else initial_state.to(compute)
         # time-major copies so that each step reads contiguous memory
         du_t = (delta32 * u32).permute(2, 0, 1).contiguous()  # [L, B, D]
         delta_t = delta32.permute(2, 0, 1).contiguous()  # [L, B, D]
@@ -58,19 +70,21 @@ class _SelectiveScanTorch(torch.autograd.Function):
         C_t = C32.permute(2, 0, 1).contiguous().unsqueeze(-1)  # [L, B, N, 1]
         states = u32.new_empty(length, batch, dim, n)
         ys = u32.new_empty(length, batch, dim)
-        s = u32.new_zeros(batch, dim, n)
+        s = s0
         for t in range(length):
             decay = torch.exp(delta_t[t].unsqueeze(-1) * A32)  # [B, D, N]
             s = torch.addcmul(decay * s, du_t[t].unsqueeze(-1), B_t[t].unsqueeze(1))
             states[t] = s
             ys[t] = torch.bmm(s, C_t[t]).squeeze(-1)
-        ctx.save_for_backward(u32, delta32, A32, B32, C32, states)
-        ctx.input_dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
-        return ys.permute(1, 2, 0).to(dtype)
+        ctx.save_for_backward(u32, delta32, A32, B32, C32, states, s0)
+        ctx.input_dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype,
+                            None if initial_state is None else initial_state.dtype)
+        final = s.clone() if length else s0.clone()
+        return ys.permute(1, 2, 0).to(dtype), final
 
     @staticmethod
-    def backward(ctx, grad_y):
-        u, delta, A, B, C, states = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_final):
+        u, delta, A, B, C, states, s0 = ctx.saved_tensors
         length = u.shape[-1]
         gy_t = grad_y.to(u.dtype).permute(2, 0, 1).contiguous()  # [L, B, D]
         u_t = u.permute(2, 0, 1)
@@ -82,7 +96,8 @@ class _SelectiveScanTorch(torch.autograd.Function):
         grad_B = u.new_empty(length, *B_t.shape[1:])
         grad_C = u.new_empty(length, *C_t.shape[1:])
         grad_A = torch.zeros_like(A)
-        g_s = torch.zeros_like(states[0])  # dLoss/ds_t flowing back from the future
+        # dLoss/ds_t flowing back from the future, starting with what reaches the returned final state
+        g_s = torch.zeros_like(s0) if grad_final is None else grad_final.to(u.dtype).clone()
         for t in range(length - 1, -1, -1):
             gy = gy_t[t]
             g_s = torch.addcmul(g_s, gy.unsqueeze(-1), C_t[t].unsqueeze(1))  # [B, D, N]
@@ -93,20 +108,19 @@ class _SelectiveScanTorch(torch.autograd.Function):
             g_b = torch.bmm(g_s, B_t[t].unsqueeze(-1)).squeeze(-1)  # sum_n g_s * B, [B, D]
             grad_u[t] = g_b * dt
             grad_B[t] = torch.bmm((dt * u_t[t]).unsqueeze(1), g_s).squeeze(1)
-            if t > 0:
-                g_decay = g_s * states[t - 1] * decay  # d/d(delta A) of exp(delta A) * s_{t-1}
-                grad_delta[t] = g_b * u_t[t] + (g_decay * A).sum(-1)
-                grad_A += (g_decay * dt.unsqueeze(-1)).sum(0)
-            else:
-                grad_delta[t] = g_b * u_t[t]
+            g_decay = g_s * (states[t - 1] if t > 0 else s0) * decay  # d/d(delta A) of exp(delta A) * s_{t-1}
+            grad_delta[t] = g_b * u_t[t] + (g_decay * A).sum(-1)
+            grad_A += (g_decay * dt.unsqueeze(-1)).sum(0)
             g_s = g_s * decay
         to = lambda g, i: g.to(ctx.input_dtypes[i])  # noqa: E731
+        grad_s0 = None if ctx.input_dtypes[5] is None else g_s.to(ctx.input_dtypes[5])
         return (
             to(grad_u.permute(1, 2, 0), 0),
             to(grad_delta.permute(1, 2, 0), 1),
             to(grad_A, 2),
             to(grad_B.permute(1, 2, 0), 3),
             to(grad_C.permute(1, 2, 0), 4),
+            grad_s0,
         )
 
 
@@ -116,11 +130,12 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def _scan_torch_inference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                          C: torch.Tensor) -> torch.Tensor:
+                          C: torch.Tensor, initial_state: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward-only sequential scan: one running state `[B, D, N]` updated in place, no per-step state copies.
 
     Extra memory besides the output is `O(B·D·N)` (the state and one decay buffer) plus a `delta * u` product of
-    the input's size; cost is linear in `L`.
+    the input's size; cost is linear in `L`. Returns `(y, final_state)`.
     """
     dtype = u.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -128,26 +143,34 @@ def _scan_torch_inference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     B32, C32 = B.to(compute), C.to(compute)
     du = delta32 * u.to(compute)  # [B, D, L]
     batch, dim, length = u.shape
-    s = u.new_zeros(batch, dim, A.shape[1], dtype=compute)
+    if initial_state is None:
+        s = u.new_zeros(batch, dim, A.shape[1], dtype=compute)
+    else:
+        s = initial_state.to(compute).clone()
     decay = torch.empty_like(s)
     ys = u.new_empty(length, batch, dim, 1, dtype=compute)  # time-major, so each step writes a contiguous block
     for t in range(length):
         torch.mul(delta32[:, :, t, None], A32, out=decay)
         s.mul_(decay.exp_()).addcmul_(du[:, :, t, None], B32[:, None, :, t])
         torch.bmm(s, C32[:, :, t, None], out=ys[t])
-    return ys.squeeze(-1).permute(1, 2, 0).to(dtype)
+    return ys.squeeze(-1).permute(1, 2, 0).to(dtype), s
 
 
 def selective_scan_torch(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                         C: torch.Tensor) -> torch.Tensor:
+                         C: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
+                         return_final_state: bool = False) -> ScanResult:
     """Pure-PyTorch selective scan (fp32 accumulation, differentiable, any device).
 
     With gradients it stores the states `[L, B, D, N]` for the backward pass; without (no input requires grad, or
-    under `no_grad` / `inference_mode`) it keeps only the running state.
+    under `no_grad` / `inference_mode`) it keeps only the running state. `initial_state` and the final state take
+    part in autograd like the other inputs and outputs.
     """
-    if _needs_grad(u, delta, A, B, C):
-        return _SelectiveScanTorch.apply(u, delta, A, B, C)
-    return _scan_torch_inference(u, delta, A, B, C)
+    tensors = (u, delta, A, B, C) + (() if initial_state is None else (initial_state,))
+    if _needs_grad(*tensors):
+        y, final = _SelectiveScanTorch.apply(u, delta, A, B, C, initial_state)
+    else:
+        y, final = _scan_torch_inference(u, delta, A, B, C, initial_state)
+    return (y, final) if return_final_state else y
 
 
 def _mamba_ssm_available() -> bool:
@@ -160,14 +183,15 @@ def _mamba_ssm_available() -> bool:
 
 def selective_scan_cuda(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                         C: torch.Tensor) -> torch.Tensor:
-    """mamba-ssm's fused CUDA kernel (`selective_scan_fn`), without D, gate or delta bias."""
+    """mamba-ssm's fused CUDA kernel (`selective_scan_fn`), without D, gate or delta bias. It takes no initial state,
+    so the dispatch does not send it calls that carry one."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     return selective_scan_fn(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
                              C.contiguous(), None, None, None, delta_softplus=False)
 
 
-register_selective_scan_backend("torch", selective_scan_torch)
+register_selective_scan_backend("torch", selective_scan_torch, carries_state=True)
 register_selective_scan_backend("cuda", selective_scan_cuda, _mamba_ssm_available)
 # the native CPU kernel; `is_available` compiles it on first use (seconds, cached), never at import
 register_selective_scan_backend("cpu", selective_scan_cpu, cpu_scan.is_available)
@@ -177,20 +201,23 @@ register_selective_scan_backend("cpu", selective_scan_cpu, cpu_scan.is_available
 _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
-def _default_backend(u: torch.Tensor) -> str:
+def _default_backend(u: torch.Tensor, carrying_state: bool = False) -> str:
     forced = os.environ.get("DEFOCUS_SCAN_BACKEND")
-    if forced:
+    if forced and (not carrying_state or forced in _CARRIES_STATE):
         return forced
     if u.dtype == torch.float64:  # the kernels accumulate in fp32; the PyTorch scan keeps float64 (gradcheck)
         return "torch"
     for name in _PREFERENCE.get(u.device.type, ()):
+        if carrying_state and name not in _CARRIES_STATE:
+            continue
         if name in _BACKENDS and _AVAILABLE[name]():
             return name
     return "torch"
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   backend: Optional[str] = None) -> torch.Tensor:
+                   backend: Optional[str] = None, *, initial_state: Optional[torch.Tensor] = None,
+                   return_final_state: bool = False) -> ScanResult:
     """Run the selective scan.
 
     Args:
@@ -201,9 +228,13 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
             `"cpu"` (the native kernel, compiled on first use) for CPU tensors and `"cuda"` (mamba-ssm) or
             `"triton"` for CUDA tensors where available, else `"torch"`; float64 inputs use `"torch"`. The
             `DEFOCUS_SCAN_BACKEND` environment variable overrides.
+        initial_state: `[B, D, N]` state before the first step (zeros when None): continues a scan that stopped
+            at a chunk boundary.
+        return_final_state: also return the state after the last step, `[B, D, N]` fp32 (float64 for float64).
 
     Returns:
-        `y: [B, D, L]` in `u`'s dtype.
+        `y: [B, D, L]` in `u`'s dtype, or `(y, final_state)`. Calls with a state go to backends that carry one
+        (mamba-ssm's kernel does not; the dispatch then takes the next backend that does).
     """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"selective_scan: u and delta must be [B, D, L] of one shape, got {tuple(u.shape)} and "
@@ -215,10 +246,19 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     for name, t in (("B", B), ("C", C)):
         if tuple(t.shape) != (batch, n, length):
             raise ValueError(f"selective_scan: {name} must be [B={batch}, N={n}, L={length}], got {tuple(t.shape)}")
-    name = backend or _default_backend(u)
+    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, n):
+        raise ValueError(f"selective_scan: initial_state must be [B={batch}, D={dim}, N={n}], got "
+                         f"{tuple(initial_state.shape)}")
+    carrying = initial_state is not None or return_final_state
+    name = backend or _default_backend(u, carrying)
     if name not in _BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
     if not _AVAILABLE[name]():
         raise RuntimeError(f"selective_scan: backend {name!r} is not available here (available: "
                            f"{available_backends()}); install the `cuda` extra on a CUDA machine")
-    return _BACKENDS[name](u, delta, A, B, C)
+    if not carrying:
+        return _BACKENDS[name](u, delta, A, B, C)
+    if name not in _CARRIES_STATE:
+        raise ValueError(f"selective_scan: backend {name!r} takes no initial state and returns no final one; "
+                         f"backends that do: {sorted(_CARRIES_STATE)}")
+    return _BACKENDS[name](u, delta, A, B, C, initial_state=initial_state, return_final_state=return_final_state)

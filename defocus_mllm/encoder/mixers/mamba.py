@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from ...ops import causal_conv1d_silu, selective_scan
+from ...ops import causal_conv1d_silu
+from ...ops.mamba_mixer import mamba_mixer_core, rotate_state_projections, time_step
 from ..filters import BandpassFilter, PerElementRotary, ScanDecay
 from .base import TokenMixer
 
@@ -87,48 +88,39 @@ class DefocusMambaMixer(BandpassFilter, TokenMixer):
         init.ones_(self.D)
         self.reset_filter()
 
-    def ssm_inputs(self, hidden_states: torch.Tensor):
-        """Everything the scan consumes, `(x, z, delta, A, B, C)`; shared by `forward` and `attention_map`.
+    def projections(self, hidden_states: torch.Tensor):
+        """The matmul and conv half of the mixer: `(x, z, dt, B, C)`, channels-last `[B, L, .]` views.
 
-        Shapes: x, z, delta `[B, D, L]`; A `[D, N]`; B, C `[B, N, L]` (rotated by the filter). x, z, delta, B and C
-        are transposed views of channels-last `[B, L, .]` memory: the projections work on `[B, L, .]`, and the scan
-        backends read this layout in place (or copy it once), so no transposed copies are made here.
+        x is the conv + SiLU output, dt is `dt_proj` without its bias, B and C are not yet rotated: what
+        `mamba_mixer_core` takes.
         """
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, L, D] each
         x = causal_conv1d_silu(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias).transpose(1, 2)
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.state_size, self.state_size],
                                dim=-1)  # [B, L, .]
-        B, C = self.rotate(B, C)  # the high-pass half
-        delta = self.time_step(dt)  # [B, L, D]
+        return x, z, F.linear(dt, self.dt_proj.weight), B, C
+
+    def ssm_inputs(self, hidden_states: torch.Tensor):
+        """Everything the scan consumes, `(x, z, delta, A, B, C)`, for `attention_map` and diagnostics.
+
+        Shapes: x, z, delta `[B, D, L]`; A `[D, N]`; B, C `[B, N, L]` (rotated by the filter), transposed views of
+        channels-last `[B, L, .]` memory.
+        """
+        x, z, dt, B, C = self.projections(hidden_states)
+        B, C = rotate_state_projections(B, C, self.freq, self.rope_scale_factor)  # the high-pass half
+        delta = time_step(dt, self.dt_proj.bias, self.config.delta_scale_factor)  # [B, L, D]
         A = self.log_decay()  # the low-pass half: the scan decays by exp(delta_t * A)
         return (x.transpose(1, 2), z.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
                 C.transpose(1, 2))
 
-    def time_step(self, dt: torch.Tensor) -> torch.Tensor:
-        """`delta = softplus(dt_proj(dt)) / delta_scale_factor`, `[B, L, D]`, the bias and softplus in fp32."""
-        if dt.dtype == torch.float32:  # the bias inside the matmul: one pass less
-            delta = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias))
-        else:
-            delta = F.softplus(F.linear(dt, self.dt_proj.weight) + self.dt_proj.bias.float()).to(dt.dtype)
-        if self.config.delta_scale_factor != 1.0:
-            delta = delta / self.config.delta_scale_factor
-        return delta
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x, z, delta, A, B, C = self.ssm_inputs(hidden_states)
-        y = selective_scan(x, delta, A, B, C)  # [B, D, L] (channels-last memory where the backend keeps it)
-        return self.out_proj(self.gate(y.transpose(1, 2), x.transpose(1, 2), z.transpose(1, 2)))
-
-    def gate(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Group RMS norm of the scan output, the `D` skip and the SiLU gate, in fp32; `[B, L, D]` in and out."""
-        out_dtype = y.dtype
-        y = y.float()
-        if self.group_norm_size > 0:
-            batch, length, dim = y.shape
-            groups = y.reshape(batch, length, dim // self.group_norm_size, self.group_norm_size)
-            y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-6)).view(batch, length, dim)
-        y = y + x.float() * self.D.float()
-        return (y * F.silu(z.float())).to(out_dtype)
+        x, z, dt, B, C = self.projections(hidden_states)
+        cfg = self.config
+        # the delta bias and softplus, the rotation, the scan, the norm, the D skip and the gate: one op
+        y = mamba_mixer_core(x, z, dt, self.dt_proj.bias, self.log_decay(), B, C, self.D, self.freq,
+                             delta_scale_factor=cfg.delta_scale_factor, rope_scale_factor=self.rope_scale_factor,
+                             group_norm_size=self.group_norm_size)  # [B, L, D]
+        return self.out_proj(y)
 
     @torch.no_grad()
     def attention_map(self, hidden_states: torch.Tensor, channel_chunk: Optional[int] = None) -> torch.Tensor:

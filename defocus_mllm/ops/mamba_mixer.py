@@ -1,0 +1,199 @@
+"""The De-focus Mamba mixer's work between its projections as one op, `mamba_mixer_core`, with per-device backends.
+
+Around its four matmuls (`in_proj`, `x_proj`, `dt_proj`, `out_proj`) and the causal conv, the mixer does
+elementwise and sequential work that costs as much as the matmuls when written as separate PyTorch ops (each one
+a pass over `[B, L, D]` memory, some with transposed copies): the `delta` bias, softplus and scale, the rotation of
+`B` and `C`, the scan, the group RMS norm, the `D` skip and the SiLU gate. `mamba_mixer_core` is that whole stretch,
+so a backend can do it in one pass over memory:
+
+* `"torch"`: the reference, a composition of PyTorch ops around `selective_scan` (whose own dispatch picks the
+  scan kernel). It runs anywhere and is what every other backend is tested against;
+* backends registered by kernel modules (`register_mamba_mixer_backend`): the native CPU kernel, Triton on CUDA.
+
+Inputs are the projections' channels-last outputs, read in place (views of `in_proj` / `x_proj` outputs are fine):
+
+    x      [B, L, D]  conv + SiLU output: the scan input `u` and the `D` skip's input
+    z      [B, L, D]  the gate's input
+    dt     [B, L, D]  `dt_proj` without its bias
+    dt_bias [D];  A [D, N] (`-exp(A_log)`, fp32);  B, C [B, L, N] not yet rotated;  D [D];  freq [N] or None
+
+and the output, `[B, L, D]` in `x`'s dtype, is the `out_proj` input. Streaming callers pass `position_offset` (the
+index of the first token, for the rotation), `initial_state` `[B, D, N]` and `return_final_state=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .rotary import apply_rotary, rope_angles
+from .selective_scan import available_backends as available_scan_backends
+from .selective_scan import selective_scan
+
+MixerResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+MixerCoreFn = Callable[..., MixerResult]
+
+_BACKENDS: dict[str, MixerCoreFn] = {}
+_AVAILABLE: dict[str, Callable[[], bool]] = {}
+_CARRIES_STATE: set[str] = set()
+# Backends tried in order per device type when none is named; "torch" ends every list.
+_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton",)}
+_ENV = "DEFOCUS_MIXER_BACKEND"
+
+
+def register_mamba_mixer_backend(name: str, fn: MixerCoreFn, is_available: Callable[[], bool] = lambda: True,
+                                 carries_state: bool = False) -> None:
+    """Register an implementation of `mamba_mixer_core` (same arguments, without `backend`).
+
+    `carries_state=True`: it also honours `position_offset`, `initial_state` and `return_final_state`; calls that
+    use them are otherwise sent to a backend that does.
+    """
+    _BACKENDS[name] = fn
+    _AVAILABLE[name] = is_available
+    if carries_state:
+        _CARRIES_STATE.add(name)
+    else:
+        _CARRIES_STATE.discard(name)
+
+
+def available_mamba_mixer_backends() -> list[str]:
+    """Registered mixer backends that can run here."""
+    return [name for name, ok in _AVAILABLE.items() if ok()]
+
+
+# --------------------------------------------------------------------------------------------------- the pieces
+
+
+def time_step(dt: torch.Tensor, dt_bias: torch.Tensor, delta_scale_factor: float = 1.0) -> torch.Tensor:
+    """`delta = softplus(dt + dt_bias) / delta_scale_factor`, computed in fp32, returned in `dt`'s dtype."""
+    delta = F.softplus(dt.float() + dt_bias.float())
+    if delta_scale_factor != 1.0:
+        delta = delta / delta_scale_factor
+    return delta.to(dt.dtype)
+
+
+def rotate_state_projections(B: torch.Tensor, C: torch.Tensor, freq: Optional[torch.Tensor],
+                             rope_scale_factor: float = 1.0, position_offset: int = 0
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn `B`, `C` `[B, L, N]` by `theta[l, k] = ((position_offset + l) / rope_scale_factor) * freq[k]` (the
+    release's per-element rotary layout); unchanged when `freq` is None."""
+    if freq is None:
+        return B, C
+    theta = rope_angles(B.shape[-2], freq, rope_scale_factor, position_offset)  # [L, N]
+    return apply_rotary(B, theta), apply_rotary(C, theta)
+
+
+def gate_scan_output(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor,
+                     group_norm_size: int = 0) -> torch.Tensor:
+    """Group RMS norm of the scan output (groups of `group_norm_size` channels, eps 1e-6; none when 0), the `D`
+    skip and the SiLU gate, in fp32: `(norm(y) + x * D) * silu(z)`; `[B, L, D]` in and out (`y`'s dtype)."""
+    out_dtype = y.dtype
+    y = y.float()
+    if group_norm_size > 0:
+        batch, length, dim = y.shape
+        groups = y.reshape(batch, length, dim // group_norm_size, group_norm_size)
+        y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-6)).view(batch, length, dim)
+    y = y + x.float() * D.float()
+    return (y * F.silu(z.float())).to(out_dtype)
+
+
+def mamba_mixer_core_torch(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor,
+                           A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+                           freq: Optional[torch.Tensor], *, delta_scale_factor: float = 1.0,
+                           rope_scale_factor: float = 1.0, group_norm_size: int = 0, position_offset: int = 0,
+                           initial_state: Optional[torch.Tensor] = None,
+                           return_final_state: bool = False) -> MixerResult:
+    """The reference: PyTorch ops around `selective_scan` (differentiable in every input)."""
+    delta = time_step(dt, dt_bias, delta_scale_factor)  # [B, L, D]
+    B, C = rotate_state_projections(B, C, freq, rope_scale_factor, position_offset)
+    # transposed views: the scan backends read channels-last memory in place
+    scanned = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                             initial_state=initial_state, return_final_state=return_final_state)
+    y, final = scanned if return_final_state else (scanned, None)
+    out = gate_scan_output(y.transpose(1, 2), x, z, D, group_norm_size)
+    return (out, final) if return_final_state else out
+
+
+register_mamba_mixer_backend("torch", mamba_mixer_core_torch, carries_state=True)
+
+
+# --------------------------------------------------------------------------------------------------- dispatch
+
+
+def _default_backend(x: torch.Tensor, carrying_state: bool) -> str:
+    forced = os.environ.get(_ENV)
+    if forced:
+        return forced
+    # a forced scan backend, float64 (gradcheck) and mamba-ssm's CUDA scan all go through the reference composition
+    if os.environ.get("DEFOCUS_SCAN_BACKEND") or x.dtype == torch.float64:
+        return "torch"
+    if x.is_cuda and "cuda" in available_scan_backends():
+        return "torch"
+    for name in _PREFERENCE.get(x.device.type, ()):
+        if carrying_state and name not in _CARRIES_STATE:
+            continue
+        if name in _BACKENDS and _AVAILABLE[name]():
+            return name
+    return "torch"
+
+
+def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
+                     B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, freq: Optional[torch.Tensor], *,
+                     delta_scale_factor: float = 1.0, rope_scale_factor: float = 1.0, group_norm_size: int = 0,
+                     position_offset: int = 0, initial_state: Optional[torch.Tensor] = None,
+                     return_final_state: bool = False, backend: Optional[str] = None) -> MixerResult:
+    """The De-focus Mamba mixer between its projections (shapes in the module docstring).
+
+    Args:
+        delta_scale_factor, rope_scale_factor, group_norm_size: the configuration's values.
+        position_offset: position of the first token (the rotation's `n`), for a stream continued in chunks.
+        initial_state: `[B, D, N]` scan state before the first token (zeros when None).
+        return_final_state: also return the scan state after the last token, `[B, D, N]` fp32.
+        backend: a registered name; `None` picks the native kernel of the device when registered and available
+            (`"cpu"`, `"triton"` on CUDA unless mamba-ssm's scan imports), else `"torch"`. Float64 inputs and a set
+            `DEFOCUS_SCAN_BACKEND` use `"torch"`; `DEFOCUS_MIXER_BACKEND` overrides everything.
+
+    Returns:
+        `[B, L, D]` in `x`'s dtype, or `(out, final_state)`.
+    """
+    if x.dim() != 3 or z.shape != x.shape or dt.shape != x.shape:
+        raise ValueError(f"mamba_mixer_core: x, z and dt must be [B, L, D] of one shape, got {tuple(x.shape)}, "
+                         f"{tuple(z.shape)} and {tuple(dt.shape)}")
+    batch, length, dim = x.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"mamba_mixer_core: A must be [D={dim}, N], got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (batch, length, n):
+            raise ValueError(f"mamba_mixer_core: {name} must be [B={batch}, L={length}, N={n}], got "
+                             f"{tuple(t.shape)}")
+    if group_norm_size > 0 and dim % group_norm_size:
+        raise ValueError(f"mamba_mixer_core: group_norm_size {group_norm_size} does not divide D={dim}")
+    carrying = initial_state is not None or return_final_state or position_offset != 0
+    name = backend or _default_backend(x, carrying)
+    if name not in _BACKENDS:
+        raise ValueError(f"mamba_mixer_core: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
+    if not _AVAILABLE[name]():
+        raise RuntimeError(f"mamba_mixer_core: backend {name!r} is not available here (available: "
+                           f"{available_mamba_mixer_backends()})")
+    if carrying and name not in _CARRIES_STATE:
+        raise ValueError(f"mamba_mixer_core: backend {name!r} does not carry a stream's state; backends that do: "
+                         f"{sorted(_CARRIES_STATE)}")
+    return _BACKENDS[name](x, z, dt, dt_bias, A, B, C, D, freq, delta_scale_factor=delta_scale_factor,
+                           rope_scale_factor=rope_scale_factor, group_norm_size=group_norm_size,
+                           position_offset=position_offset, initial_state=initial_state,
+                           return_final_state=return_final_state)
+
+
+__all__ = [
+    "available_mamba_mixer_backends",
+    "gate_scan_output",
+    "mamba_mixer_core",
+    "mamba_mixer_core_torch",
+    "register_mamba_mixer_backend",
+    "rotate_state_projections",
+    "time_step",
+]
