@@ -43,7 +43,8 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 class DefocusPatchEmbed(nn.Module):
-    """`Conv2d(patch, stride=patch)` then row-major flatten: `[B, C, H, W] -> [B, H/p * W/p, hidden]`."""
+    """`Conv2d(patch, stride=patch)` then row-major flatten: `[B, C, H, W] -> [B, H/p * W/p, hidden]`; a video
+    `[B, T, C, H, W]` gives its frames' tokens one frame after the other, `[B, T * H/p * W/p, hidden]`."""
 
     def __init__(self, config: DefocusVisionConfig) -> None:
         super().__init__()
@@ -52,8 +53,13 @@ class DefocusPatchEmbed(nn.Module):
                               stride=config.patch_size, bias=True)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() == 5:  # video [B, T, C, H, W]: the frames one after the other, one sequence
+            batch, frames = pixel_values.shape[:2]
+            tokens = self(pixel_values.flatten(0, 1))
+            return tokens.reshape(batch, frames * tokens.shape[1], tokens.shape[2])
         if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be [batch, channels, height, width], got {tuple(pixel_values.shape)}")
+            raise ValueError(f"pixel_values must be [batch, channels, height, width] (or [batch, frames, channels, "
+                             f"height, width] for a video), got {tuple(pixel_values.shape)}")
         height, width = pixel_values.shape[-2:]
         p = self.patch_size
         if height < p or width < p or height % p or width % p:
@@ -96,14 +102,20 @@ class DefocusBlock(GradientCheckpointingLayer):
             self.mlp = DefocusMLP(config.hidden_size, int(config.hidden_size * config.mlp_ratio))
         self.drop_path_rate = 0.0  # set at run time by `DefocusPreTrainedModel.set_drop_path_rate`
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, layer_state: Optional[object] = None,
+                position_offset: Optional[int] = None) -> Union[torch.Tensor, tuple[torch.Tensor, object]]:
+        """The block; with `position_offset` (a stream's chunk, docs/streaming.md) the mixer continues from
+        `layer_state` and `(hidden_states, new_layer_state)` is returned."""
         residual = hidden_states.float()
-        out = self.mixer(self.norm(hidden_states))
+        if position_offset is None:
+            out = self.mixer(self.norm(hidden_states))
+        else:
+            out, layer_state = self.mixer.forward_stream(self.norm(hidden_states), layer_state, position_offset)
         hidden_states = residual + drop_path(out, self.drop_path_rate, self.training).float()
         if self.mlp is not None:
             out = self.mlp(self.norm2(hidden_states))
             hidden_states = hidden_states + drop_path(out, self.drop_path_rate, self.training).float()
-        return hidden_states
+        return hidden_states if position_offset is None else (hidden_states, layer_state)
 
 
 class DefocusPreTrainedModel(PreTrainedModel):
@@ -155,8 +167,63 @@ class DefocusPreTrainedModel(PreTrainedModel):
         return rates
 
 
+class DefocusStreamState:
+    """The carried state of a stream encoded in chunks (docs/streaming.md), `past_state` of `DefocusVisionModel`.
+
+    `layers[i]` is block `i`'s mixer state, `None` before the first chunk:
+
+    * Mamba (`MambaStreamState`): the causal conv's window, the last `conv_kernel - 1` inputs `[B, K - 1, D]`, and
+      the scan state `[B, D, N]` fp32;
+    * RetNet (`RetentionStreamState`): the recurrent state `[B, H, d_k, d_v]` fp32;
+    * De-focus ViT (`AttentionKVCache`): the rotated keys and the values of every token seen, `[B, H, n, d]` each.
+
+    `position_offset` is the number of tokens seen, i.e. the 1D position of the next one, which the rotation (and
+    the attention's decay bias) needs. Mamba's and RetNet's states do not grow with the stream; the ViT's cache
+    grows by one key and one value per token per layer, as a transformer's does. `finalized` is set once the CLS
+    token has been appended; the stream then accepts no more tokens.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers: list[Optional[object]] = [None] * num_layers
+        self.position_offset = 0
+        self.finalized = False
+
+    def get_seq_length(self) -> int:
+        """Tokens encoded so far (the HF cache's name for it)."""
+        return self.position_offset
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the state holds."""
+        return [t for layer in self.layers if layer is not None for t in vars(layer).values()
+                if isinstance(t, torch.Tensor)]
+
+    def num_bytes(self) -> int:
+        """Memory the state holds, in bytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def __repr__(self) -> str:
+        return (f"DefocusStreamState(layers={len(self.layers)}, position_offset={self.position_offset}, "
+                f"finalized={self.finalized}, bytes={self.num_bytes()})")
+
+
+@dataclass
+class DefocusStreamOutput(ModelOutput):
+    """Output of a streamed chunk: the chunk's tokens after the final LayerNorm (`last_hidden_state [B, l, hidden]`,
+    the CLS token last in the finalizing chunk), `pooler_output` (the CLS token's output once finalized, else None),
+    the chunk's `hidden_states` when asked, and `past_state`, the carried state to pass with the next chunk."""
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    pooler_output: Optional[torch.FloatTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    past_state: Optional[DefocusStreamState] = None
+
+
 class DefocusVisionModel(DefocusPreTrainedModel):
-    """The encoder: patch embedding, CLS appended last, De-focus blocks, final LayerNorm over all tokens."""
+    """The encoder: patch embedding, CLS appended last, De-focus blocks, final LayerNorm over all tokens.
+
+    Causal configurations also encode a stream in chunks with a carried state (`past_state`, `use_cache`,
+    `finalize`; `encode_rows` for an image's patch rows, `encode_video` for frames), equal to the whole forward.
+    """
 
     def __init__(self, config: DefocusVisionConfig) -> None:
         super().__init__(config)
@@ -177,24 +244,43 @@ class DefocusVisionModel(DefocusPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.patch_embed
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch tokens plus the appended CLS token, `[B, L, hidden]` with `L = (H/p)(W/p) + 1`."""
+    def _patch_tokens(self, pixel_values: torch.Tensor, position_offset: int = 0,
+                      whole_frames: bool = True) -> torch.Tensor:
+        """Patch tokens `[B, l, hidden]` with the absolute position embedding when configured.
+
+        The position embedding is spatial: token `t` of the stream gets entry `t mod grid^2`, so every frame of a
+        video gets the same embedding and the rows of a chunk get their rows' entries.
+        """
         x = self.patch_embed(pixel_values)
-        if self.pos_embed is not None:
-            if self.pos_embed.shape[1] != x.shape[1]:
-                raise ValueError(f"use_abs_pos_embed=True fixes the grid to {self.pos_embed.shape[1]} patches, the "
-                                 f"image gives {x.shape[1]}")
-            x = x + self.pos_embed
+        if self.pos_embed is None:
+            return x
+        grid = self.pos_embed.shape[1]
+        side = math.isqrt(grid)
+        width = pixel_values.shape[-1] // self.patch_size
+        frame_tokens = x.shape[1] // pixel_values.shape[1] if pixel_values.dim() == 5 else x.shape[1]
+        if width != side or (whole_frames and frame_tokens != grid):
+            raise ValueError(f"use_abs_pos_embed=True fixes the grid to {side}x{side} patches, the image gives "
+                             f"{frame_tokens // width}x{width}")
+        index = torch.arange(position_offset, position_offset + x.shape[1], device=x.device) % grid
+        return x + self.pos_embed[:, index]
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch tokens plus the appended CLS token, `[B, L, hidden]` with `L = (H/p)(W/p) + 1` (`T (H/p)(W/p) + 1`
+        for a video `[B, T, C, H, W]`, its frames one after the other)."""
+        x = self._patch_tokens(pixel_values)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         return torch.cat([x, cls], dim=1)
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
         output_hidden_states: Optional[Union[bool, int, list]] = None,
         return_dict: Optional[bool] = None,
+        past_state: Optional[DefocusStreamState] = None,
+        use_cache: Optional[bool] = None,
+        finalize: Optional[bool] = None,
         **kwargs,
-    ) -> Union[tuple, BaseModelOutputWithPooling]:
+    ) -> Union[tuple, BaseModelOutputWithPooling, DefocusStreamOutput]:
         r"""
         Returns `last_hidden_state` `[B, L, hidden]` (final LayerNorm, CLS token last), `pooler_output` (the last
         token) and, when asked, `hidden_states`: the embedding output, the residual stream after each block but the
@@ -202,11 +288,26 @@ class DefocusVisionModel(DefocusPreTrainedModel):
 
         `output_hidden_states` may also be a layer index or list of indices (as `LlavaModel` passes its
         `vision_feature_layer`); any such request returns all hidden states.
+
+        `pixel_values` is an image `[B, C, H, W]` or a video `[B, T, C, H, W]` (its frames encoded as one causal
+        sequence, frame after frame, positions continuing the 1D index; one CLS token after the last frame).
+
+        Streaming (docs/streaming.md): with `use_cache=True` or a `past_state`, `pixel_values` is the next chunk of
+        the stream (patch rows `[B, C, h, W]` of an image, frames `[B, T, C, H, W]`, or None to only finalize); its
+        tokens continue the positions of `past_state` (a new stream when None), no CLS token is appended unless
+        `finalize=True`, and a `DefocusStreamOutput` with the chunk's tokens and the updated `past_state` (the same
+        object, updated in place) is returned. The chunks' outputs concatenated equal the whole forward's.
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         want_hidden = output_hidden_states is not None and output_hidden_states is not False
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if past_state is not None or use_cache:
+            return self._forward_stream(pixel_values, past_state, bool(finalize), want_hidden, return_dict)
+        if finalize is False:
+            raise ValueError("finalize=False (a stream left open for more tokens) needs use_cache=True")
+        if pixel_values is None:
+            raise ValueError("pixel_values is required (None only finalizes a stream passed as past_state)")
 
         hidden = self.embed(pixel_values)
         all_hidden = [hidden] if want_hidden else None
@@ -224,6 +325,98 @@ class DefocusVisionModel(DefocusPreTrainedModel):
             return tuple(v for v in (hidden, pooled, tuple(all_hidden) if want_hidden else None) if v is not None)
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled,
                                           hidden_states=tuple(all_hidden) if want_hidden else None)
+
+    def _forward_stream(self, pixel_values: Optional[torch.Tensor], past_state: Optional[DefocusStreamState],
+                        finalize: bool, want_hidden: bool, return_dict: bool) -> Union[tuple, DefocusStreamOutput]:
+        if not self.config.causal:
+            raise ValueError("causal=False: a non-causal encoder cannot encode a stream in chunks")
+        if past_state is None:
+            past_state = DefocusStreamState(len(self.blocks))
+        elif len(past_state.layers) != len(self.blocks):
+            raise ValueError(f"past_state has {len(past_state.layers)} layers, the model {len(self.blocks)}")
+        if past_state.finalized:
+            raise ValueError("past_state is finalized (its CLS token was appended): start a new stream")
+        offset = past_state.position_offset
+        parts = []
+        if pixel_values is not None:
+            parts.append(self._patch_tokens(pixel_values, offset, whole_frames=False))
+        if finalize:
+            if not parts and offset == 0:
+                raise ValueError("finalize=True on an empty stream: pass pixel_values")
+            batch = parts[0].shape[0] if parts else past_state.tensors()[0].shape[0]
+            dtype = parts[0].dtype if parts else self.patch_embed.proj.weight.dtype
+            parts.append(self.cls_token.expand(batch, -1, -1).to(dtype))
+        if not parts:
+            raise ValueError("a stream chunk needs pixel_values, finalize=True, or both")
+        hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        all_hidden = [hidden] if want_hidden else None
+        for i, block in enumerate(self.blocks):
+            hidden, past_state.layers[i] = block(hidden, past_state.layers[i], position_offset=offset)
+            if want_hidden and i < len(self.blocks) - 1:
+                all_hidden.append(hidden.to(self.norm.weight.dtype))
+        hidden = self.norm(hidden.to(self.norm.weight.dtype))
+        if want_hidden:
+            all_hidden.append(hidden)
+        past_state.position_offset = offset + hidden.shape[1]
+        past_state.finalized = finalize
+        pooled = hidden[:, -1] if finalize else None
+        all_hidden = tuple(all_hidden) if want_hidden else None
+        if not return_dict:
+            return tuple(v for v in (hidden, pooled, all_hidden, past_state) if v is not None)
+        return DefocusStreamOutput(last_hidden_state=hidden, pooler_output=pooled, hidden_states=all_hidden,
+                                   past_state=past_state)
+
+    def finalize(self, past_state: DefocusStreamState) -> DefocusStreamOutput:
+        """Append the CLS token to a stream: its output (`last_hidden_state [B, 1, hidden]`, `pooler_output`)."""
+        return self(None, past_state=past_state, finalize=True, return_dict=True)
+
+    def encode_rows(self, pixel_values: torch.Tensor, rows_per_chunk: int,
+                    past_state: Optional[DefocusStreamState] = None, finalize: bool = True,
+                    output_hidden_states: Optional[bool] = None) -> DefocusStreamOutput:
+        """Encode an image `[B, C, H, W]` `rows_per_chunk` patch rows at a time, as they would arrive from a
+        scanner; equals `forward(pixel_values)` (the last chunk may hold fewer rows).
+
+        The chunks' outputs are concatenated here; a caller that consumes tokens as they come calls `forward`
+        with `past_state` itself and keeps only the (constant-size, for Mamba and RetNet) state. `finalize=False`
+        leaves the stream open (no CLS token) for more rows or images.
+        """
+        if pixel_values.dim() != 4:
+            raise ValueError(f"encode_rows: pixel_values must be [batch, channels, height, width], got "
+                             f"{tuple(pixel_values.shape)}")
+        if rows_per_chunk < 1:
+            raise ValueError(f"encode_rows: rows_per_chunk={rows_per_chunk} must be positive")
+        step = rows_per_chunk * self.patch_size
+        height = pixel_values.shape[-2]
+        chunks = [pixel_values[:, :, top:top + step] for top in range(0, height, step)]
+        return self._encode_chunks(chunks, past_state, finalize, output_hidden_states)
+
+    def encode_video(self, frames: torch.Tensor, frames_per_chunk: int = 1,
+                     past_state: Optional[DefocusStreamState] = None, finalize: bool = True,
+                     output_hidden_states: Optional[bool] = None) -> DefocusStreamOutput:
+        """Encode a video `[B, T, C, H, W]` `frames_per_chunk` frames at a time as one causal sequence (positions
+        continue the 1D index across frames; one CLS token after the last frame); equals `forward(frames)`."""
+        if frames.dim() != 5:
+            raise ValueError(f"encode_video: frames must be [batch, frames, channels, height, width], got "
+                             f"{tuple(frames.shape)}")
+        if frames_per_chunk < 1:
+            raise ValueError(f"encode_video: frames_per_chunk={frames_per_chunk} must be positive")
+        chunks = [frames[:, t:t + frames_per_chunk] for t in range(0, frames.shape[1], frames_per_chunk)]
+        return self._encode_chunks(chunks, past_state, finalize, output_hidden_states)
+
+    def _encode_chunks(self, chunks: list[torch.Tensor], past_state: Optional[DefocusStreamState], finalize: bool,
+                       output_hidden_states: Optional[bool]) -> DefocusStreamOutput:
+        outputs = []
+        for i, chunk in enumerate(chunks):
+            out = self(chunk, past_state=past_state, use_cache=True, finalize=finalize and i == len(chunks) - 1,
+                       output_hidden_states=output_hidden_states, return_dict=True)
+            past_state = out.past_state
+            outputs.append(out)
+        hidden_states = None
+        if outputs[0].hidden_states is not None:
+            hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(o.hidden_states for o in outputs)))
+        return DefocusStreamOutput(last_hidden_state=torch.cat([o.last_hidden_state for o in outputs], dim=1),
+                                   pooler_output=outputs[-1].pooler_output, hidden_states=hidden_states,
+                                   past_state=past_state)
 
 
 @dataclass
@@ -308,6 +501,8 @@ __all__ = [
     "DefocusMLP",
     "DefocusPreTrainedModel",
     "DefocusRMSNorm",
+    "DefocusStreamOutput",
+    "DefocusStreamState",
     "DefocusVisionModel",
     "classification_loss",
     "drop_path",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -68,6 +69,23 @@ def compiled_flex_decay_attention() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_decay_attention)
 
 
+@dataclass
+class AttentionKVCache:
+    """What a De-focus ViT layer carries between chunks: the keys and values of every token seen, `[B, H, n, d]`.
+
+    Keys are stored rotated at their absolute positions `0 .. n - 1` (the positions are the cache's index), so a
+    later query rotated at its own position sees the relative rotation. Unlike the Mamba and RetNet states the
+    cache grows by one key and one value per token, as a transformer's does.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
 class DefocusAttentionMixer(TokenMixer):
     """Multi-head softmax attention with the De-focus filter; `[B, L, hidden] -> [B, L, hidden]`.
 
@@ -109,12 +127,14 @@ class DefocusAttentionMixer(TokenMixer):
             raise ValueError(f"attention_backend={backend!r} must be 'auto', 'sdpa', 'flex' or 'flex_eager'")
         return False
 
-    def queries_keys_values(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries and keys and the values, each `[B, H, L, d]`."""
+    def queries_keys_values(self, hidden_states: torch.Tensor, position_offset: int = 0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys and the values, each `[B, H, L, d]`, for tokens at positions
+        `position_offset ..`."""
         batch, length, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return self.filter.rotate(q), self.filter.rotate(k), v
+        return self.filter.rotate(q, offset=position_offset), self.filter.rotate(k, offset=position_offset), v
 
     def attention_bias(self, length: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The additive logit bias `[H, L, L]`: `(i - j) * A_h`, and `-inf` above the diagonal when causal.
@@ -147,6 +167,33 @@ class DefocusAttentionMixer(TokenMixer):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attention_bias(length, q.device, q.dtype))
         return self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
+
+    def forward_stream(self, hidden_states: torch.Tensor, state: Optional[AttentionKVCache], position_offset: int
+                       ) -> tuple[torch.Tensor, AttentionKVCache]:
+        """Attention of the next tokens of a stream over the cached keys and values and their own (SDPA with the
+        decay and the causal mask as a `[H, l, n + l]` bias; the FlexAttention path is not used here)."""
+        if not self.causal:
+            raise ValueError("causal=False: a non-causal attention mixer cannot encode a stream in chunks (every "
+                             "token attends to later ones); use a causal configuration")
+        batch, length, hidden = hidden_states.shape
+        q, k, v = self.queries_keys_values(hidden_states, position_offset)
+        if state is not None:
+            if state.length != position_offset:
+                raise ValueError(f"the key/value cache holds {state.length} tokens but the chunk starts at position "
+                                 f"{position_offset}")
+            k = torch.cat([state.keys, k], dim=2)
+            v = torch.cat([state.values, v], dim=2)
+        query_pos = torch.arange(position_offset, position_offset + length, device=q.device, dtype=torch.float32)
+        key_pos = torch.arange(k.shape[2], device=q.device, dtype=torch.float32)
+        distance = query_pos[:, None] - key_pos[None, :]  # [l, n + l]
+        log_decay = self.filter.log_decay()
+        bias = torch.zeros(1, *distance.shape, device=q.device)
+        if log_decay is not None:
+            bias = distance.clamp(min=0)[None] * log_decay[:, None, None]
+        bias = bias.masked_fill(distance < 0, float("-inf")).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
+        return out, AttentionKVCache(keys=k, values=v)
 
     @torch.no_grad()
     def attention_map(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ mixer (docs/method.md §3.3). Every class in `MIXER_CLASSES` derives from `Token
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,6 +28,10 @@ class TokenMixer(nn.Module, metaclass=ABCMeta):
       softmax weights (rows sum to 1); retention and Mamba their implicit attention `|alpha[i, j]|` (not
       row-normalised). Mamba's would be `[B, D, L, L]` over its `D` channels, so it returns their mean as one
       head (`H = 1`), computed a chunk of channels at a time. The diagnostics average over `H` and normalise rows.
+    * `forward_stream(hidden_states, state, position_offset)` (causal mixers, docs/streaming.md): the same map for
+      the next `L` tokens of a stream whose first token sits at `position_offset`, given the mixer's carried
+      `state` (None at the start) and returning `(output, new_state)`; a stream fed in chunks equals `forward`
+      on the concatenated tokens.
     """
 
     has_feed_forward: bool = False
@@ -38,6 +43,12 @@ class TokenMixer(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`[B, L, hidden] -> [B, L, hidden]`."""
+
+    def forward_stream(self, hidden_states: torch.Tensor, state: Optional[object], position_offset: int
+                       ) -> tuple[torch.Tensor, object]:
+        """`[B, L, hidden]` tokens at positions `position_offset ..` with the carried `state` -> `(output, state)`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_stream: it cannot encode a "
+                                  f"stream in chunks")
 
     def init_weights(self) -> None:
         """Initialise the mixer's own parameters (beyond the model-wide `Linear` / `Conv` initialisation)."""

@@ -11,6 +11,7 @@ tensors itself (`BandpassFilter` with `ScanDecay` and `PerElementRotary`): the r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -53,6 +54,20 @@ def mamba_attention_kernel(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         alpha += decay.mul_(C[:, None, n, :, None]).mul_(B_in[:, :, n, None, :])
         del decay
     return alpha
+
+
+@dataclass
+class MambaStreamState:
+    """What a De-focus Mamba layer carries from one chunk of a stream to the next; its size is fixed by the
+    configuration, whatever the number of tokens seen.
+
+    conv_window: `[B, K - 1, D]`, the last `conv_kernel - 1` inputs of the causal conv (zeros at the start, which is
+        the conv's own zero padding), in the activations' dtype.
+    scan_state: `[B, D, N]` fp32, the selective scan's state after the last token.
+    """
+
+    conv_window: torch.Tensor
+    scan_state: torch.Tensor
 
 
 class DefocusMambaMixer(BandpassFilter, TokenMixer):
@@ -122,6 +137,29 @@ class DefocusMambaMixer(BandpassFilter, TokenMixer):
                              group_norm_size=self.group_norm_size)  # [B, L, D]
         return self.out_proj(y)
 
+    def forward_stream(self, hidden_states: torch.Tensor, state: Optional[MambaStreamState], position_offset: int
+                       ) -> tuple[torch.Tensor, MambaStreamState]:
+        """`forward` for the next tokens of a stream: the conv sees the carried window before the chunk, the
+        rotation turns `B` and `C` at their absolute positions and the scan starts from the carried state."""
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, l, D] each
+        batch, _, inner = x.shape
+        window = self.conv1d.kernel_size[0] - 1
+        previous = (x.new_zeros(batch, window, inner) if state is None else state.conv_window.to(x.dtype))
+        extended = torch.cat([previous, x], dim=1)  # [B, K - 1 + l, D]
+        # the extra outputs at the front are those of the previous chunk's last inputs: dropped
+        x = causal_conv1d_silu(extended.transpose(1, 2), self.conv1d.weight, self.conv1d.bias).transpose(1, 2)
+        x = x[:, window:]
+        dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        cfg = self.config
+        y, scan_state = mamba_mixer_core(
+            x, z, F.linear(dt, self.dt_proj.weight), self.dt_proj.bias, self.log_decay(), B, C, self.D, self.freq,
+            delta_scale_factor=cfg.delta_scale_factor, rope_scale_factor=self.rope_scale_factor,
+            group_norm_size=self.group_norm_size, position_offset=position_offset,
+            initial_state=None if state is None else state.scan_state, return_final_state=True)
+        # a copy: a slice would keep the whole `extended` buffer alive for as long as the state lives
+        new_window = extended[:, extended.shape[1] - window:].clone()
+        return self.out_proj(y), MambaStreamState(conv_window=new_window, scan_state=scan_state)
+
     @torch.no_grad()
     def attention_map(self, hidden_states: torch.Tensor, channel_chunk: Optional[int] = None) -> torch.Tensor:
         """The scan's implicit attention `|alpha|` averaged over the `D` channels, as one head: `[B, 1, L, L]` fp32,
@@ -144,4 +182,4 @@ class DefocusMambaMixer(BandpassFilter, TokenMixer):
         return (total / dim)[:, None]
 
 
-__all__ = ["DefocusMambaMixer", "mamba_attention_kernel"]
+__all__ = ["DefocusMambaMixer", "MambaStreamState", "mamba_attention_kernel"]

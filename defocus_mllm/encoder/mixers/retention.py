@@ -11,6 +11,9 @@ norm divides them out again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +26,14 @@ def group_rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Weightless RMS normalisation over the last dim (one group = one head), in fp32, cast back."""
     y = x.float()
     return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@dataclass
+class RetentionStreamState:
+    """What a De-focus RetNet layer carries between chunks: `state [B, H, d_k, d_v]` fp32,
+    `sum_{j < n} lambda_h^(n-1-j) k_j^T v_j` over the `n` tokens seen (rotated, scaled keys); fixed size."""
+
+    state: torch.Tensor
 
 
 class DefocusRetentionMixer(TokenMixer):
@@ -51,15 +62,17 @@ class DefocusRetentionMixer(TokenMixer):
     def init_weights(self) -> None:
         self.filter.reset_filter()
 
-    def queries_keys_values(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rotated queries, rotated and `1/sqrt(d_k)`-scaled keys `[B, H, L, d_k]`, values `[B, H, L, d_v]`."""
+    def queries_keys_values(self, hidden_states: torch.Tensor, position_offset: int = 0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries, rotated and `1/sqrt(d_k)`-scaled keys `[B, H, L, d_k]`, values `[B, H, L, d_v]`; the
+        tokens sit at positions `position_offset ..` (a stream's later chunk)."""
         batch, length, _ = hidden_states.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, length, self.num_heads, -1).transpose(1, 2)
 
-        q = self.filter.rotate(heads(self.q_proj(hidden_states)))
-        k = self.filter.rotate(heads(self.k_proj(hidden_states))) * self.scaling
+        q = self.filter.rotate(heads(self.q_proj(hidden_states)), offset=position_offset)
+        k = self.filter.rotate(heads(self.k_proj(hidden_states)), offset=position_offset) * self.scaling
         return q, k, heads(self.v_proj(hidden_states))
 
     def decay_mask(self, length: int, device: torch.device) -> torch.Tensor:
@@ -119,6 +132,24 @@ class DefocusRetentionMixer(TokenMixer):
             decayed_keys = kc * torch.exp((size - 1 - pos) * log_decay)
             state = torch.exp(size * log_decay) * state + decayed_keys.transpose(-1, -2) @ vc
         return self._output(torch.cat(outputs, dim=2).to(hidden_states.dtype), hidden_states)
+
+    def forward_stream(self, hidden_states: torch.Tensor, state: Optional[RetentionStreamState], position_offset: int
+                       ) -> tuple[torch.Tensor, RetentionStreamState]:
+        """One step of the chunkwise form for the next tokens of a stream: parallel inside the chunk, the carried
+        state for everything before it (the decay depends only on distances, so only the rotation needs the
+        absolute positions)."""
+        q, k, v = (t.float() for t in self.queries_keys_values(hidden_states, position_offset))
+        log_decay = self._head_log_decay(q.device)[:, None, None]  # [H, 1, 1]
+        size = q.shape[2]
+        pos = torch.arange(size, device=q.device, dtype=torch.float32)[:, None]  # [l, 1]
+        out = ((q @ k.transpose(-1, -2)) * self.decay_mask(size, q.device)) @ v
+        if state is not None:
+            # query i of the chunk is i + 1 steps after the state's last token
+            out = out + (q * torch.exp((pos + 1) * log_decay)) @ state.state
+        new_state = (k * torch.exp((size - 1 - pos) * log_decay)).transpose(-1, -2) @ v
+        if state is not None:
+            new_state = new_state + torch.exp(size * log_decay) * state.state
+        return self._output(out.to(hidden_states.dtype), hidden_states), RetentionStreamState(state=new_state)
 
     @torch.no_grad()
     def attention_map(self, hidden_states: torch.Tensor) -> torch.Tensor:
