@@ -1,0 +1,167 @@
+"""Streaming causal encoding on the CPU: peak memory and time of a large image encoded whole vs a few patch rows at a
+time, and of a video encoded whole vs frame by frame, for De-focus Mamba-S, RetNet-S and ViT-S (docs/streaming.md).
+
+    python benchmarks/bench_streaming.py                       # the table of docs/streaming.md
+    python benchmarks/bench_streaming.py --quick               # tiny models, tiny inputs: a smoke run
+
+Random weights, fp32, batch 1, `torch.inference_mode`. A streamed run consumes each chunk's tokens as they come (as a
+projector or a pooling head would) and keeps only the carried state, so its peak is the working memory of one chunk
+plus the state; a whole run holds the full sequence's activations. RetNet-S is the De-focus RetNet with DeiT-S sizes
+(hidden 384, 12 layers, 6 heads), as Mamba-S and ViT-S are.
+
+The whole forward of RetNet (its parallel form, `[H, L, L]`) and of ViT (a dense `[H, L, L]` decay bias) is
+quadratic in memory: at 65,536 tokens that is ~100 GiB per layer, so `--whole-max-tokens` caps the whole runs
+(larger sizes print "skipped" with the memory it would need). The streamed ViT's key/value cache and its attention
+cost grow with the stream; `--vit-max-tokens` caps its streamed runs for time.
+
+Peak memory is what the call adds on top of the weights (the resident-set high-water mark, as in
+bench_selective_scan.py's `PeakMemory`); on a machine shared with other work times are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Optional
+
+import torch
+
+from bench_selective_scan import PeakMemory
+from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
+
+MODELS = {
+    "Mamba-S": ("mamba-small", {}),
+    "RetNet-S": ("retnet-base", dict(hidden_size=384, intermediate_size=768, num_attention_heads=6)),
+    "ViT-S": ("vit-small", {}),
+}
+QUICK = {
+    "Mamba-S": ("mamba-tiny", {}),
+    "RetNet-S": ("retnet-tiny", {}),
+    "ViT-S": ("vit-tiny", {}),
+}
+MiB = 2**20
+
+
+def build(preset: str, overrides: dict, patch_size: Optional[int]) -> DefocusVisionModel:
+    if patch_size:
+        overrides = {**overrides, "patch_size": patch_size}
+    return DefocusVisionModel(DefocusVisionConfig.from_preset(preset, **overrides)).eval()
+
+
+def whole(model: DefocusVisionModel, pixels: torch.Tensor) -> Callable[[], int]:
+    def run() -> int:
+        return model(pixels).last_hidden_state.shape[1]
+    return run
+
+
+def streamed(model: DefocusVisionModel, chunks: list[torch.Tensor], result: dict) -> Callable[[], int]:
+    """Feed the chunks one after the other, dropping each chunk's output once produced."""
+    def run() -> int:
+        state, tokens = None, 0
+        for i, chunk in enumerate(chunks):
+            out = model(chunk, past_state=state, use_cache=True, finalize=i == len(chunks) - 1)
+            state = out.past_state
+            tokens += out.last_hidden_state.shape[1]
+            del out
+        result["state_bytes"] = state.num_bytes()
+        return tokens
+    return run
+
+
+def quadratic_bytes(model: DefocusVisionModel, tokens: int) -> int:
+    """The `[H, L, L]` fp32 tensor of a whole RetNet / ViT forward (several exist at once)."""
+    return model.config.num_attention_heads * tokens * tokens * 4
+
+
+def measure(fn: Callable[[], int], peak: PeakMemory) -> tuple[float, Optional[float], int]:
+    result = {}
+
+    def timed() -> None:
+        start = time.perf_counter()
+        result["tokens"] = fn()
+        result["seconds"] = time.perf_counter() - start
+
+    with torch.inference_mode():
+        mib = peak.measure(timed)
+    return result["seconds"], mib, result["tokens"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models and inputs (a smoke run)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--image-sizes", nargs="+", type=int, default=[1024, 2048, 4096],
+                        help="square image sides in pixels, streamed (and whole where allowed) (default: %(default)s)")
+    parser.add_argument("--rows-per-chunk", type=int, default=4, help="patch rows per streamed chunk")
+    parser.add_argument("--frames", type=int, default=64, help="video length in frames")
+    parser.add_argument("--frame-size", type=int, default=128, help="video frame side in pixels")
+    parser.add_argument("--whole-max-tokens", type=int, default=65536,
+                        help="largest whole forward for Mamba (linear memory)")
+    parser.add_argument("--quadratic-max-tokens", type=int, default=4096,
+                        help="largest whole forward for RetNet / ViT ([H, L, L] memory)")
+    parser.add_argument("--vit-max-tokens", type=int, default=16384, help="largest streamed ViT run (time)")
+    args = parser.parse_args()
+
+    models = QUICK if args.quick else MODELS
+    patch = None
+    if args.quick:
+        args.image_sizes, args.frames, args.frame_size, patch = [32, 64], 4, 16, 8
+    peak = PeakMemory("cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, "
+          f"{args.rows_per_chunk} patch rows per chunk, video {args.frames} x {args.frame_size}^2")
+    header = f"{'model':9s} {'input':>16s} {'tokens':>7s} {'mode':>12s} {'time s':>8s} {'peak MiB':>9s} {'state MiB':>10s}"
+    print(header)
+    print("-" * len(header))
+
+    def row(name: str, what: str, tokens: int, mode: str, seconds: Optional[float], mib: Optional[float],
+            state: Optional[int], note: str = "") -> None:
+        t = f"{seconds:8.2f}" if seconds is not None else f"{'-':>8s}"
+        m = f"{mib:9.0f}" if mib is not None else f"{'-':>9s}"
+        s = f"{state / MiB:10.2f}" if state is not None else f"{'-':>10s}"
+        print(f"{name:9s} {what:>16s} {tokens:7d} {mode:>12s} {t} {m} {s} {note}".rstrip(), flush=True)
+
+    for name in args.models:
+        preset, overrides = models[name]
+        torch.manual_seed(0)
+        model = build(preset, overrides, patch)
+        p = model.config.patch_size
+        quadratic = model.config.mixer in ("attention", "retention")
+        for side in args.image_sizes:
+            pixels = torch.randn(1, 3, side, side)
+            tokens = (side // p) ** 2 + 1
+            what = f"image {side}^2"
+            limit = args.quadratic_max_tokens if quadratic else args.whole_max_tokens
+            if tokens <= limit:
+                row(name, what, tokens, "whole", *measure(whole(model, pixels), peak)[:2], None)
+            else:
+                need = f"(skipped: [H, L, L] fp32 is {quadratic_bytes(model, tokens) / 2**30:.0f} GiB)" if quadratic \
+                    else "(skipped: over --whole-max-tokens)"
+                row(name, what, tokens, "whole", None, None, None, need)
+            if model.config.mixer == "attention" and tokens > args.vit_max_tokens:
+                row(name, what, tokens, f"rows x{args.rows_per_chunk}", None, None, None,
+                    "(skipped: over --vit-max-tokens; attention cost grows with the stream)")
+                continue
+            step = args.rows_per_chunk * p
+            chunks = [pixels[:, :, top:top + step] for top in range(0, side, step)]
+            result = {}
+            seconds, mib, count = measure(streamed(model, chunks, result), peak)
+            row(name, what, count, f"rows x{args.rows_per_chunk}", seconds, mib, result["state_bytes"])
+        video = torch.randn(1, args.frames, 3, args.frame_size, args.frame_size)
+        tokens = args.frames * (args.frame_size // p) ** 2 + 1
+        what = f"video {args.frames}x{args.frame_size}^2"
+        limit = args.quadratic_max_tokens if quadratic else args.whole_max_tokens
+        if tokens <= limit:
+            row(name, what, tokens, "whole", *measure(whole(model, video), peak)[:2], None)
+        else:
+            row(name, what, tokens, "whole", None, None, None, "(skipped: over the whole-forward cap)")
+        result = {}
+        seconds, mib, count = measure(streamed(model, list(video.split(1, dim=1)), result), peak)
+        row(name, what, count, "frame x1", seconds, mib, result["state_bytes"])
+    print("\nwhole: one forward over all tokens; rows xN / frame x1: streamed with past_state, N patch rows or one "
+          "frame per chunk, chunk outputs dropped; state: the carried past_state at the end (Mamba / RetNet: fixed "
+          "size; ViT: its key/value cache, which grows). Whole runs are the reference the streams equal (vs the "
+          "streamed rows of the same input).")
+
+
+if __name__ == "__main__":
+    main()
