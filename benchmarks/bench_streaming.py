@@ -96,10 +96,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=64, help="video length in frames")
     parser.add_argument("--frame-size", type=int, default=128, help="video frame side in pixels")
     parser.add_argument("--whole-max-tokens", type=int, default=65536,
-                        help="largest whole forward for Mamba (linear memory)")
+                        help="most patch tokens of a whole Mamba forward (linear memory)")
     parser.add_argument("--quadratic-max-tokens", type=int, default=4096,
-                        help="largest whole forward for RetNet / ViT ([H, L, L] memory)")
-    parser.add_argument("--vit-max-tokens", type=int, default=16384, help="largest streamed ViT run (time)")
+                        help="most patch tokens of a whole RetNet / ViT forward ([H, L, L] memory)")
+    parser.add_argument("--vit-max-tokens", type=int, default=4096,
+                        help="most patch tokens of a streamed ViT run (its attention cost grows with the stream)")
     args = parser.parse_args()
 
     models = QUICK if args.quick else MODELS
@@ -131,13 +132,13 @@ def main() -> None:
             tokens = (side // p) ** 2 + 1
             what = f"image {side}^2"
             limit = args.quadratic_max_tokens if quadratic else args.whole_max_tokens
-            if tokens <= limit:
+            if tokens - 1 <= limit:
                 row(name, what, tokens, "whole", *measure(whole(model, pixels), peak)[:2], None)
             else:
                 need = f"(skipped: [H, L, L] fp32 is {quadratic_bytes(model, tokens) / 2**30:.0f} GiB)" if quadratic \
                     else "(skipped: over --whole-max-tokens)"
                 row(name, what, tokens, "whole", None, None, None, need)
-            if model.config.mixer == "attention" and tokens > args.vit_max_tokens:
+            if model.config.mixer == "attention" and tokens - 1 > args.vit_max_tokens:
                 row(name, what, tokens, f"rows x{args.rows_per_chunk}", None, None, None,
                     "(skipped: over --vit-max-tokens; attention cost grows with the stream)")
                 continue
@@ -150,7 +151,7 @@ def main() -> None:
         tokens = args.frames * (args.frame_size // p) ** 2 + 1
         what = f"video {args.frames}x{args.frame_size}^2"
         limit = args.quadratic_max_tokens if quadratic else args.whole_max_tokens
-        if tokens <= limit:
+        if tokens - 1 <= limit:
             row(name, what, tokens, "whole", *measure(whole(model, video), peak)[:2], None)
         else:
             row(name, what, tokens, "whole", None, None, None, "(skipped: over the whole-forward cap)")

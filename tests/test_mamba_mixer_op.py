@@ -116,16 +116,26 @@ def test_gradcheck_through_the_initial_and_final_state():
     assert torch.autograd.gradcheck(scan, (u, delta, A, B, C, s0))
 
 
-def test_the_scan_refuses_a_state_of_the_wrong_shape_or_a_backend_without_state():
+def test_the_scan_refuses_a_state_of_the_wrong_shape_and_continues_a_stateless_backend_by_linearity():
     from defocus_mllm.ops.selective_scan import _AVAILABLE, _BACKENDS, register_selective_scan_backend
 
-    u, delta, A, B, C = make_inputs()
+    u, delta, A, B, C = make_inputs(length=9)
     with pytest.raises(ValueError, match="initial_state must be"):
         selective_scan(u, delta, A, B, C, initial_state=torch.zeros(2, 3, 5))
-    register_selective_scan_backend("stateless", lambda *t: selective_scan(*t, backend="torch"))
+    calls = []
+
+    def stateless(*t):
+        calls.append(len(t))
+        return selective_scan(*t, backend="torch")
+
+    register_selective_scan_backend("stateless", stateless)
     try:
-        with pytest.raises(ValueError, match="takes no initial state"):
-            selective_scan(u, delta, A, B, C, backend="stateless", return_final_state=True)
+        s0 = torch.randn(2, 3, 4)
+        y, s = selective_scan(u, delta, A, B, C, backend="stateless", initial_state=s0, return_final_state=True)
+        y_ref, s_ref = selective_scan(u, delta, A, B, C, backend="torch", initial_state=s0, return_final_state=True)
+        assert calls == [5]  # called without the state: the state's part is added around it
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(s, s_ref, rtol=0, atol=1e-5)
     finally:
         _BACKENDS.pop("stateless"), _AVAILABLE.pop("stateless")
 

@@ -183,8 +183,8 @@ def _mamba_ssm_available() -> bool:
 
 def selective_scan_cuda(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                         C: torch.Tensor) -> torch.Tensor:
-    """mamba-ssm's fused CUDA kernel (`selective_scan_fn`), without D, gate or delta bias. It takes no initial state,
-    so the dispatch does not send it calls that carry one."""
+    """mamba-ssm's fused CUDA kernel (`selective_scan_fn`), without D, gate or delta bias. It takes no initial state;
+    `selective_scan` continues a stream through it by linearity."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     return selective_scan_fn(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
@@ -201,18 +201,51 @@ register_selective_scan_backend("cpu", selective_scan_cpu, cpu_scan.is_available
 _PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
-def _default_backend(u: torch.Tensor, carrying_state: bool = False) -> str:
+def _default_backend(u: torch.Tensor) -> str:
     forced = os.environ.get("DEFOCUS_SCAN_BACKEND")
-    if forced and (not carrying_state or forced in _CARRIES_STATE):
+    if forced:
         return forced
     if u.dtype == torch.float64:  # the kernels accumulate in fp32; the PyTorch scan keeps float64 (gradcheck)
         return "torch"
     for name in _PREFERENCE.get(u.device.type, ()):
-        if carrying_state and name not in _CARRIES_STATE:
-            continue
         if name in _BACKENDS and _AVAILABLE[name]():
             return name
     return "torch"
+
+
+def _state_terms(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 initial_state: Optional[torch.Tensor], return_final_state: bool
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """What a carried state changes in a scan computed from a zero state: `(y_extra [B, D, L], final [B, D, N])`.
+
+    The recurrence is linear in its state: started from `S`, `s_t = P_t * S + s0_t` with `P_t = exp(A sum_{k<=t}
+    delta_k)` and `s0` the zero-start scan. So `y_t = y0_t + sum_n C_t[n] P_t[:, n] S[:, n]`, and the final state is
+    `P_L * S + sum_t exp(A sum_{k>t} delta_k) delta_t u_t B_t`. Both are `O(B D N L)` elementwise work, one state
+    `n` at a time (`[B, D, L]` memory), so any backend that computes the zero-start `y0` continues a stream.
+    """
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    d, A, B, C = (t.to(compute) for t in (delta, A, B, C))
+    n_state, length = A.shape[1], u.shape[-1]
+    y_extra = final = None
+    decay_total = None
+    if initial_state is not None:
+        S = initial_state.to(compute)
+        steps = d.cumsum(-1)  # sum_{k<=t} delta_k: [B, D, L]
+        y_extra = sum(C[:, None, n] * torch.exp(steps * A[:, n, None]) * S[:, :, n, None] for n in range(n_state))
+        if length:
+            decay_total = torch.exp(steps[..., -1:] * A) * S  # P_L * S: [B, D, N]
+        else:
+            decay_total = S
+    if return_final_state:
+        # sum_{k>t} delta_k from a reversed cumulative sum, not as the difference of two long sums
+        suffix = d.flip(-1).cumsum(-1).flip(-1)
+        after = torch.cat([suffix[..., 1:], suffix.new_zeros(suffix.shape[:-1] + (1,))], dim=-1)
+        du = d * u.to(compute)
+        final = torch.stack([(torch.exp(after * A[:, n, None]) * du * B[:, None, n]).sum(-1) for n in range(n_state)],
+                            dim=-1) if n_state else u.new_zeros(u.shape[0], u.shape[1], 0, dtype=compute)
+        if decay_total is not None:
+            final = final + decay_total
+    return y_extra, final
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -233,8 +266,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return_final_state: also return the state after the last step, `[B, D, N]` fp32 (float64 for float64).
 
     Returns:
-        `y: [B, D, L]` in `u`'s dtype, or `(y, final_state)`. Calls with a state go to backends that carry one
-        (mamba-ssm's kernel does not; the dispatch then takes the next backend that does).
+        `y: [B, D, L]` in `u`'s dtype, or `(y, final_state)`. A backend registered with `carries_state=True` gets
+        the state itself; for the others (mamba-ssm's kernel, the native CPU and Triton kernels until they take
+        one) the zero-start scan is continued by linearity (`_state_terms`: `O(B D N L)` extra elementwise work).
     """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"selective_scan: u and delta must be [B, D, L] of one shape, got {tuple(u.shape)} and "
@@ -250,7 +284,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         raise ValueError(f"selective_scan: initial_state must be [B={batch}, D={dim}, N={n}], got "
                          f"{tuple(initial_state.shape)}")
     carrying = initial_state is not None or return_final_state
-    name = backend or _default_backend(u, carrying)
+    name = backend or _default_backend(u)
     if name not in _BACKENDS:
         raise ValueError(f"selective_scan: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
     if not _AVAILABLE[name]():
@@ -258,7 +292,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                            f"{available_backends()}); install the `cuda` extra on a CUDA machine")
     if not carrying:
         return _BACKENDS[name](u, delta, A, B, C)
-    if name not in _CARRIES_STATE:
-        raise ValueError(f"selective_scan: backend {name!r} takes no initial state and returns no final one; "
-                         f"backends that do: {sorted(_CARRIES_STATE)}")
-    return _BACKENDS[name](u, delta, A, B, C, initial_state=initial_state, return_final_state=return_final_state)
+    if name in _CARRIES_STATE:
+        return _BACKENDS[name](u, delta, A, B, C, initial_state=initial_state, return_final_state=return_final_state)
+    # a backend without state support computes the zero-start scan; the state's part is added by linearity
+    y = _BACKENDS[name](u, delta, A, B, C)
+    y_extra, final = _state_terms(u, delta, A, B, C, initial_state, return_final_state)
+    if y_extra is not None:
+        y = (y.to(y_extra.dtype) + y_extra).to(u.dtype)
+    return (y, final) if return_final_state else y
