@@ -205,3 +205,21 @@ def test_the_stream_is_differentiable_through_the_carried_state():
                                    model.parameters())
     for g_stream, g_whole in zip(streamed, whole):
         torch.testing.assert_close(g_stream, g_whole, rtol=1e-4, atol=1e-5)
+
+
+def test_the_streaming_benchmark_runs_quick():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_streaming.py"), "--quick",
+                           "--models", "Mamba-S", "RetNet-S"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for model in ("Mamba-S", "RetNet-S"):
+        modes = [line.split()[4] for line in lines if line.startswith(model)]
+        assert modes == ["whole", "rows", "whole", "rows", "whole", "frame"], proc.stdout
+    # the state column of the streamed rows is the same at both image sizes (32^2 and 64^2)
+    states = [line.split()[-1] for line in lines if line.startswith("Mamba-S") and " rows " in line]
+    assert len(states) == 2 and states[0] == states[1], proc.stdout
