@@ -99,10 +99,14 @@ def main() -> None:
                         help="most patch tokens of a whole Mamba forward (linear memory)")
     parser.add_argument("--quadratic-max-tokens", type=int, default=4096,
                         help="most patch tokens of a whole RetNet / ViT forward ([H, L, L] memory)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); 1 avoids thread barriers on a loaded machine")
     parser.add_argument("--vit-max-tokens", type=int, default=4096,
                         help="most patch tokens of a streamed ViT run (its attention cost grows with the stream)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = QUICK if args.quick else MODELS
     patch = None
     if args.quick:

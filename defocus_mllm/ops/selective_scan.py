@@ -213,6 +213,10 @@ def _default_backend(u: torch.Tensor) -> str:
     return "torch"
 
 
+# Elements of one `[B, l, D, N]` block of `_state_terms` (16 MiB in fp32): a stream's chunk is usually one block
+_STATE_BLOCK_ELEMENTS = 1 << 22
+
+
 def _state_terms(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  initial_state: Optional[torch.Tensor], return_final_state: bool
                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -220,31 +224,33 @@ def _state_terms(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
     The recurrence is linear in its state: started from `S`, `s_t = P_t * S + s0_t` with `P_t = exp(A sum_{k<=t}
     delta_k)` and `s0` the zero-start scan. So `y_t = y0_t + sum_n C_t[n] P_t[:, n] S[:, n]`, and the final state is
-    `P_L * S + sum_t exp(A sum_{k>t} delta_k) delta_t u_t B_t`. Both are `O(B D N L)` elementwise work, one state
-    `n` at a time (`[B, D, L]` memory), so any backend that computes the zero-start `y0` continues a stream.
+    `P_L * S + sum_t exp(A sum_{k>t} delta_k) delta_t u_t B_t`. Both are `O(B D N L)` elementwise work, done on
+    `[B, l, D, N]` blocks of time steps (a few large ops rather than many small ones), so any backend that computes
+    the zero-start `y0` continues a stream.
     """
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-    d, A, B, C = (t.to(compute) for t in (delta, A, B, C))
-    n_state, length = A.shape[1], u.shape[-1]
+    # time-major [B, L, D] / [B, L, N] views (the mixer's channels-last memory): channels run contiguous below
+    d = delta.transpose(1, 2).to(compute)
+    B, C = B.transpose(1, 2).to(compute), C.transpose(1, 2).to(compute)
+    A = A.to(compute)
+    batch, length, dim = d.shape
+    block = max(1, _STATE_BLOCK_ELEMENTS // max(1, batch * dim * A.shape[1]))
     y_extra = final = None
-    decay_total = None
     if initial_state is not None:
-        S = initial_state.to(compute)
-        steps = d.cumsum(-1)  # sum_{k<=t} delta_k: [B, D, L]
-        y_extra = sum(C[:, None, n] * torch.exp(steps * A[:, n, None]) * S[:, :, n, None] for n in range(n_state))
-        if length:
-            decay_total = torch.exp(steps[..., -1:] * A) * S  # P_L * S: [B, D, N]
-        else:
-            decay_total = S
+        S = initial_state.to(compute)[:, None]  # [B, 1, D, N]
+        steps = d.cumsum(1)  # sum_{k<=t} delta_k: [B, L, D]
+        y_extra = torch.cat([(torch.exp(steps[:, t:t + block, :, None] * A) * S * C[:, t:t + block, None, :]).sum(-1)
+                             for t in range(0, length, block)], dim=1).transpose(1, 2) if length else d.transpose(1, 2)
+        final = torch.exp(steps[:, -1, :, None] * A) * S[:, 0] if length else S[:, 0]  # P_L * S: [B, D, N]
     if return_final_state:
         # sum_{k>t} delta_k from a reversed cumulative sum, not as the difference of two long sums
-        suffix = d.flip(-1).cumsum(-1).flip(-1)
-        after = torch.cat([suffix[..., 1:], suffix.new_zeros(suffix.shape[:-1] + (1,))], dim=-1)
-        du = d * u.to(compute)
-        final = torch.stack([(torch.exp(after * A[:, n, None]) * du * B[:, None, n]).sum(-1) for n in range(n_state)],
-                            dim=-1) if n_state else u.new_zeros(u.shape[0], u.shape[1], 0, dtype=compute)
-        if decay_total is not None:
-            final = final + decay_total
+        suffix = d.flip(1).cumsum(1).flip(1)
+        after = torch.cat([suffix[:, 1:], suffix.new_zeros(batch, 1, dim)], dim=1)
+        du = d * u.transpose(1, 2).to(compute)
+        fresh = sum((torch.exp(after[:, t:t + block, :, None] * A) * du[:, t:t + block, :, None]
+                     * B[:, t:t + block, None, :]).sum(1) for t in range(0, length, block))
+        fresh = fresh if isinstance(fresh, torch.Tensor) else d.new_zeros(batch, dim, A.shape[1])
+        final = fresh if final is None else final + fresh
     return y_extra, final
 
 
