@@ -213,8 +213,9 @@ def _default_backend(u: torch.Tensor) -> str:
     return "torch"
 
 
-# Elements of one `[B, l, D, N]` block of `_state_terms` (16 MiB in fp32): a stream's chunk is usually one block
-_STATE_BLOCK_ELEMENTS = 1 << 22
+# Elements of one `[B, l, D, N]` block of `_state_terms` (1 MiB in fp32): large enough for few ops, small enough
+# that its temporaries stay out of the peak of a chunk
+_STATE_BLOCK_ELEMENTS = 1 << 18
 
 
 def _state_terms(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
