@@ -12,12 +12,16 @@ from .selective_scan import (
     selective_scan_torch,
 )
 from .triton_scan import selective_scan_triton  # registers the "triton" backend (needs triton; CUDA or interpreter)
+from .triton_mixer import mamba_mixer_core_triton  # registers the mixer's "triton" backend
+from .triton_conv import causal_conv1d_silu_triton  # the channels-last conv kernel for CUDA tensors
 
 __all__ = [
     "available_backends",
     "available_mamba_mixer_backends",
     "causal_conv1d_silu",
+    "causal_conv1d_silu_triton",
     "mamba_mixer_core",
+    "mamba_mixer_core_triton",
     "register_mamba_mixer_backend",
     "register_selective_scan_backend",
     "selective_scan",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,18 @@ def _causal_conv1d_fn():
     return causal_conv1d_fn
 
 
+# ---- hook for kernels registered by other modules (kept minimal: a registry API may replace it) ----------------
+# (handles(x) -> bool, fn(x, weight, bias) -> out) pairs, tried in order for CUDA tensors when causal-conv1d's
+# kernel is not installed; `ops/triton_conv.py` appends its channels-last Triton kernel here on import.
+_CUDA_KERNELS: list[tuple[Callable[[torch.Tensor], bool], Callable[..., torch.Tensor]]] = []
+
+
+def register_cuda_kernel(handles: Callable[[torch.Tensor], bool], fn: Callable[..., torch.Tensor]) -> None:
+    """Add a fallback CUDA kernel `fn(x [B, D, L], weight [D, K], bias) -> [B, D, L]` for inputs `handles(x)`."""
+    _CUDA_KERNELS.append((handles, fn))
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        backend: Optional[str] = None) -> torch.Tensor:
     """`silu(conv1d(x))` with left padding `K - 1`, one filter per channel.
@@ -24,12 +36,17 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         x: `[B, D, L]`.
         weight: `[D, K]` (or the `[D, 1, K]` of an `nn.Conv1d`).
         bias: `[D]` or None.
-        backend: `"torch"`, `"cuda"` or None (CUDA kernel for CUDA tensors when causal-conv1d imports).
+        backend: `"torch"`, `"cuda"` or None (CUDA kernel for CUDA tensors when causal-conv1d imports, else a
+            kernel registered in `_CUDA_KERNELS` that handles the input, e.g. the Triton one for channels-last).
     """
     weight = weight.reshape(weight.shape[0], -1)
     fn = _causal_conv1d_fn() if backend != "torch" and x.is_cuda else None
     if backend == "cuda" and fn is None:
         raise RuntimeError("causal_conv1d_silu: the causal-conv1d CUDA kernel is not available")
+    if fn is None and backend is None and x.is_cuda:
+        for handles, kernel_fn in _CUDA_KERNELS:
+            if handles(x):
+                return kernel_fn(x, weight, bias)
     if fn is not None:
         return fn(x.contiguous(), weight.to(x.dtype).contiguous(),
                   None if bias is None else bias.to(x.dtype), activation="silu")
