@@ -220,6 +220,7 @@ def test_profile_encoder_groups_kernels_and_runs_quick():
     spec.loader.exec_module(profile_encoder)
     # kernel names as torch.profiler reported them on an H100 (docs/gpu.md)
     assert profile_encoder.kind_of("_scan_fwd_kernel") == "scan"
+    assert profile_encoder.kind_of("_ssm_bwd_kernel") == "scan"  # the sequential scan / fused mixer kernels
     assert profile_encoder.kind_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
     assert profile_encoder.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "matmul"
     assert profile_encoder.kind_of("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast"

@@ -149,5 +149,19 @@ def test_triton_conv_matches_conv1d(child_results, case):
     assert not bad, f"{case}: relative errors above 1e-5: {bad}"
 
 
+def test_the_kernel_check_script_runs_the_fused_path_in_its_dry_run():
+    """benchmarks/check_cuda_kernels.py --dry-run (the device script's checks on CPU shapes, interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the `dev` extra installs it)")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "check_cuda_kernels.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("DEFOCUS_MIXER_BACKEND", "DEFOCUS_SCAN_BACKEND")}
+    proc = subprocess.run([sys.executable, script, "--dry-run"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "mamba_mixer_core triton (fp32) vs torch (float64)" in proc.stdout and "d_freq=" in proc.stdout
+    assert "causal_conv1d_silu triton vs torch" in proc.stdout
+    assert "the fused mixer and the Triton conv match the PyTorch path" in proc.stdout
+
+
 if __name__ == "__main__":
     print(json.dumps(run_cases()))
