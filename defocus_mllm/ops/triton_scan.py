@@ -69,30 +69,49 @@ def triton_scan_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _step_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, x_off, dt_off, B_off, C_off, Bp_off, Cp_off, mask_d, mask_n,
-                     bias, freq, sign, pos, inv_dsf, SOFTPLUS: tl.constexpr, ROTATE: tl.constexpr):
-        """One time step's inputs in fp32: `u [BLOCK_D]`, `delta [BLOCK_D]` (and the softplus argument), the rotated
-        `B_t, C_t [N_PAD]`. The backward calls this too, so it recomputes exactly
-        the forward's values."""
+    def _load_step(x_ptr, z_ptr, dt_ptr, B_ptr, C_ptr, x_off, z_off, dt_off, B_off, C_off, Bp_off, Cp_off, mask_d,
+                   mask_n, ROTATE: tl.constexpr, GATE: tl.constexpr):
+        """One time step's raw inputs in fp32: `u, dt, z [BLOCK_D]`, `B_t, C_t` and their pair partners `[N_PAD]`."""
         u = tl.load(x_ptr + x_off, mask=mask_d, other=0.0).to(tl.float32)
         dl = tl.load(dt_ptr + dt_off, mask=mask_d, other=0.0).to(tl.float32)
+        zz = u
+        if GATE:
+            zz = tl.load(z_ptr + z_off, mask=mask_d, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + B_off, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + C_off, mask=mask_n, other=0.0).to(tl.float32)
+        Bp = Bt
+        Cp = Ct
+        if ROTATE:
+            # the pair partner k ^ 1 is read from memory (cached: the same line) rather than permuted in registers
+            Bp = tl.load(B_ptr + Bp_off, mask=mask_n, other=0.0).to(tl.float32)
+            Cp = tl.load(C_ptr + Cp_off, mask=mask_n, other=0.0).to(tl.float32)
+        return u, dl, zz, Bt, Ct, Bp, Cp
+
+    @triton.jit
+    def _prep_step(dl, Bt, Ct, Bp, Cp, bias, freq, sign, pos, inv_dsf, SOFTPLUS: tl.constexpr,
+                   ROTATE: tl.constexpr):
+        """`delta` (and the softplus argument `v`) and the rotated `B_t, C_t` from a step's raw inputs."""
         v = dl
         if SOFTPLUS:
             v = dl + bias
             # softplus written so that exp never overflows; padded channels get delta > 0 but u = 0, A = 0
             dl = (tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))) * inv_dsf
-        Bt = tl.load(B_ptr + B_off, mask=mask_n, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + C_off, mask=mask_n, other=0.0).to(tl.float32)
         if ROTATE:
-            # theta[k] = (n / rope_scale_factor) * freq[k], one angle per element (the release's layout); the
-            # pair partner k ^ 1 is read from memory rather than permuted in registers
+            # theta[k] = (n / rope_scale_factor) * freq[k], one angle per element (the release's layout)
             theta = pos * freq
             cs = tl.cos(theta)
             sn = tl.sin(theta)
-            Bp = tl.load(B_ptr + Bp_off, mask=mask_n, other=0.0).to(tl.float32)
-            Cp = tl.load(C_ptr + Cp_off, mask=mask_n, other=0.0).to(tl.float32)
             Bt = Bt * cs + sign * Bp * sn
             Ct = Ct * cs + sign * Cp * sn
+        return dl, v, Bt, Ct
+
+    @triton.jit
+    def _step_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, x_off, dt_off, B_off, C_off, Bp_off, Cp_off, mask_d, mask_n,
+                     bias, freq, sign, pos, inv_dsf, SOFTPLUS: tl.constexpr, ROTATE: tl.constexpr):
+        """One time step's `u, delta, v, B_t, C_t` (rotated), fp32: the forward's values, recomputed exactly."""
+        u, dl, _, Bt, Ct, Bp, Cp = _load_step(x_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, x_off, x_off, dt_off, B_off, C_off,
+                                              Bp_off, Cp_off, mask_d, mask_n, ROTATE, False)
+        dl, v, Bt, Ct = _prep_step(dl, Bt, Ct, Bp, Cp, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
         return u, dl, v, Bt, Ct
 
     @triton.jit
@@ -137,24 +156,33 @@ if triton is not None:
         else:
             state = tl.zeros([BLOCK_D, N_PAD], dtype=tl.float32)
         ck_off = (pid_b * D + d[:, None]) * n_ckpt * N + n[None, :]
-        for k in range(n_ckpt):
+        # software pipelining by hand: step t + 1's loads are issued before step t's arithmetic, so that a
+        # program always has a step's worth of loads in flight while the recurrence (which cannot start before its
+        # inputs arrive) runs
+        u_n, dl_n, z_n, B_n, C_n, Bp_n, Cp_n = _load_step(
+            x_ptr, z_ptr, dt_ptr, B_ptr, C_ptr, pid_b * sxb + d * sxd, pid_b * szb + d * szd, pid_b * stb + d * std,
+            pid_b * sBb + n * sBn, pid_b * sCb + n * sCn, pid_b * sBb + partner * sBn, pid_b * sCb + partner * sCn,
+            mask_d, mask_n, ROTATE, GATE)
+        for t in range(0, L):
             if STORE_CKPT:
-                tl.store(ckpt_ptr + ck_off + k * N, state, mask=mask_dn)  # the state before step k * CKPT
-            for t in range(k * CKPT, tl.minimum(k * CKPT + CKPT, L)):
-                pos = (pos0 + t).to(tl.float32) / rope_scale
-                u, dl, v, Bt, Ct = _step_inputs(
-                    x_ptr, dt_ptr, B_ptr, C_ptr, pid_b * sxb + t * sxl + d * sxd, pid_b * stb + t * stl + d * std,
-                    pid_b * sBb + t * sBl + n * sBn, pid_b * sCb + t * sCl + n * sCn,
-                    pid_b * sBb + t * sBl + partner * sBn, pid_b * sCb + t * sCl + partner * sCn,
-                    mask_d, mask_n, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
-                state = tl.exp(dl[:, None] * A) * state + (dl * u)[:, None] * Bt[None, :]
-                y = tl.sum(state * Ct[None, :], axis=1)
-                if GROUP > 0:
-                    y, _ = _group_rms(y, BLOCK_D, GROUP)
-                if GATE:
-                    zz = tl.load(z_ptr + pid_b * szb + t * szl + d * szd, mask=mask_d, other=0.0).to(tl.float32)
-                    y = (y + u * Dv) * (zz * tl.sigmoid(zz))
-                tl.store(out_ptr + pid_b * sob + t * sol + d * sod, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+                if t % CKPT == 0:  # the state before step t, every CKPT steps
+                    tl.store(ckpt_ptr + ck_off + (t // CKPT) * N, state, mask=mask_dn)
+            u, dl, zz, Bt, Ct, Bp, Cp = u_n, dl_n, z_n, B_n, C_n, Bp_n, Cp_n
+            t1 = t + 1
+            u_n, dl_n, z_n, B_n, C_n, Bp_n, Cp_n = _load_step(
+                x_ptr, z_ptr, dt_ptr, B_ptr, C_ptr, pid_b * sxb + t1 * sxl + d * sxd, pid_b * szb + t1 * szl + d * szd,
+                pid_b * stb + t1 * stl + d * std, pid_b * sBb + t1 * sBl + n * sBn, pid_b * sCb + t1 * sCl + n * sCn,
+                pid_b * sBb + t1 * sBl + partner * sBn, pid_b * sCb + t1 * sCl + partner * sCn,
+                mask_d & (d * 0 + t1 < L), mask_n & (n * 0 + t1 < L), ROTATE, GATE)
+            pos = (pos0 + t).to(tl.float32) / rope_scale
+            dl, v, Bt, Ct = _prep_step(dl, Bt, Ct, Bp, Cp, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
+            state = tl.exp(dl[:, None] * A) * state + (dl * u)[:, None] * Bt[None, :]
+            y = tl.sum(state * Ct[None, :], axis=1)
+            if GROUP > 0:
+                y, _ = _group_rms(y, BLOCK_D, GROUP)
+            if GATE:
+                y = (y + u * Dv) * (zz * tl.sigmoid(zz))
+            tl.store(out_ptr + pid_b * sob + t * sol + d * sod, y.to(out_ptr.dtype.element_ty), mask=mask_d)
         if STORE_FINAL:
             tl.store(final_ptr + st_off, state, mask=mask_dn)
 
@@ -227,27 +255,26 @@ if triton is not None:
                 g_off = pid_b * D * L + t * D + d  # the contiguous [B, L, D] gradient outputs
                 dy = tl.load(gout_ptr + pid_b * sgb + t * sgl + d * sgd, mask=mask_d, other=0.0).to(tl.float32)
                 du = tl.zeros([BLOCK_D], dtype=tl.float32)
-                if GATE or GROUP > 0:
-                    y = tl.sum(s * Ct[None, :], axis=1)
-                    yn = y
-                    r = y
-                    if GROUP > 0:
-                        yn, r = _group_rms(y, BLOCK_D, GROUP)
-                    if GATE:
-                        zz = tl.load(z_ptr + pid_b * szb + t * szl + d * szd, mask=mask_d, other=0.0).to(tl.float32)
-                        sg = tl.sigmoid(zz)
-                        pre = yn + u * Dv
-                        tl.store(dz_ptr + g_off, (dy * pre * sg * (1.0 + zz * (1.0 - sg))).to(
-                            dz_ptr.dtype.element_ty), mask=mask_d)
-                        dy = dy * zz * sg  # d pre
-                        dD += dy * u
-                        du = dy * Dv
-                    if GROUP > 0:
-                        # RMS norm without weight: dy = r * (dyn - yn * mean(dyn * yn)) over the group
-                        prod = tl.reshape(dy * yn, (BLOCK_D // GROUP, GROUP))
-                        m = tl.reshape(tl.broadcast_to((tl.sum(prod, axis=1) / GROUP)[:, None],
-                                                       (BLOCK_D // GROUP, GROUP)), (BLOCK_D,))
-                        dy = r * (dy - yn * m)
+                # the epilogue's adjoint needs the scan output y_t = sum_n C_t s_t (recomputed, never stored)
+                yn = tl.sum(s * Ct[None, :], axis=1)
+                r = yn
+                if GROUP > 0:
+                    yn, r = _group_rms(yn, BLOCK_D, GROUP)
+                if GATE:
+                    zz = tl.load(z_ptr + pid_b * szb + t * szl + d * szd, mask=mask_d, other=0.0).to(tl.float32)
+                    sg = tl.sigmoid(zz)
+                    pre = yn + u * Dv
+                    tl.store(dz_ptr + g_off, (dy * pre * sg * (1.0 + zz * (1.0 - sg))).to(dz_ptr.dtype.element_ty),
+                             mask=mask_d)
+                    dy = dy * zz * sg  # d pre
+                    dD += dy * u
+                    du = dy * Dv
+                if GROUP > 0:
+                    # RMS norm without weight: dy = r * (dyn - yn * mean(dyn * yn)) over the group
+                    prod = tl.reshape(dy * yn, (BLOCK_D // GROUP, GROUP))
+                    m = tl.reshape(tl.broadcast_to((tl.sum(prod, axis=1) / GROUP)[:, None],
+                                                   (BLOCK_D // GROUP, GROUP)), (BLOCK_D,))
+                    dy = r * (dy - yn * m)
                 g = gc + dy[:, None] * Ct[None, :]  # dLoss/ds_t
                 # dB, dC are shared by all channels: reduce the block in registers, then one atomic add per element
                 bc_off = pid_b * L * N + t * N + n
