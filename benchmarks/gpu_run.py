@@ -843,6 +843,26 @@ def goal_line(rows: list[dict[str, Any]]) -> Optional[str]:
     return f"At {res} px De-focus Mamba-B runs at {verdict}."
 
 
+def fused_path_goals(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 26's goals for the fused Triton path: Mamba-B >= 0.5x ViT-B/16's inference images/s at the smallest
+    resolution, and forward + backward >= 1.0x at the largest (the 1.5x inference goal is `goal_line`'s)."""
+    lines = []
+    for mode, pick, goal in (("inference", min, 0.5), ("train", max, 1.0)):
+        cells = {(r["resolution"], r["model"]): r for r in rows if r["mode"] == mode and r["status"] == "ok"}
+        shared = [res for res, m in cells if m == "defocus-mamba-base" and (res, "vit-b16") in cells]
+        if not shared:
+            continue
+        res = pick(shared)
+        speed = cells[(res, "defocus-mamba-base")]["images_per_s"] / cells[(res, "vit-b16")]["images_per_s"]
+        label = "inference" if mode == "inference" else "forward + backward"
+        graphed = cells.get((res, GRAPHED))
+        extra = (f" ({graphed['images_per_s'] / cells[(res, 'vit-b16')]['images_per_s']:.2f}x replayed as a CUDA "
+                 f"graph)" if graphed else "")
+        lines.append(f"At {res} px Mamba-B's {label} runs at {speed:.2f}x ViT-B/16's{extra}: "
+                     f"{'meets' if speed >= goal else 'misses'} the {goal:g}x goal.")
+    return lines
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta, env, versions = results["meta"], results.get("env", {}), results.get("versions", {})
     title = "GPU run" + (" — DRY RUN on the CPU (tiny sizes; the numbers mean nothing)" if meta["dry_run"] else "")
@@ -878,6 +898,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         goal = goal_line(rows)
         if goal:
             lines += ["", goal]
+        lines += [""] + fused_path_goals(rows) if fused_path_goals(rows) else []
     if results.get("lm"):
         lm = results["lm"]
         lines += ["", f"Language model: {lm['shape']} ({lm['model_type']}), {lm['parameters'] / 1e6:.1f}M parameters, "

@@ -187,8 +187,14 @@ def test_the_report_shows_the_cuda_graph_rows_and_the_kernel_check_output():
     inference = text.split("### Inference")[1].split("### Forward")[0]
     assert "Mamba-B/16 CUDA graph img/s" in inference and "Mamba graph ÷ ViT-B" in inference
     assert "3.00x" in inference  # 60 / 20 images per second
-    assert "CUDA graph" not in text.split("### Forward")[1]  # graphs are an inference-only option
+    train_header = next(line for line in text.split("### Forward")[1].splitlines() if line.startswith("| px"))
+    assert "CUDA graph" not in train_header  # graphs are an inference-only option
     assert "## Kernels" in text and "triton fused mixer B=64 L=197 fwd+bwd: 1.000 ms" in text
+    # Mamba 900 img/s vs ViT 20 at 224 px; fwd+bwd at 1024 px 40 vs 20
+    assert ("At 224 px Mamba-B's inference runs at 45.00x ViT-B/16's (3.00x replayed as a CUDA graph): meets the "
+            "0.5x goal.") in text
+    assert "At 1024 px Mamba-B's forward + backward runs at 2.00x ViT-B/16's: meets the 1x goal." in text
+    assert "misses the 1x goal" in "\n".join(gpu_run.fused_path_goals(_rows(mamba_1024=10.0)))
 
 
 def test_the_kernels_part_is_known_but_not_in_the_default_run():
