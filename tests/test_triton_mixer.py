@@ -149,6 +149,20 @@ def test_triton_conv_matches_conv1d(child_results, case):
     assert not bad, f"{case}: relative errors above 1e-5: {bad}"
 
 
+def test_the_triton_conv_is_hooked_into_causal_conv1d_silu_for_channels_last_cuda_input():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the `dev` extra installs it)")
+    from defocus_mllm.ops import causal_conv, triton_conv
+
+    assert (triton_conv._handles, triton_conv.causal_conv1d_silu_triton) in causal_conv._CUDA_KERNELS
+    channels_last = torch.randn(2, 7, 4).transpose(1, 2)
+    assert not triton_conv._handles(channels_last)  # a CPU tensor: the PyTorch conv
+    # and on the CPU the hook leaves the result to the PyTorch path, unchanged
+    w, b = torch.randn(4, 1, 4), torch.randn(4)
+    torch.testing.assert_close(causal_conv.causal_conv1d_silu(channels_last, w, b),
+                               causal_conv.causal_conv1d_silu(channels_last, w, b, backend="torch"), rtol=0, atol=0)
+
+
 def test_the_kernel_check_script_runs_the_fused_path_in_its_dry_run():
     """benchmarks/check_cuda_kernels.py --dry-run (the device script's checks on CPU shapes, interpreter)."""
     if importlib.util.find_spec("triton") is None:
