@@ -24,6 +24,7 @@ from pathlib import Path
 # the library does the work; this script only parses arguments and loads the model
 from defocus_mllm.evaluation import BENCHMARKS, is_main_process, results_row, run_benchmark, summarize_dirs
 from defocus_mllm.evaluation.generation import load_model, model_fingerprint
+from defocus_mllm.training import distributed_exit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,4 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with distributed_exit():
+        status = main()
+    sys.exit(status)

@@ -23,6 +23,7 @@ from defocus_mllm.training import (
     build_llava_model,
     build_supervised_dataset,
     configure_trainable,
+    distributed_exit,
     load_conversations,
     parse_recipe_args,
     resolve_resume_checkpoint,
@@ -69,4 +70,5 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_exit():
+        main()

@@ -22,6 +22,7 @@ from defocus_mllm.training import (
     SegmentationDataArguments,
     SegmentationModelArguments,
     StopOnSignal,
+    distributed_exit,
     parse_recipe_args,
     resolve_resume_checkpoint,
     setup_logging,
@@ -80,4 +81,5 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_exit():
+        main()

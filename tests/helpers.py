@@ -36,12 +36,27 @@ def build_tiny_llava(texts: Optional[Iterable[str]] = None, vision: Optional[Def
 
 def free_port() -> int:
     """A TCP port nothing listens on now, for a test's `accelerate launch --main_process_port` (two launches on the
-    default port at once, from parallel test runs, abort each other's process groups)."""
+    default port at once, from parallel test runs, abort each other's process groups).
+
+    Taken at random below the kernel's ephemeral range: a port from inside it (what binding port 0 gives) can be
+    handed to another process's outgoing connection, gloo's own included, between this check and the launch.
+    """
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("free_port: no free port found below the ephemeral range")
 
 
 def accelerate_launch_command(*launch_args: str) -> list[str]:
