@@ -120,7 +120,13 @@ def _popen(cmd: list[str], cwd: Path, new_group: bool = False) -> subprocess.Pop
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=new_group)
+                            start_new_session=new_group, preexec_fn=_sigint_as_in_a_terminal)
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """The child takes SIGINT as a command typed in a terminal does. A shell's background job (`pytest &`, a CI
+    script's) starts with SIGINT ignored, which its children inherit: Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _long_run(tmp_path: Path) -> list[str]:
