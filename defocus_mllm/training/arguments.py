@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -21,6 +22,18 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 PROJECTOR_FILE = "projector.safetensors"
+
+
+def _check_fields(obj: Any, at_least: dict[str, float], choices: dict[str, tuple[str, ...]] = {}) -> None:
+    """Range and choice checks of a recipe's fields (unset optional ones pass), naming the field: a zero or negative
+    size would otherwise fail far into data preparation or the model build, and an unknown mode be read as another."""
+    for name, low in at_least.items():
+        value = getattr(obj, name)
+        if value is not None and not value >= low:  # `not >=` also refuses NaN
+            raise ValueError(f"{name}={value!r} must be at least {low:g}")
+    for name, allowed in choices.items():
+        if getattr(obj, name) not in allowed:
+            raise ValueError(f"{name}={getattr(obj, name)!r} must be one of {', '.join(map(repr, allowed))}")
 
 
 # ---------------------------------------------------------------------------------------------------- LLaVA stages
@@ -52,6 +65,10 @@ class ModelArguments:
                 "folder tree <root>/<class>/<image>"})
     vision_warmup_lr: float = field(default=2e-3, metadata={"help": "warm-up learning rate"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"image_size": 1, "tiny_lm_hidden_size": 1, "tiny_lm_layers": 1, "tiny_vocab_size": 1,
+                             "vision_warmup_epochs": 0, "vision_warmup_lr": 0})
+
 
 @dataclass
 class DataArguments:
@@ -81,6 +98,10 @@ class DataArguments:
     allow_images_outside_folder: bool = field(default=False, metadata={
         "help": "accept image paths in a LLaVA JSON file that are absolute or climb out of image_folder ('..')"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"easy_vqa_turns": 1, "easy_vqa_max_images": 1, "max_train_samples": 1,
+                             "model_max_length": 1}, {"image_aspect_ratio": ("pad", "crop")})
+
 
 @dataclass
 class LlavaTrainingArguments(TrainingArguments):
@@ -100,6 +121,11 @@ class LlavaTrainingArguments(TrainingArguments):
     cpu_threads: Optional[int] = field(default=None, metadata={
         "help": "intra-op threads of a CPU run (default: every core this process may use when it is the only "
                 "process and OMP_NUM_THREADS is unset or 1, which is what `accelerate launch` without a config sets)"})
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"eval_limit": 1, "eval_batch_size": 1, "cpu_threads": 1, "lora_r": 1},
+                      {"stage": ("pretrain", "finetune")})
+        super().__post_init__()
 
 
 # ------------------------------------------------------------------------------------------- encoder pretraining
@@ -199,13 +225,51 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Optional[list[str]]
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{config}: expected a mapping of argument names to values")
-        fields = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - fields)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(str(k) for k in values if k not in actions)
         if unknown:
             raise ValueError(f"{config}: unknown argument(s) {unknown}")
-        values = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()}
+        list_fields = {name for t in dataclass_types for name, hint in typing.get_type_hints(t).items()
+                       if "list" in str(hint).lower()}  # from the annotations: HfArgumentParser rewrites Field.type
+        values = {k: _config_value(config, actions[k], v, k in list_fields) for k, v in values.items()}
         parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=rest)
+
+
+def _config_value(config: str, action: argparse.Action, value: Any, takes_list: bool) -> Any:
+    """A YAML value converted and checked as argparse checks the same value on the command line. argparse applies
+    `type` only to string defaults, so without this `max_steps: 2.7` or `num_train_epochs: [1, 2]` would reach the
+    Trainer unconverted and fail deep inside it, with no field named."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return json.dumps(value)
+    many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+    if isinstance(value, list):
+        if not (many or takes_list):
+            raise ValueError(f"{config}: {action.dest} takes one value, not the list {value!r}")
+        return [_config_scalar(config, action, v) for v in value]
+    converted = _config_scalar(config, action, value)
+    return [converted] if many else converted
+
+
+def _config_scalar(config: str, action: argparse.Action, value: Any) -> Any:
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{config}: {action.dest}: {value!r} is not a single value")
+    if action.type is None:
+        return value
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if action.choices:
+        kind = "one of " + ", ".join(map(str, action.choices))
+    else:
+        kind = "a valid " + getattr(action.type, "__name__", "value").replace("string_to_bool", "boolean")
+    try:
+        converted = action.type(text)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{config}: {action.dest}: {value!r} is not {kind}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{config}: {action.dest}: {value!r} is not {kind}")
+    return converted
 
 
 def parse_overrides(text: Optional[str]) -> dict[str, Any]:

@@ -102,11 +102,16 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
 
 def resolve_resume_checkpoint(args: TrainingArguments) -> Optional[str]:
     """`--resume_from_checkpoint last`: the newest complete `checkpoint-*` in `output_dir` (half-written ones are
-    skipped and named; a fresh start when there is none). A checkpoint named explicitly must be complete."""
+    skipped and named; a fresh start when there is none). A checkpoint named explicitly must be a complete directory;
+    the recipes call this before preparing data or building a model, so a wrong name fails at once."""
     resume = args.resume_from_checkpoint
     if resume == "last":
         return last_complete_checkpoint(args.output_dir)
-    if resume and os.path.isdir(resume):
+    if resume and not os.path.isdir(resume):
+        # the Trainer would only find out after data preparation and the model build, and read it as a Hub repo id
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such directory; name a checkpoint-<step> "
+                                f"folder, or pass 'last' for the newest complete one in --output_dir")
+    if resume:
         problem = checkpoint_problem(resume)
         if problem is not None:
             raise ValueError(f"{resume} is incomplete ({problem}); resume from an earlier checkpoint, or pass "
