@@ -470,6 +470,9 @@ class GQA(Benchmark):
         config, _, tier_split = self._hf_split.rpartition("/")
         image_key = f"{config.removesuffix('_instructions')}_images/{tier_split}"
         image_files = images.get(image_key) or [f for files in images.values() for f in files]
+        if not image_files:
+            raise BenchmarkDataError(f"{base}: none of its parquet files has an 'image' column, so GQA's questions have "
+                                     f"no images (lmms-lab/GQA keeps them in the <tier>_images configurations)")
         image_index: dict[str, ImageRef] = {}
         for f in image_files:
             column = ParquetImageColumn(f)
