@@ -242,8 +242,8 @@ def _config_value(config: str, action: argparse.Action, value: Any, takes_list: 
     Trainer unconverted and fail deep inside it, with no field named."""
     if value is None:
         return None
-    if isinstance(value, dict):
-        return json.dumps(value)
+    if isinstance(value, dict):  # a mapping field (`lr_scheduler_kwargs`) reads JSON text; other types refuse it
+        return _config_scalar(config, action, json.dumps(value))
     many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
     if isinstance(value, list):
         if not (many or takes_list):
