@@ -225,6 +225,7 @@ def _saved_processor(tmp_path, do_pad: bool) -> DefocusImageProcessor:
     from helpers import build_tiny_llava
 
     _, processor = build_tiny_llava()
+    processor.image_processor.set_image_size(224)  # the crop path's short side is then 256, as in the release
     processor.image_processor.do_pad = do_pad
     processor.save_pretrained(tmp_path / "model")
     loaded = AutoProcessor.from_pretrained(tmp_path / "model").image_processor
@@ -249,8 +250,9 @@ def test_an_extreme_aspect_ratio_never_builds_an_image_past_the_budget(do_pad, s
 
         monkeypatch.setattr(DefocusImageProcessor, name, spy)
     pixels = processor(_striped(*size), return_tensors="pt")["pixel_values"]
-    assert pixels.shape == (1, 3, 32, 32) and torch.isfinite(pixels).all()
-    # a 6000 x 16 image of a few kilobytes: padded first it would be a 6000 x 6000 canvas (36M pixels)
+    assert pixels.shape == (1, 3, 224, 224) and torch.isfinite(pixels).all()
+    # a 6000 x 16 image of a few kilobytes: padded first it would be a 6000 x 6000 canvas (36M pixels), resized
+    # first to a short side of 256 a 96000 x 256 image (24.6M pixels)
     assert built and max(built) <= image_processing.MAX_INTERMEDIATE_PIXELS == 4096 * 4096
 
 
@@ -259,7 +261,8 @@ def test_the_bounded_image_is_what_the_unbounded_rule_gives(do_pad, tmp_path, mo
     from defocus_mllm.encoder import image_processing
 
     processor = _saved_processor(tmp_path, do_pad)
-    extreme, ordinary = _striped(8000, 40), _striped(640, 480)
+    # just past the budget either way: a 4200^2 canvas, or a 256 x 76800 resize
+    extreme, ordinary = _striped(4200 if do_pad else 12000, 40), _striped(640, 480)
     bounded = [processor(image, return_tensors="pt")["pixel_values"] for image in (extreme, ordinary)]
     monkeypatch.setattr(image_processing, "MAX_INTERMEDIATE_PIXELS", 10 ** 12)
     unbounded = [processor(image, return_tensors="pt")["pixel_values"] for image in (extreme, ordinary)]
