@@ -207,3 +207,30 @@ def test_a_yaml_list_of_the_wrong_type_is_named(tmp_path):
 def test_recipe_fields_out_of_range_are_refused_naming_the_field(option, value, message, tmp_path):
     with pytest.raises(ValueError, match=re.escape(message)):
         _llava_args(tmp_path, "", (option, value))
+
+
+@pytest.mark.parametrize("recipe, option, value, message", [
+    ("encoder", "--hflip", "1.5", "hflip=1.5 must be in [0, 1]"),
+    ("encoder", "--mixup_prob", "-0.1", "mixup_prob=-0.1 must be in [0, 1]"),
+    ("encoder", "--crop_scale_min", "0", "crop_scale_min=0.0 must be in (0, 1]"),
+    ("encoder", "--repeated_aug", "0", "repeated_aug=0 must be at least 1"),
+    ("encoder", "--layer_decay", "0", "layer_decay=0.0 must be in (0, 1]"),
+    ("encoder", "--label_smoothing", "2", "label_smoothing=2.0 must be in [0, 1]"),
+    ("segment", "--figure_images", "-1", "figure_images=-1 must be at least 0"),
+    ("segment", "--decode_hidden_size", "0", "decode_hidden_size=0 must be at least 1"),
+])
+def test_encoder_and_segmentation_fields_out_of_range_are_refused(recipe, option, value, message, tmp_path):
+    from transformers import TrainingArguments
+
+    from defocus_mllm.training import (
+        EncoderDataArguments,
+        EncoderModelArguments,
+        SegmentationDataArguments,
+        SegmentationModelArguments,
+        parse_recipe_args,
+    )
+
+    types = {"encoder": (EncoderModelArguments, EncoderDataArguments, TrainingArguments),
+             "segment": (SegmentationModelArguments, SegmentationDataArguments, TrainingArguments)}[recipe]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_recipe_args(types, [option, value, "--output_dir", str(tmp_path), "--use_cpu", "true"])

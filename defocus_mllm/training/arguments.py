@@ -24,13 +24,19 @@ from transformers import HfArgumentParser, TrainingArguments
 PROJECTOR_FILE = "projector.safetensors"
 
 
-def _check_fields(obj: Any, at_least: dict[str, float], choices: dict[str, tuple[str, ...]] = {}) -> None:
+def _check_fields(obj: Any, at_least: dict[str, float], choices: dict[str, tuple[str, ...]] = {},
+                  fractions: tuple[str, ...] = ()) -> None:
     """Range and choice checks of a recipe's fields (unset optional ones pass), naming the field: a zero or negative
-    size would otherwise fail far into data preparation or the model build, and an unknown mode be read as another."""
+    size would otherwise fail far into data preparation or the model build, and an unknown mode be read as another.
+    `fractions` are probabilities and shares, in [0, 1]."""
     for name, low in at_least.items():
         value = getattr(obj, name)
         if value is not None and not value >= low:  # `not >=` also refuses NaN
             raise ValueError(f"{name}={value!r} must be at least {low:g}")
+    for name in fractions:
+        value = getattr(obj, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{name}={value!r} must be in [0, 1]")
     for name, allowed in choices.items():
         if getattr(obj, name) not in allowed:
             raise ValueError(f"{name}={getattr(obj, name)!r} must be one of {', '.join(map(repr, allowed))}")
@@ -145,6 +151,13 @@ class EncoderModelArguments:
     label_smoothing: float = field(default=0.1, metadata={"help": "folded into mixup targets, or the hard-label loss"})
     layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay (1.0: off)"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"image_size": 1, "drop_path_rate": 0, "min_drop_path_rate": 0},
+                      {"aux_loss_mode": (None, "per_token", "pooled", "none")},
+                      fractions=("drop_path_rate", "min_drop_path_rate", "label_smoothing"))
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay={self.layer_decay!r} must be in (0, 1] (1.0: off)")
+
 
 @dataclass
 class EncoderDataArguments:
@@ -174,6 +187,13 @@ class EncoderDataArguments:
     lr_reference_batch: Optional[int] = field(default=None, metadata={
         "help": "scale learning_rate linearly by global_batch / this (the release: 5e-4 per 512 images)"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"max_train_samples": 1, "max_eval_samples": 1, "repeated_aug": 1, "lr_reference_batch": 1,
+                             "mixup_alpha": 0, "cutmix_alpha": 0, "color_jitter": 0},
+                      fractions=("crop_scale_min", "hflip", "random_erase", "mixup_prob", "mixup_switch_prob"))
+        if not self.crop_scale_min > 0:
+            raise ValueError(f"crop_scale_min={self.crop_scale_min!r} must be in (0, 1]")
+
 
 
 # ------------------------------------------------------------------------------------------ semantic segmentation
@@ -196,6 +216,9 @@ class SegmentationModelArguments:
     auxiliary_channels: int = 32
     auxiliary_loss_weight: float = 0.4
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"decode_hidden_size": 1, "auxiliary_channels": 1, "auxiliary_loss_weight": 0})
+
 
 @dataclass
 class SegmentationDataArguments:
@@ -207,6 +230,10 @@ class SegmentationDataArguments:
     max_eval_samples: Optional[int] = None
     figure_images: int = field(default=8, metadata={
         "help": "test images in the predictions figure saved to output_dir/predictions.png (0: none)"})
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"image_size": 1, "max_train_samples": 1, "max_eval_samples": 1, "figure_images": 0},
+                      fractions=("hflip",))
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
