@@ -428,7 +428,11 @@ def processor_fingerprint(processor: Any) -> str:
     return hashlib.sha256(_json_bytes(parts)).hexdigest()
 
 
-_VOLATILE_GENERATION_KEYS = {"transformers_version", "_from_model_config", "_commit_hash"}
+# versions, and switches that change what `generate` returns or how fast, never which tokens it picks (training
+# turns `use_cache` off and the saved model back on: the same weights must keep the same key)
+_VOLATILE_GENERATION_KEYS = {"transformers_version", "_from_model_config", "_commit_hash", "use_cache",
+                             "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                             "return_dict_in_generate"}
 
 
 def generation_settings(model: Any) -> dict[str, Any]:
