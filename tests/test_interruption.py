@@ -171,7 +171,13 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_to_accelerate_launch_reaches_the_training_process(tmp_path):
-    """`accelerate launch` (one process) does not forward SIGTERM; the recipes follow their launcher instead."""
+    """SIGTERM to a one-process `accelerate launch` never leaves the training running.
+
+    accelerate >= 1.16 forwards it and kills the training process 5 s later (the launcher exits 143): a checkpoint
+    is written only if the step and the save end within those 5 s, which a loaded machine does not promise (a save
+    cut short is skipped on resume, as tested above). Older launchers die at once (-15) without forwarding; the recipes follow
+    their launcher (PR_SET_PDEATHSIG) and save at the next step boundary with no deadline.
+    """
     launcher = _popen([*accelerate_launch_command("--num_processes", "1", "--cpu"),
                        str(ROOT / "recipes" / "finetune.py"), *_long_run(tmp_path)], tmp_path)
     trainer_pid = None
@@ -192,7 +198,9 @@ def test_sigterm_to_accelerate_launch_reaches_the_training_process(tmp_path):
         launcher.wait()
         if trainer_pid is not None and _alive(trainer_pid):
             os.kill(trainer_pid, signal.SIGKILL)
-    _check_checkpoint(tmp_path / "out", log + rest)
+    if launcher.returncode != 128 + signal.SIGTERM:  # 143: it forwarded the signal; a save within 5 s is luck
+        assert launcher.returncode == -signal.SIGTERM, (launcher.returncode, (log + rest)[-3000:])
+        _check_checkpoint(tmp_path / "out", log + rest)
 
 
 def _children(pid: int) -> list[int]:

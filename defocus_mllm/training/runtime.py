@@ -130,8 +130,8 @@ class StopOnSignal(TrainerCallback):
     a Ctrl-C exits through multiprocessing's exit handler, which sends each worker one SIGTERM and waits for it). With several processes the
     decision is taken together (an all-reduce per step), so that every rank saves the same step even if the signal
     reached only some of them. A process started by `accelerate launch` also asks Linux to send it SIGTERM when the
-    launcher dies: the single-process launcher does not forward signals, so `kill <launcher>` would otherwise leave
-    the training running.
+    launcher dies: single-process launchers before accelerate 1.16 do not forward signals, so `kill <launcher>`
+    would otherwise leave the training running (1.16 forwards SIGTERM and kills the process 5 s later).
 
     After `trainer.train()`, `interrupted` tells whether the run stopped this way and `report(trainer, metrics)` says
     where the checkpoint is.
