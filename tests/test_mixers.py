@@ -200,7 +200,7 @@ def test_compiled_flex_agrees_with_sdpa_on_cpu():
                                    rtol=0, atol=1e-5)
 
 
-def test_auto_backend_takes_sdpa_on_cpu_and_bad_names_are_errors():
+def test_auto_backend_takes_no_flex_on_cpu_and_bad_names_are_errors():
     mixer = attention_mixer()
     q = torch.randn(1, 4, 9, 16)
     assert mixer.attention_backend == "auto" and not mixer.uses_flex(q)

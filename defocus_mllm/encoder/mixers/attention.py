@@ -123,7 +123,8 @@ class DefocusAttentionMixer(TokenMixer):
         batch, length, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return self.filter.rotate(q), self.filter.rotate(k), v
+        q, k = self.filter.rotate(q, k)  # the angles once for both
+        return q, k, v
 
     def attention_bias(self, length: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The additive logit bias `[H, L, L]`: `(i - j) * A_h`, and `-inf` above the diagonal when causal.
