@@ -221,6 +221,7 @@ def test_attention_benchmark_runs_quick():
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and "sdpa img/s" in lines[1] and lines[2].split()[:3] == ["32", "2", "17"], proc.stdout
+    assert "chunked img/s" in lines[1] and float(lines[2].split("chunked=")[-1].split()[0]) < 1e-5, proc.stdout
 
 @pytest.mark.parametrize("name", ["mamba-tiny", "vit-tiny", "vit-tiny-noncausal", "retnet-tiny"])
 def test_every_registered_mixer_fulfils_the_contract(name):
