@@ -167,11 +167,12 @@ void run_chunks(int64_t rows, int64_t chunks, const F& fn) {
 
 // R channels (rows of one batch element, R <= 2) for one block of NV * 8 states: the rows share each step's B and C
 // loads and give the core R * NV independent recurrences to overlap. Bt / Ct point at the block's first state of
-// step 0 (row stride Np); u / delta / y point at row 0 (time stride ist / yst; row r at r * isd / r * ysd), A of
-// row r at r * Np. The sums y_t are kept as vectors for 8 steps and reduced together (hsum8). accumulate: add to
+// step 0 (row stride Np); u / delta / y point at row 0 (time stride ist / dst / yst; row r at r * isd / r * dsd /
+// r * ysd), A of row r at r * Np. The sums y_t are kept as vectors for 8 steps and reduced together (hsum8). accumulate: add to
 // y (later state blocks) instead of writing it.
 template <int NV, int R>
-void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, const float* a, const float* Bt,
+void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, int64_t dsd, int64_t dst,
+                  const float* a, const float* Bt,
                   const float* Ct, float* y, int64_t ysd, int64_t yst, int64_t L, int64_t Np, bool accumulate,
                   const float* s0, float* sf) {
   vf s[R][NV], av[R][NV];
@@ -192,7 +193,7 @@ void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, 
         c[v] = load(Ct + t * Np + v * kLanes);
       }
       for (int r = 0; r < R; ++r) {
-        const float dt = delta[r * isd + t * ist], du = dt * u[r * isd + t * ist];
+        const float dt = delta[r * dsd + t * dst], du = dt * u[r * isd + t * ist];
         vf sum = vf{};
         for (int v = 0; v < NV; ++v) {
           const vf x = du * b[v];  // off the loop-carried chain, which is then one FMA per step
@@ -318,10 +319,42 @@ struct Backward {
 };
 
 
-// The softplus of the time step as F.softplus computes it (threshold 20: the identity above), and its derivative.
-inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
-inline float softplus_grad(float v) { return v > 20.0f ? 1.0f : 1.0f / (1.0f + std::exp(-v)); }
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+// Vector forms of the mixer's elementwise functions (libm's are scalar calls, and there is one per element):
+// exp(x) = 2^(x log2 e) through vexp2; softplus(v) = max(v, 0) + log1p(exp(-|v|)) with log1p(e) = 2 atanh(e / (2 + e))
+// as its odd series (e <= 1, so e / (2 + e) <= 1/3 and six terms reach fp32 precision; no cancellation for tiny e).
+// F.softplus's threshold (the identity above 20) gives the same fp32 value: log1p(exp(-20)) is below half an ulp.
+inline vf vexp(vf x) { return vexp2(x * kLog2e); }
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(vf{} - x)); }
+inline vf vsoftplus(vf v) {
+  const vf e = vexp(vf{} - vmax(v, vf{} - v));
+  const vf s = e / (2.0f + e), s2 = s * s;
+  vf q = vf{} + (1.0f / 11.0f);
+  q = q * s2 + (1.0f / 9.0f);
+  q = q * s2 + (1.0f / 7.0f);
+  q = q * s2 + (1.0f / 5.0f);
+  q = q * s2 + (1.0f / 3.0f);
+  q = q * s2 + 1.0f;
+  return vmax(v, vf{}) + 2.0f * s * q;
+}
+
+// n <= 8 elements at stride st as one vector (zeros past n), and back
+inline vf load_n(const float* p, int64_t st, int n) {
+  if (n == kLanes && st == 1) return load(p);
+  vf v = vf{};
+  for (int j = 0; j < n; ++j) v[j] = p[j * st];
+  return v;
+}
+
+inline void store_n(float* p, int64_t st, vf v, int n) {
+  if (n == kLanes && st == 1) return store(p, v);
+  for (int j = 0; j < n; ++j) p[j * st] = v[j];
+}
+
+// fn(c, n) for the channels c .. c + n of a unit of g, n <= 8
+template <typename F>
+inline void for_lanes(int64_t g, const F& fn) {
+  for (int64_t c = 0; c < g; c += kLanes) fn(c, static_cast<int>(std::min<int64_t>(kLanes, g - c)));
+}
 
 // Per-chunk partial sums of the gradients that are sums over rows of several batches (grad_Bt / grad_Ct over the
 // channels of a batch, grad_A and the per-channel vectors over batches), reduced afterwards in chunk order so that
@@ -407,43 +440,47 @@ inline MixerShape mixer_shape(const int64_t* shape, const int64_t* strides, floa
   return m;
 }
 
-// u and delta of channels d0 .. d0 + g of batch b into U, Dl ([g, L]); SG (optional): d delta / d dt.
-inline void gather_unit(const MixerShape& m, const float* x, const float* dt, const float* dt_bias, int64_t b,
-                        int64_t d0, int64_t g, float* U, float* Dl, float* SG) {
-  const int64_t L = m.L;
-  for (int64_t t = 0; t < L; ++t) {
-    const float* xr = x + b * m.xs.b + t * m.xs.t + d0 * m.xs.d;
+// delta of channels d0 .. d0 + g of batch b: element (c, t) at Dl[c * cs + t * ts]; SG (optional, same layout):
+// d delta / d dt.
+inline void gather_delta(const MixerShape& m, const float* dt, const float* dt_bias, int64_t b, int64_t d0,
+                         int64_t g, float* Dl, float* SG, int64_t cs, int64_t ts) {
+  for (int64_t t = 0; t < m.L; ++t) {
     const float* dr = dt + b * m.ds.b + t * m.ds.t + d0 * m.ds.d;
-    for (int64_t c = 0; c < g; ++c) {
-      const float v = dr[c * m.ds.d] + dt_bias[d0 + c];
-      U[c * L + t] = xr[c * m.xs.d];
-      Dl[c * L + t] = softplus(v) * m.inv_dsf;
-      if (SG) SG[c * L + t] = softplus_grad(v) * m.inv_dsf;
-    }
+    for_lanes(g, [&](int64_t c, int n) {
+      const vf v = load_n(dr + c * m.ds.d, m.ds.d, n) + load_n(dt_bias + d0 + c, 1, n);
+      store_n(Dl + c * cs + t * ts, cs, vsoftplus(v) * m.inv_dsf, n);
+      if (SG) store_n(SG + c * cs + t * ts, cs, vsigmoid(v) * m.inv_dsf, n);
+    });
   }
 }
 
-// The scans of the unit's channels (two at a time while their states fit in registers) into Y [g, L].
+// The scans of the unit's channels (two at a time while their states fit in registers): channel c reads u at
+// u + c * isd (time stride ist), delta at delta + c * dsd (dst) and writes y at y + c * ysd (yst).
 inline void scan_unit(const MixerShape& m, const float* A, const float* Bt, const float* Ct, const float* s0,
-                      float* sf, int64_t b, int64_t d0, int64_t g, const float* U, const float* Dl, float* Y) {
+                      float* sf, int64_t b, int64_t d0, int64_t g, const float* u, int64_t isd, int64_t ist,
+                      const float* delta, int64_t dsd, int64_t dst, float* y, int64_t ysd, int64_t yst) {
   const int64_t L = m.L, Np = m.Np;
   const bool pairs = Np <= kPairMaxVecs * kLanes;
   for (int64_t c = 0; c < g;) {
     const bool pair = pairs && c + 1 < g;
     const int64_t row = b * m.dim + d0 + c;
     for_each_block(Np, [&](int64_t n0, int nv, bool acc) {
-      dispatch_nv<Forward>(nv, pair, U + c * L, Dl + c * L, L, int64_t(1), A + (d0 + c) * Np + n0,
-                           Bt + b * L * Np + n0, Ct + b * L * Np + n0, Y + c * L, L, int64_t(1), L, Np, acc,
+      dispatch_nv<Forward>(nv, pair, u + c * isd, delta + c * dsd, isd, ist, dsd, dst, A + (d0 + c) * Np + n0,
+                           Bt + b * L * Np + n0, Ct + b * L * Np + n0, y + c * ysd, ysd, yst, L, Np, acc,
                            s0 ? s0 + row * Np + n0 : nullptr, sf ? sf + row * Np + n0 : nullptr);
     });
     c += pair ? 2 : 1;
   }
 }
 
-inline float group_rsqrt(const float* Y, int64_t g, int64_t L, int64_t t) {
-  float ss = 0.0f;
-  for (int64_t c = 0; c < g; ++c) ss += Y[c * L + t] * Y[c * L + t];
-  return 1.0f / std::sqrt(ss / static_cast<float>(g) + 1e-6f);
+// rsqrt(mean(y^2) + 1e-6) over the g values y[c * st]
+inline float group_rsqrt(const float* y, int64_t st, int64_t g) {
+  vf ss = vf{};
+  for_lanes(g, [&](int64_t c, int n) {
+    const vf v = load_n(y + c * st, st, n);
+    ss += v * v;
+  });
+  return 1.0f / std::sqrt(hsum(ss) / static_cast<float>(g) + 1e-6f);
 }
 
 int64_t mixer_chunks(const MixerShape& m, int64_t units, int64_t threads) {
@@ -501,7 +538,8 @@ int defocus_scan_forward(const float* u, const float* delta, const float* A, con
         const bool pair = pairs && r + 1 < r1 && d + 1 < dim;  // two channels of the same batch element
         const int64_t io = b * is.b + d * is.d, yo = b * ys.b + d * ys.d;
         for_each_block(Np, [&](int64_t n0, int nv, bool acc) {
-          dispatch_nv<Forward>(nv, pair, u + io, delta + io, is.d, is.t, A + d * Np + n0, Bt + b * L * Np + n0,
+          dispatch_nv<Forward>(nv, pair, u + io, delta + io, is.d, is.t, is.d, is.t, A + d * Np + n0,
+                               Bt + b * L * Np + n0,
                                Ct + b * L * Np + n0, y + yo, ys.d, ys.t, L, Np, acc,
                                s0 ? s0 + r * Np + n0 : nullptr, sf ? sf + r * Np + n0 : nullptr);
         });
@@ -661,7 +699,8 @@ int defocus_mixer_rotate_backward(const float* B, const float* C, const int64_t*
 }
 
 // shape = (batch, dim, L, Np, group_norm_size); strides = the (b, t, d) strides of x, z and dt. A [D, Np] and the
-// prepared Bt, Ct [batch, L, Np]; s0 / sf [batch, D, Np] or null. out [batch, L, D] contiguous.
+// prepared Bt, Ct [batch, L, Np]; s0 / sf [batch, D, Np] or null. out [batch, L, D] contiguous. The unit's delta
+// and y buffers are time-major ([L, g]): delta is formed and the gate reads y eight channels at a time.
 int defocus_mixer_forward(const float* x, const float* z, const float* dt, const float* dt_bias, const float* A,
                           const float* Bt, const float* Ct, const float* Dskip, const float* s0, float* out,
                           float* sf, const int64_t* shape, const int64_t* strides, float delta_scale_factor,
@@ -671,21 +710,25 @@ int defocus_mixer_forward(const float* x, const float* z, const float* dt, const
   try {
     const int64_t per_batch = (m.dim + m.group - 1) / m.group, units = m.batch * per_batch, L = m.L;
     run_chunks(units, mixer_chunks(m, units, threads), [&](int64_t, int64_t u0, int64_t u1) {
-      std::vector<float> buf(3 * m.group * L);
-      float *U = buf.data(), *Dl = U + m.group * L, *Y = Dl + m.group * L;
+      std::vector<float> buf(2 * m.group * L);
+      float *Dl = buf.data(), *Y = Dl + m.group * L;
       for (int64_t unit = u0; unit < u1; ++unit) {
         const int64_t b = unit / per_batch, d0 = (unit % per_batch) * m.group;
         const int64_t g = std::min(m.group, m.dim - d0);
-        gather_unit(m, x, dt, dt_bias, b, d0, g, U, Dl, nullptr);
-        scan_unit(m, A, Bt, Ct, s0, sf, b, d0, g, U, Dl, Y);
+        gather_delta(m, dt, dt_bias, b, d0, g, Dl, nullptr, 1, g);
+        const float* xu = x + b * m.xs.b + d0 * m.xs.d;  // the scan reads u = x in place
+        scan_unit(m, A, Bt, Ct, s0, sf, b, d0, g, xu, m.xs.d, m.xs.t, Dl, 1, g, Y, 1, g);
         for (int64_t t = 0; t < L; ++t) {
-          const float r = m.norm ? group_rsqrt(Y, g, L, t) : 1.0f;
+          const float* yr = Y + t * g;
+          const vf r = vf{} + (m.norm ? group_rsqrt(yr, 1, g) : 1.0f);
           const float* zr = z + b * m.zs.b + t * m.zs.t + d0 * m.zs.d;
+          const float* xr = xu + t * m.xs.t;
           float* o = out + (b * L + t) * m.dim + d0;
-          for (int64_t c = 0; c < g; ++c) {
-            const float zv = zr[c * m.zs.d];
-            o[c] = (Y[c * L + t] * r + U[c * L + t] * Dskip[d0 + c]) * (zv * sigmoid(zv));
-          }
+          for_lanes(g, [&](int64_t c, int n) {
+            const vf zv = load_n(zr + c * m.zs.d, m.zs.d, n);
+            const vf pre = load_n(yr + c, 1, n) * r + load_n(xr + c * m.xs.d, m.xs.d, n) * load_n(Dskip + d0 + c, 1, n);
+            store_n(o + c, 1, pre * (zv * vsigmoid(zv)), n);
+          });
         }
       }
     });
@@ -696,10 +739,11 @@ int defocus_mixer_forward(const float* x, const float* z, const float* dt, const
 }
 
 // The backward of defocus_mixer_forward from gout [batch, L, D] contiguous (and gfin, the final state's gradient,
-// or null): recomputes the unit's u, delta and scan output, goes back through the gate, the D skip and the norm to
+// or null): recomputes the unit's delta and scan output, goes back through the gate, the D skip and the norm to
 // the scan output's gradient, then runs the scan's backward per channel (which recomputes the states). Writes gx,
-// gz, gdt [batch, L, D] contiguous, gA [D, Np], gBt, gCt [batch, L, Np] (of the rotated B, C), gvec [3, D]
-// (dt_bias, Dskip, unused) and gs0 [batch, D, Np] when not null.
+// gz, gdt [batch, L, D] contiguous, gA [D, Np], gBt, gCt [batch, L, Np] (of the rotated B, C), gvec [2, D]
+// (dt_bias, Dskip) and gs0 [batch, D, Np] when not null. The unit's buffers are channel-major ([g, L]), the layout
+// of the scan's backward.
 int defocus_mixer_backward(const float* x, const float* z, const float* dt, const float* dt_bias, const float* A,
                            const float* Bt, const float* Ct, const float* Dskip, const float* s0, const float* gout,
                            const float* gfin, float* gx, float* gz, float* gdt, float* gA, float* gBt, float* gCt,
@@ -726,29 +770,38 @@ int defocus_mixer_backward(const float* x, const float* z, const float* dt, cons
       for (int64_t unit = u0; unit < u1; ++unit) {
         const int64_t b = unit / per_batch, d0 = (unit % per_batch) * m.group;
         const int64_t g = std::min(m.group, D - d0);
-        gather_unit(m, x, dt, dt_bias, b, d0, g, U, Dl, SG);
-        scan_unit(m, A, Bt, Ct, s0, nullptr, b, d0, g, U, Dl, Y);
+        for (int64_t t = 0; t < L; ++t) {
+          const float* xr = x + b * m.xs.b + t * m.xs.t + d0 * m.xs.d;
+          for (int64_t c = 0; c < g; ++c) U[c * L + t] = xr[c * m.xs.d];
+        }
+        gather_delta(m, dt, dt_bias, b, d0, g, Dl, SG, L, 1);
+        scan_unit(m, A, Bt, Ct, s0, nullptr, b, d0, g, U, L, 1, Dl, L, 1, Y, L, 1);
         // back through the gate, the skip and the norm: GY = d loss / d y; gz and the skip's part of gx written
         for (int64_t t = 0; t < L; ++t) {
-          const float r = m.norm ? group_rsqrt(Y, g, L, t) : 1.0f;
+          const float rs = m.norm ? group_rsqrt(Y + t, L, g) : 1.0f;
+          const vf r = vf{} + rs;
           const float* zr = z + b * m.zs.b + t * m.zs.t + d0 * m.zs.d;
           const float* go = gout + (b * L + t) * D + d0;
           float* gxr = gx + (b * L + t) * D + d0;
           float* gzr = gz + (b * L + t) * D + d0;
-          float dot = 0.0f;  // sum over the group of gn * n
-          for (int64_t c = 0; c < g; ++c) {
-            const float zv = zr[c * m.zs.d], sg = sigmoid(zv), silu = zv * sg;
-            const float u = U[c * L + t], n = Y[c * L + t] * r, pre = n + u * Dskip[d0 + c];
-            gzr[c] = go[c] * pre * (sg * (1.0f + zv * (1.0f - sg)));
-            const float gn = go[c] * silu;
-            pd[d0 + c] += gn * u;
-            gxr[c] = gn * Dskip[d0 + c];
-            GY[c * L + t] = gn;
-            dot += gn * n;
-          }
+          vf dot = vf{};  // sum over the group of gn * n
+          for_lanes(g, [&](int64_t c, int n) {
+            const vf zv = load_n(zr + c * m.zs.d, m.zs.d, n), sg = vsigmoid(zv);
+            const vf u = load_n(U + c * L + t, L, n), nv = load_n(Y + c * L + t, L, n) * r;
+            const vf dk = load_n(Dskip + d0 + c, 1, n), gov = load_n(go + c, 1, n);
+            store_n(gzr + c, 1, gov * (nv + u * dk) * (sg * (1.0f + zv * (1.0f - sg))), n);
+            const vf gn = gov * (zv * sg);
+            store_n(pd + d0 + c, 1, load_n(pd + d0 + c, 1, n) + gn * u, n);
+            store_n(gxr + c, 1, gn * dk, n);
+            store_n(GY + c * L + t, L, gn, n);
+            dot += gn * nv;
+          });
           if (m.norm) {
-            const float mean = dot / static_cast<float>(g);
-            for (int64_t c = 0; c < g; ++c) GY[c * L + t] = r * (GY[c * L + t] - Y[c * L + t] * r * mean);
+            const vf mean = vf{} + hsum(dot) / static_cast<float>(g);
+            for_lanes(g, [&](int64_t c, int n) {
+              const vf gn = load_n(GY + c * L + t, L, n), nv = load_n(Y + c * L + t, L, n) * r;
+              store_n(GY + c * L + t, L, r * (gn - nv * mean), n);
+            });
           }
         }
         float* pb = part.b_of(ch, b);
@@ -795,7 +848,10 @@ int defocus_conv_forward(const float* x, const float* wt, const float* bias, flo
       for (int64_t r = r0; r < r1; ++r) {
         float* o = out + r * c.dim;
         conv_row(c, x, wt, bias, r / c.L, r % c.L, o);
-        for (int64_t d = 0; d < c.dim; ++d) o[d] = o[d] / (1.0f + std::exp(-o[d]));
+        for_lanes(c.dim, [&](int64_t d, int n) {
+          const vf v = load_n(o + d, 1, n);
+          store_n(o + d, 1, v * vsigmoid(v), n);
+        });
       }
     });
   } catch (...) {
@@ -824,11 +880,12 @@ int defocus_conv_backward(const float* x, const float* wt, const float* bias, co
         float* gp = gpre.data() + r * D;
         conv_row(c, x, wt, bias, b, t, gp);
         const float* go = gout + r * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const float s = 1.0f / (1.0f + std::exp(-gp[d]));
-          gp[d] = go[d] * s * (1.0f + gp[d] * (1.0f - s));
-          p[K * D + d] += gp[d];
-        }
+        for_lanes(D, [&](int64_t d, int n) {
+          const vf v = load_n(gp + d, 1, n), sg = vsigmoid(v);
+          const vf gv = load_n(go + d, 1, n) * sg * (1.0f + v * (1.0f - sg));
+          store_n(gp + d, 1, gv, n);
+          store_n(p.data() + K * D + d, 1, load_n(p.data() + K * D + d, 1, n) + gv, n);
+        });
         for (int64_t k = 0; k < K; ++k) {
           const int64_t src = t - (K - 1 - k);
           if (src < 0) continue;
