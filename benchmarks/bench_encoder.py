@@ -30,7 +30,7 @@ from transformers import ViTConfig, ViTModel
 
 from bench_selective_scan import PeakMemory
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
-from defocus_mllm.ops import available_backends
+from defocus_mllm.ops import available_backends, available_causal_conv_backends, available_mamba_mixer_backends
 
 BASELINE = "ViT-S/16 (transformers)"
 # images/s goals for De-focus Mamba-S relative to ViT-S/16, by resolution
@@ -130,19 +130,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"fp32 CPU inference, threads={torch.get_num_threads()}, torch {torch.__version__}, "
-          f"scan backends available: {', '.join(available_backends())}")
+          f"backends available: scan {', '.join(available_backends())}; Mamba mixer "
+          f"{', '.join(available_mamba_mixer_backends())}; causal conv {', '.join(available_causal_conv_backends())}")
     models = {MODELS[key]: defocus(f"{key}-small", 0 if not args.quick else layers[key])
               for key in sorted(MODELS) if key in args.models}
     header = f"{'model':<26}{'px':>5}{'batch':>6}{'img/s':>8}{'(median)':>10}{'vs ViT-S':>10}{'peak MiB':>10}  goal"
     print(f"\n{header}", flush=True)
-    train_rows = []
+    train_rows, ratios = [], []
     for size, batch in zip(args.sizes, args.batches):
         run = {BASELINE: vit_small(size, layers["vit"]), **models}
         pixels = torch.randn(batch, 3, size, size)
         times, peaks = run_rounds(run, pixels, args.repeats, timed)
         print_rows(times, peaks, size, batch, goals=True)
+        ratios.append((size, {name: min(times[BASELINE]) / min(ts) for name, ts in times.items()}, None))
         if args.train:  # eval mode (no drop path or dropout) with gradients: the same work in every round
             train_rows.append((size, batch, *run_rounds(run, pixels, args.repeats, timed_train)))
+            train_times = train_rows[-1][2]
+            ratios[-1] = (size, ratios[-1][1], {name: min(train_times[BASELINE]) / min(ts)
+                                               for name, ts in train_times.items()})
             for model in run.values():
                 model.zero_grad(set_to_none=True)
         if args.profile is not None and (not args.profile or size in args.profile):
@@ -153,6 +158,13 @@ def main() -> None:
         print(f"\nforward + backward (mean(last_hidden_state^2), every parameter's gradient)\n{header}", flush=True)
         for size, batch, times, peaks in train_rows:
             print_rows(times, peaks, size, batch, goals=False)
+    print(f"\nratios to {BASELINE} (images/s):")
+    for size, inference, train in ratios:
+        for name in models:
+            fwd_bwd = f"{train[name]:.2f}x" if train is not None else "n/a (--train)"
+            goal = goal_note(name, size, inference[name], None, None).strip() if name == MODELS["mamba"] else ""
+            print(f"  {name:<18}{size:>5} px: inference {inference[name]:.2f}x, forward + backward {fwd_bwd}"
+                  f"{'  (' + goal + ')' if goal else ''}")
 
 
 if __name__ == "__main__":
