@@ -1,4 +1,6 @@
-// Selective scan (Mamba's S6 recurrence) for CPUs: forward and backward, fp32 accumulation.
+// Native CPU kernels of the De-focus Mamba mixer, forward and backward, fp32 accumulation: the selective scan
+// (Mamba's S6 recurrence), the fused mixer core around it (time step, rotation of B / C, scan, group RMS norm,
+// D skip, SiLU gate: the "fused mixer" section) and the causal depthwise conv + SiLU ("causal conv" section).
 //
 // Built at run time by defocus_mllm/ops/cpu_scan.py and called through ctypes: plain C entry points on raw
 // contiguous fp32 buffers, so the build needs only a C++ compiler and ATen's small parallel header (no pybind11,
@@ -413,9 +415,9 @@ struct Partials {
 //   n = y * rsqrt(mean over the G channels of d's group of y^2 + 1e-6)      (n = y without group norm)
 //   out[b, t, d] = (n + u * Dskip[d]) * silu(z[b, t, d])
 // x, z, dt are read in place with any element strides (b, t, d): the projections' channels-last outputs and views
-// of them. The work unit is one group of channels of one batch element: its u, delta and y live in per-thread
-// buffers of G x L floats, so the norm over the group is done right after the group's scans and `out` ([B, L, D],
-// contiguous) is written once. B and C arrive rotated and padded ([B, L, Np], from defocus_mixer_rotate).
+// of them. The work unit is one group of channels of one batch element: its delta and y live in per-thread
+// buffers of G x L floats (u is read from x in place), so the norm over the group is done right after the group's
+// scans and `out` ([B, L, D], contiguous) is written once. B and C arrive rotated and padded ([B, L, Np], from defocus_mixer_rotate).
 
 struct MixerShape {
   int64_t batch, dim, L, Np, group;  // group: channels per unit (the norm's group, or a block when there is none)
