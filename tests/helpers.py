@@ -1,5 +1,7 @@
-"""Helpers shared by the tests: tiny local models, script imports and `accelerate launch` command lines.
+"""Helpers shared by the tests: tiny configurations and models, script imports and `accelerate launch` command lines.
 
+Plain functions and constants only; fixtures (the module-wide `one_thread` among them) live in `conftest.py`. A test
+module that needs something another test module defines takes it from here, so that no test file imports another.
 Not part of the package: nothing in `defocus_mllm` imports this module.
 """
 
@@ -11,7 +13,6 @@ import sys
 from types import ModuleType
 from typing import Any, Iterable, Optional
 
-import pytest
 import torch
 
 from defocus_mllm import DefocusVisionConfig, build_llava
@@ -32,6 +33,36 @@ def build_tiny_llava(texts: Optional[Iterable[str]] = None, vision: Optional[Def
                                                        intermediate_size=64, image_size=32)
     lm_config = tiny_llama_config(len(tokenizer), **lm_overrides)
     return build_llava(vision, lm_config, tokenizer=tokenizer)
+
+
+# The tiny preset of each mixer (docs/method.md §2.5-2.6 sizes scaled down); `tiny_encoder_config` shrinks it further.
+TINY_PRESETS = {"mamba": "mamba-tiny", "attention": "vit-tiny", "retention": "retnet-tiny"}
+
+
+def tiny_config(preset: str = "vit-tiny", **overrides: Any) -> DefocusVisionConfig:
+    """The named preset (a `*-tiny` one: a few-million-parameter encoder) with keyword overrides."""
+    return DefocusVisionConfig.from_preset(preset, **overrides)
+
+
+def tiny_encoder_config(mixer: str = "mamba", **overrides: Any) -> DefocusVisionConfig:
+    """A 3-block, 32-wide encoder of any mixer with a tiny preset, patch 8, 32x32 images."""
+    kwargs = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64, group_norm_size=16, time_step_rank=4,
+                  state_size=8, num_attention_heads=4, mlp_ratio=2.0, image_size=32)
+    kwargs.update(overrides)
+    return DefocusVisionConfig.from_preset(TINY_PRESETS[mixer], **kwargs)
+
+
+def input_dependent_tiny_llava(**lm_overrides: Any):
+    """`build_tiny_llava` seeded, in eval mode, with its matrices redrawn large (std 0.3): a freshly initialised tiny
+    model answers everything alike, large weights make answers depend on the input, so that padding or batching
+    mistakes show."""
+    torch.manual_seed(0)
+    model, processor = build_tiny_llava(**lm_overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.eval(), processor
 
 
 def free_port() -> int:
@@ -73,16 +104,6 @@ def load_script(path: str | os.PathLike, name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for a test module of tiny models (import it into the module to use it): a second thread
-    only adds contention on a shared 2-core machine, where it made the mixer tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def scramble_filter(mixer, generator: torch.Generator) -> None:

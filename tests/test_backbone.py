@@ -11,18 +11,8 @@ from transformers import AutoBackbone, AutoConfig
 import defocus_mllm  # noqa: F401  (registers the Auto classes)
 from defocus_mllm import DefocusBackbone, DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.convert import convert_checkpoint
+from helpers import TINY_PRESETS as PRESETS, tiny_encoder_config as tiny
 from test_convert import GROUP, release_state_dict
-
-PRESETS = {"mamba": "mamba-tiny", "attention": "vit-tiny", "retention": "retnet-tiny"}
-
-
-def tiny(mixer="mamba", **overrides):
-    """A 3-block, 32-wide encoder of any mixer, patch 8."""
-    kwargs = dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64, group_norm_size=16, time_step_rank=4,
-                  state_size=8, num_attention_heads=4, mlp_ratio=2.0, image_size=32)
-    kwargs.update(overrides)
-    return DefocusVisionConfig.from_preset(PRESETS[mixer], **kwargs)
-
 
 def to_map(tokens, height, width, patch=8):
     """`[B, L, C]` encoder tokens (CLS last) -> `[B, C, H/p, W/p]`."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, get_benchmark
-from helpers import build_tiny_llava, one_thread, record_asked_questions  # noqa: F401  (one_thread: autouse)
+from helpers import build_tiny_llava, record_asked_questions
 from test_evaluation_e2e import _build_tiny_llava, _cli_args, _lines, run
 from test_evaluation_loaders import make_fixture
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from defocus_mllm.evaluation import build_prompt, generate_answers, get_benchmark, run_benchmark
-from helpers import one_thread  # noqa: F401  (a module-wide autouse fixture)
 from test_evaluation_e2e import _build_tiny_llava, run
 
 if importlib.util.find_spec("lmms_eval") is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm import DefocusVisionModel
 from defocus_mllm.encoder.mixers import (
     MIXER_CLASSES,
     DefocusAttentionMixer,
@@ -20,11 +20,7 @@ from defocus_mllm.encoder.mixers import (
     build_mixer,
 )
 from defocus_mllm.encoder.mixers.attention import flex_attention_available
-from helpers import one_thread, scramble_filter  # noqa: F401  (one_thread: a module-wide autouse fixture)
-
-
-def tiny(name="vit-tiny", **overrides):
-    return DefocusVisionConfig.from_preset(name, **overrides)
+from helpers import scramble_filter, tiny_config as tiny
 
 
 def explicit_attention_reference(mixer, hidden, causal):

@@ -4,6 +4,7 @@ drop path, bf16, save / load. The mixers alone: tests/test_mixers.py; the filter
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
 import torch
@@ -11,13 +12,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 import defocus_mllm  # noqa: F401  (registers the Auto classes)
 from defocus_mllm import DEFOCUS_PRESETS, DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
-from helpers import one_thread, scramble_filter  # noqa: F401  (one_thread: a module-wide autouse fixture)
+from helpers import scramble_filter, tiny_config as _tiny_config
 
 CAUSAL_TINY = ["vit-tiny", "vit-tiny-causal", "retnet-tiny", "retnet-tiny-causal", "mamba-tiny", "mamba-tiny-causal"]
 
 
-def tiny_config(**overrides):
-    return DefocusVisionConfig.from_preset("mamba-tiny", **overrides)
+tiny_config = partial(_tiny_config, "mamba-tiny")  # this module's models are Mamba ones
 
 
 @pytest.fixture(scope="module")
