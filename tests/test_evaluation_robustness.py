@@ -15,8 +15,11 @@ from PIL import Image
 import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, get_benchmark
 from helpers import build_tiny_llava, record_asked_questions
-from test_evaluation_e2e import _build_tiny_llava, _cli_args, _lines, run
+from helpers import benchmark_cli_args as _cli_args, build_saved_tiny_llava as _build_tiny_llava, eval_run_script
+from helpers import read_jsonl as _lines
 from test_evaluation_loaders import make_fixture
+
+run = eval_run_script()
 
 EASY = ["--benchmark", "easy-vqa", "--limit", "4", "--batch-size", "4", "--quiet"]
 

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments
 
 from defocus_mllm.training import resolve_resume_checkpoint
-from helpers import accelerate_launch_command, load_script
-from test_recipes import TINY, _colour_folder
+from helpers import TINY_RECIPE_ARGS as TINY, accelerate_launch_command, load_script
+from helpers import colour_folder as _colour_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from defocus_mllm.evaluation import build_prompt, generate_answers, get_benchmark, run_benchmark
-from test_evaluation_e2e import _build_tiny_llava, run
+from helpers import build_saved_tiny_llava as _build_tiny_llava, eval_run_script
+
+run = eval_run_script()
 
 if importlib.util.find_spec("lmms_eval") is None:
     pytest.skip("lmms-eval is not installed: pip install -e '.[lmms-eval]' (see docs/evaluation.md, 'lmms-eval plugin')",

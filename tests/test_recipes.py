@@ -15,15 +15,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
-from helpers import accelerate_launch_command, build_tiny_llava, load_script
+from helpers import TINY_RECIPE_ARGS as TINY, accelerate_launch_command, build_tiny_llava, load_script
+from helpers import colour_folder as _colour_folder
 from defocus_mllm.training import LlavaTrainingArguments, ModelArguments, warm_up_vision_tower
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_size=64,patch_size=16,image_size=32",
-        "--tiny_lm_hidden_size", "32", "--tiny_vocab_size", "300", "--max_train_samples", "48",
-        "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
-        "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1",
-        "--vision_warmup_epochs", "0", "--easy_vqa_curriculum", ""]
 
 
 def _recipe(name: str):
@@ -150,16 +146,6 @@ def test_deepspeed_zero2_stage1_then_stage2_and_zero3_stage2(tmp_path):
     s2 = load_file(str(stage2 / "model.safetensors"))
     changed = [k for k in s1 if "language_model" in k and not torch.equal(s1[k], s2[k])]
     assert changed  # and stage 2 trained the language model
-
-
-def _colour_folder(root: Path) -> Path:
-    from PIL import Image
-
-    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (32, 32), tuple(max(0, c - 20 * i) for c in colour)).save(root / name / f"{i}.png")
-    return root
 
 
 def test_vision_warmup_trains_the_llava_tower_in_place(tmp_path, monkeypatch):
