@@ -139,8 +139,6 @@ def record_asked_questions(monkeypatch) -> list:
 
 # ------------------------------------------------------------------------------------------ selective scan
 # The float64 references and the inputs of test_ops, test_cpu_scan, test_triton_scan and test_mamba_mixer_op.
-
-
 def literal_scan(u, delta, A, B, C):
     """The recurrence as written, one batch, channel, state and step at a time (float64)."""
     batch, dim, length = u.shape
@@ -212,12 +210,8 @@ def max_tensor_numel(fn, calls=None):
     return mode.largest
 
 
-
-
 # ------------------------------------------------------------------------------------- release checkpoints
 # The sizes and a random state dict of a release-layout encoder (test_convert and the tests that convert one).
-
-
 HIDDEN, DEPTH, INNER, STATE, RANK, GROUP, PATCH, CLASSES = 32, 2, 64, 8, 4, 16, 8, 5
 
 
@@ -247,17 +241,14 @@ def release_state_dict(seed=0, head="linear", aux=True):
     return sd
 
 
-
-
 # ----------------------------------------------------------------------------------------------- recipes
 # The command line of a tiny recipe run, and a two-class image folder.
-
-
-TINY_RECIPE_ARGS = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_size=64,patch_size=16,image_size=32",
-        "--tiny_lm_hidden_size", "32", "--tiny_vocab_size", "300", "--max_train_samples", "48",
-        "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
-        "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1",
-        "--vision_warmup_epochs", "0", "--easy_vqa_curriculum", ""]
+TINY_RECIPE_ARGS = [
+    "--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_size=64,patch_size=16,image_size=32",
+    "--tiny_lm_hidden_size", "32", "--tiny_vocab_size", "300", "--max_train_samples", "48",
+    "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+    "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1",
+    "--vision_warmup_epochs", "0", "--easy_vqa_curriculum", ""]
 
 
 def colour_folder(root: Path) -> Path:
@@ -268,8 +259,6 @@ def colour_folder(root: Path) -> Path:
         for i in range(4):
             Image.new("RGB", (32, 32), tuple(max(0, c - 20 * i) for c in colour)).save(root / name / f"{i}.png")
     return root
-
-
 
 
 # ------------------------------------------------------------------------------------------- evaluation
