@@ -10,8 +10,7 @@ import defocus_mllm.ops.decay_attention as decay_module
 from defocus_mllm import DefocusVisionConfig
 from defocus_mllm.encoder.mixers import DefocusAttentionMixer
 from defocus_mllm.ops.decay_attention import decay_attention
-from helpers import one_thread, scramble_filter  # noqa: F401  (one_thread: a module-wide autouse fixture)
-from test_ops import max_tensor_numel
+from helpers import max_tensor_numel, scramble_filter
 
 MIXER_VARIANTS = [
     {},                                                       # causal, learnable decay and rotation

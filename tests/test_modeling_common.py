@@ -43,12 +43,14 @@ def auto_from_pretrained(model_class: type, folder: Path) -> torch.nn.Module:
     return auto.from_pretrained(folder)
 
 # Mixers whose default CPU forward cannot be traced by `torch.compile(fullgraph=True)` / `torch.export`, with the
-# environment that makes them traceable and the error the default path raises. The Mamba mixer's CPU selective scan
-# is the native kernel of `ops/cpu_scan.py`, called through ctypes on raw data pointers: Dynamo cannot trace the
-# ctypes call and export's fake tensors have no data pointer. The PyTorch scan (`DEFOCUS_SCAN_BACKEND=torch`) is
-# plain tensor code and traces.
+# environment that makes them traceable and the error the default path raises. The Mamba mixer's CPU kernels (the
+# fused mixer op, the causal conv, the scan; `ops/cpu_scan.cpp`) are called through ctypes on raw data pointers:
+# Dynamo cannot trace the ctypes call and export's fake tensors have no data pointer. The PyTorch path
+# (`DEFOCUS_SCAN_BACKEND=torch` routes the mixer op to its PyTorch composition, `DEFOCUS_CONV_BACKEND=torch` the
+# conv) is plain tensor code and traces.
 UNTRACEABLE_BY_DEFAULT: dict[str, dict[str, Any]] = {
-    "mamba": dict(traceable_env={"DEFOCUS_SCAN_BACKEND": "torch"}, default_env={"DEFOCUS_SCAN_BACKEND": "cpu"},
+    "mamba": dict(traceable_env={"DEFOCUS_SCAN_BACKEND": "torch", "DEFOCUS_CONV_BACKEND": "torch"},
+                  default_env={"DEFOCUS_SCAN_BACKEND": "cpu"},
                   compile_error=torch._dynamo.exc.Unsupported, export_error=RuntimeError,
                   export_match="data pointer"),
 }
