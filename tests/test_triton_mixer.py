@@ -149,18 +149,20 @@ def test_triton_conv_matches_conv1d(child_results, case):
     assert not bad, f"{case}: relative errors above 1e-5: {bad}"
 
 
-def test_the_triton_conv_is_hooked_into_causal_conv1d_silu_for_channels_last_cuda_input():
+def test_the_triton_conv_is_the_cuda_default_after_causal_conv1d_and_leaves_other_layouts_to_pytorch():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (the `dev` extra installs it)")
     from defocus_mllm.ops import causal_conv, triton_conv
 
-    assert (triton_conv._handles, triton_conv.causal_conv1d_silu_triton) in causal_conv._CUDA_KERNELS
+    assert causal_conv._BACKENDS["triton"] is triton_conv._conv_triton
+    assert causal_conv._PREFERENCE["cuda"] == ("cuda", "triton")
     channels_last = torch.randn(2, 7, 4).transpose(1, 2)
-    assert not triton_conv._handles(channels_last)  # a CPU tensor: the PyTorch conv
-    # and on the CPU the hook leaves the result to the PyTorch path, unchanged
-    w, b = torch.randn(4, 1, 4), torch.randn(4)
-    torch.testing.assert_close(causal_conv.causal_conv1d_silu(channels_last, w, b),
-                               causal_conv.causal_conv1d_silu(channels_last, w, b, backend="torch"), rtol=0, atol=0)
+    assert triton_conv._handles(channels_last) and not triton_conv._handles(torch.randn(2, 4, 7))
+    assert not triton_conv._handles(channels_last.double())
+    # a layout the kernel is not for takes the PyTorch conv, unchanged
+    x, w, b = torch.randn(2, 4, 7), torch.randn(4, 1, 4), torch.randn(4)
+    torch.testing.assert_close(triton_conv._conv_triton(x, w.reshape(4, -1), b),
+                               causal_conv.causal_conv1d_silu(x, w, b, backend="torch"), rtol=0, atol=0)
 
 
 def test_the_kernel_check_script_runs_the_fused_path_in_its_dry_run():

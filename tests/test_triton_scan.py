@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from test_ops import make_inputs, rel_err, vector_reference  # the float64 reference, shared
+from helpers import make_inputs, rel_err
 
 # name: (batch, dim, length, n_state, dtype, launch options, A scale, with initial / final state)
 CASES = {

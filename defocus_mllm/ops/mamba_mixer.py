@@ -8,7 +8,9 @@ so a backend can do it in one pass over memory:
 
 * `"torch"`: the reference, a composition of PyTorch ops around `selective_scan` (whose own dispatch picks the
   scan kernel). It runs anywhere and is what every other backend is tested against;
-* backends registered by kernel modules (`register_mamba_mixer_backend`): the native CPU kernel, Triton on CUDA.
+* backends registered by kernel modules (`register_mamba_mixer_backend`): `"cpu"`, the native kernel of
+  ``cpu_mixer.py`` (one pass forward, one backward; the default for CPU tensors where it builds), and Triton on
+  CUDA.
 
 Inputs are the projections' channels-last outputs, read in place (views of `in_proj` / `x_proj` outputs are fine):
 

@@ -7,8 +7,9 @@ padding), and writes `silu(bias + sum_k w_k x_{l - K + 1 + k})` once. The backwa
 of the rows that a tile's inputs feed (`K^2` multiply-adds per element; `K = 4`, read from cache) and writes
 `dx` once; the weight and bias gradients are per-tile partials summed on the host (deterministic).
 
-`causal_conv1d_silu` uses these for CUDA tensors in channels-last layout when causal-conv1d's CUDA kernel is not
-installed (this module appends itself to `causal_conv._CUDA_KERNELS` on import).
+Registered as the causal conv's `"triton"` backend: `causal_conv1d_silu` takes it for CUDA tensors when
+causal-conv1d's CUDA kernel is not installed; inputs it is not for (not channels-last, float64) go to the PyTorch
+conv.
 """
 
 # no `from __future__ import annotations`: see triton_scan.py
@@ -158,10 +159,16 @@ def causal_conv1d_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optio
 
 
 def _handles(x: torch.Tensor) -> bool:
-    # CUDA tensors in channels-last memory, fp32 / bf16 / fp16: the case this kernel is for
-    return (x.is_cuda and x.stride(1) == 1 and x.dtype != torch.float64 and triton_scan_available())
+    # channels-last memory, fp32 / bf16 / fp16: the case this kernel is for
+    return x.stride(1) == 1 and x.dtype != torch.float64
 
 
-causal_conv.register_cuda_kernel(_handles, causal_conv1d_silu_triton)
+def _conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _handles(x):
+        return causal_conv1d_silu_triton(x, weight, bias)
+    return causal_conv.causal_conv1d_silu(x, weight, bias, backend="torch")
+
+
+causal_conv.register_causal_conv_backend("triton", _conv_triton, triton_scan_available)
 
 __all__ = ["causal_conv1d_silu_triton"]
