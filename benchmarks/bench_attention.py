@@ -1,11 +1,12 @@
-"""Benchmark the two implementations of the De-focus ViT attention inside a whole encoder, in one process.
+"""Benchmark the implementations of the De-focus ViT attention inside a whole encoder, in one process.
 
     python benchmarks/bench_attention.py [--preset vit-small --sizes 224 448 896 --batches 8 4 2 --repeats 3]
     python benchmarks/bench_attention.py --quick           # tiny smoke run (no compilation)
-    python benchmarks/bench_attention.py --train           # forward + backward (CUDA: FlexAttention has no CPU backward)
+    python benchmarks/bench_attention.py --train           # forward + backward (on CPU: --paths sdpa chunked)
 
 Paths (`attention_backend` of every attention mixer): `sdpa` (`scaled_dot_product_attention` with the dense
-`[H, L, L]` decay + mask bias), `flex` (FlexAttention under `torch.compile`: the decay as a `score_mod`, causality as a
+`[H, L, L]` decay + mask bias), `chunked` (`ops.decay_attention`: SDPA one tile of queries at a time, the bias
+built per tile), `flex` (FlexAttention under `torch.compile`: the decay as a `score_mod`, causality as a
 block mask) and `flex_eager` (FlexAttention without compiling: PyTorch's unfused reference). For every image size the
 paths run interleaved, round after round, and each reports its best time (on a shared machine the best of several
 interleaved runs is the least disturbed estimate), as images per second, and its ratio to `sdpa`. The first call of
@@ -28,7 +29,7 @@ from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.mixers import DefocusAttentionMixer
 from defocus_mllm.encoder.mixers.attention import flex_attention_available
 
-PATHS = ("sdpa", "flex", "flex_eager")
+PATHS = ("sdpa", "chunked", "flex", "flex_eager")
 
 
 def set_backend(model: torch.nn.Module, backend: str) -> None:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 896])
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 4, 2], help="one per size")
     parser.add_argument("--paths", nargs="+", default=None, choices=PATHS,
-                        help="default: all three (--quick: sdpa and flex_eager)")
+                        help="default: all four (--quick: sdpa, chunked and flex_eager)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.preset, args.sizes, args.batches, args.repeats = "vit-tiny", [32], [2], 1
-        args.paths = args.paths or ["sdpa", "flex_eager"]
+        args.paths = args.paths or ["sdpa", "chunked", "flex_eager"]
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.batches) != len(args.sizes):
         parser.error("give one batch size per image size")
     if not flex_attention_available():
-        print("this torch has no FlexAttention: sdpa only")
-        paths = ["sdpa"]
+        print("this torch has no FlexAttention: sdpa and chunked only")
+        paths = [p for p in paths if p in ("sdpa", "chunked")]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.train and device == "cpu" and any(p != "sdpa" for p in paths):
-        parser.error("FlexAttention has no backward on CPU in PyTorch: --train on CPU needs --paths sdpa")
+    if args.train and device == "cpu" and any(p.startswith("flex") for p in paths):
+        parser.error("FlexAttention has no backward on CPU in PyTorch: --train on CPU needs --paths sdpa chunked")
     dtype = getattr(torch, args.dtype)
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 

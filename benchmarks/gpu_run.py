@@ -4,13 +4,21 @@
     python benchmarks/gpu_run.py --out DIR            # on one CUDA GPU: about 9 minutes (budget 525 s)
     python benchmarks/gpu_run.py --dry-run --out DIR  # anywhere: tiny sizes on the CPU, every code path
 
+    python benchmarks/gpu_run.py --parts kernels,throughput --out DIR   # issue 26's kernel run: < 9 minutes
+
 `benchmarks/gpu_run.sh` wraps it for a machine without network (installs the wheels carried in `.devcarry/wheels`,
 e.g. DeepSpeed, first). Parts, each in its own subprocess with its own timeout inside one overall budget; the results
 (`results.json`, `results.md`) are rewritten after every part, so a run cut short still leaves its tables:
 
+  kernels     (only when named in --parts) `benchmarks/check_cuda_kernels.py --quick --sweep`: the sequential Triton
+              scan, the fused Triton mixer and the Triton conv against PyTorch, a whole Mamba-Base with each fast
+              path, a small launch-configuration sweep, the scan's / mixer's GB/s next to the card's copy bandwidth,
+              CUDA graphs on / off, FlexAttention vs SDPA (with the A_log gradient at L = 785 against float64) and
+              the profile of a Mamba-B inference forward; its output goes into results.md verbatim.
   throughput  bf16 encoder throughput at 224/336/448/672/1024 px, inference and forward+backward, in one process on
               one card: De-focus Mamba-Base (fast scan backend) vs `transformers`' ViT-B/16 (SDPA) and the CLIP
-              ViT-L/14 tower shape LLaVA-1.5 uses (SDPA), random weights: images/s, tokens/s, peak memory, ratios.
+              ViT-L/14 tower shape LLaVA-1.5 uses (SDPA), random weights: images/s, tokens/s, peak memory, ratios;
+              with `--cuda-graphs on` (the default) also Mamba-B's inference replayed as one CUDA graph.
   lm          a randomly initialised Qwen2-shaped language model (~0.5B parameters; a tiny one for --dry-run) and a
               BPE tokenizer trained on easy-VQA's text, saved as a local directory (`--language_model DIR`).
   zero2_*     stage 1 (projector only) then stage 2 (projector + LM + tower) with `accelerate launch`, DeepSpeed
@@ -52,8 +60,10 @@ STAGE_CONFIGS = {"pretrain": CONFIGS / "gpu_pretrain_mamba_base.yaml",
 ZERO_CONFIGS = {2: ROOT / "recipes" / "deepspeed" / "zero2.json", 3: ROOT / "recipes" / "deepspeed" / "zero3.json"}
 PACKAGES = ["torch", "transformers", "accelerate", "deepspeed", "peft", "triton", "tokenizers", "safetensors",
             "huggingface-hub", "mamba-ssm", "causal-conv1d", "pydantic", "easy-vqa"]
-ENCODERS = ("defocus-mamba-base", "vit-b16", "clip-vit-l14")
-ENCODER_LABELS = {"defocus-mamba-base": "Mamba-B/16", "vit-b16": "ViT-B/16", "clip-vit-l14": "CLIP-L/14"}
+ENCODERS = ("defocus-mamba-base", "defocus-mamba-base+graph", "vit-b16", "clip-vit-l14")
+ENCODER_LABELS = {"defocus-mamba-base": "Mamba-B/16", "defocus-mamba-base+graph": "Mamba-B/16 CUDA graph",
+                  "vit-b16": "ViT-B/16", "clip-vit-l14": "CLIP-L/14"}
+GRAPHED = "defocus-mamba-base+graph"  # the Mamba-B rows of the same model replayed as a CUDA graph
 
 # A Qwen2-shaped LM (GQA, q/k/v biases, SwiGLU, RMSNorm, tied embeddings). With the small easy-VQA vocabulary the
 # embeddings are tiny, so the width is Qwen2.5-0.5B's 896 -> 1024 and the MLP 4864 -> 5632 to land near 0.5B.
@@ -98,7 +108,7 @@ def real_plan() -> Plan:
         lm_shape="qwen2-0.5b", vocab_size=1000, tokenizer_images=None,
         stage_overrides={"pretrain": [], "finetune": []},
         budget_s=525.0,
-        timeouts={"throughput": 180, "lm": 90, "zero2_stage1": 100, "zero2_stage2": 110, "zero3_stage1": 110,
+        timeouts={"kernels": 250, "throughput": 200, "lm": 90, "zero2_stage1": 100, "zero2_stage2": 110, "zero3_stage1": 110,
                   "zero3_stage2": 130, "reload": 80},
         min_part_s=25.0, reload_reserve_s=45.0, questions=3,
     )
@@ -119,7 +129,7 @@ def dry_plan() -> Plan:
         stage_overrides={"pretrain": [*common, "--vision_tower", "mamba-tiny", "--vision_overrides", DRY_VISION],
                          "finetune": common},
         budget_s=1500.0,
-        timeouts={"throughput": 300, "lm": 300, "zero2_stage1": 300, "zero2_stage2": 300, "zero3_stage1": 300,
+        timeouts={"kernels": 300, "throughput": 300, "lm": 300, "zero2_stage1": 300, "zero2_stage2": 300, "zero3_stage1": 300,
                   "zero3_stage2": 300, "reload": 300},
         min_part_s=10.0, reload_reserve_s=60.0, questions=2,
     )
@@ -245,13 +255,17 @@ def time_loop(fn, sync, warmup: int, min_iters: int, max_iters: int, target_s: f
 
 
 def measure_encoder(model, forward_kwargs: dict[str, Any], config: Any, name: str, resolution: int, batch: int,
-                    mode: str, plan: Plan, device: str) -> dict[str, Any]:
-    """One row: images/s, tokens/s and peak memory of `model` at `resolution` in `mode` ("inference" | "train")."""
+                    mode: str, plan: Plan, device: str, cuda_graph: bool = False) -> dict[str, Any]:
+    """One row: images/s, tokens/s and peak memory of `model` at `resolution` in `mode` ("inference" | "train").
+
+    `cuda_graph`: the inference forward captured once as a CUDA graph and replayed (`ops.cuda_graphs`); the row is
+    named `name + "+graph"`.
+    """
     import torch
 
     cuda = device == "cuda"
-    row: dict[str, Any] = {"model": name, "resolution": resolution, "mode": mode, "batch": batch,
-                           "tokens": tokens_per_image(config, resolution)}
+    row: dict[str, Any] = {"model": name + ("+graph" if cuda_graph else ""), "resolution": resolution,
+                           "mode": mode, "batch": batch, "tokens": tokens_per_image(config, resolution)}
     pixels = torch.randn(batch, 3, resolution, resolution, device=device, dtype=torch.bfloat16)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -271,8 +285,15 @@ def measure_encoder(model, forward_kwargs: dict[str, Any], config: Any, name: st
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if cuda else 0
-        seconds, iters = time_loop(infer if mode == "inference" else train_step, sync, plan.warmup, plan.min_iters,
-                                   plan.max_iters, plan.target_s)
+        fn = infer if mode == "inference" else train_step
+        if cuda_graph:
+            if mode != "inference" or not cuda:
+                raise ValueError("measure_encoder: cuda_graph is for inference on CUDA")
+            from defocus_mllm.ops.cuda_graphs import CUDAGraphInference
+
+            graph = CUDAGraphInference(lambda p: model(pixel_values=p, **forward_kwargs).last_hidden_state, pixels)
+            fn = lambda: graph(pixels)  # noqa: E731
+        seconds, iters = time_loop(fn, sync, plan.warmup, plan.min_iters, plan.max_iters, plan.target_s)
         row.update(status="ok", ms_per_batch=round(seconds * 1e3, 3), iters=iters,
                    images_per_s=round(batch / seconds, 2), tokens_per_s=round(batch * row["tokens"] / seconds, 1))
         if cuda:  # this model's weights plus everything its measurement allocated on top of what was resident
@@ -283,12 +304,13 @@ def measure_encoder(model, forward_kwargs: dict[str, Any], config: Any, name: st
         row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
     finally:
         model.zero_grad(set_to_none=True)
+        graph = None  # the captured graph's memory pool goes with it
         if cuda:
             torch.cuda.empty_cache()
     return row
 
 
-def run_throughput(plan: Plan, out_file: Path, env_file: Path) -> None:
+def run_throughput(plan: Plan, out_file: Path, env_file: Path, cuda_graphs: bool = True) -> None:
     """Child of the `throughput` part: one JSON line per measurement, written as it completes."""
     import torch
 
@@ -321,9 +343,12 @@ def run_throughput(plan: Plan, out_file: Path, env_file: Path) -> None:
         for resolution in plan.resolutions:
             for name, model in models.items():
                 config, kwargs = specs[name]
-                for mode in ("inference", "train"):
+                runs = [("inference", False), ("train", False)]
+                if cuda_graphs and device == "cuda" and name == "defocus-mamba-base":
+                    runs.insert(1, ("inference", True))
+                for mode, graph in runs:
                     row = measure_encoder(model, kwargs, config, name, resolution, plan.batch[resolution], mode,
-                                          plan, device)
+                                          plan, device, cuda_graph=graph)
                     print(json.dumps(row), flush=True)
                     f.write(json.dumps(row) + "\n")
                     f.flush()
@@ -610,10 +635,18 @@ class Run:
         return cmd + (["--dry-run"] if self.plan.dry_run else [])
 
     # -- the parts
+    def kernels(self) -> None:
+        script = ROOT / "benchmarks" / "check_cuda_kernels.py"
+        cmd = [sys.executable, str(script)] + (["--dry-run"] if self.plan.dry_run else ["--quick", "--sweep"])
+        outcome = self.part("kernels", cmd)
+        if outcome is not None:
+            self.results["kernels"] = [line for _, line in outcome[1]]
+        self.write()
+
     def throughput(self) -> None:
         rows_file, env_file = self.work / "throughput.jsonl", self.work / "env.json"
         rows_file.unlink(missing_ok=True)
-        self.part("throughput", self.child("throughput"))
+        self.part("throughput", self.child("throughput", "--cuda-graphs", self.args.cuda_graphs))
         if env_file.exists():
             self.results["env"].update(json.loads(env_file.read_text()))
         if rows_file.exists():
@@ -670,6 +703,8 @@ class Run:
 
     def run(self, parts: list[str]) -> int:
         self.write()
+        if "kernels" in parts:
+            self.kernels()
         if "throughput" in parts:
             self.throughput()
         finals: list[Path] = []
@@ -766,7 +801,8 @@ def _throughput_table(rows: list[dict[str, Any]], mode: str) -> list[str]:
     if not resolutions:
         return ["(no measurements)"]
     head = (["px", "tokens per image"] + [f"{ENCODER_LABELS[m]} img/s" for m in models]
-            + ["Mamba ÷ ViT-B", "Mamba ÷ CLIP-L"] + [f"{ENCODER_LABELS[m]} tok/s" for m in models]
+            + ["Mamba ÷ ViT-B", "Mamba ÷ CLIP-L"] + (["Mamba graph ÷ ViT-B"] if GRAPHED in models else [])
+            + [f"{ENCODER_LABELS[m]} tok/s" for m in models]
             + [f"{ENCODER_LABELS[m]} peak GiB" for m in models])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in resolutions:
@@ -776,14 +812,15 @@ def _throughput_table(rows: list[dict[str, Any]], mode: str) -> list[str]:
         def rate(r: dict[str, Any], key: str) -> str:
             return _fmt(r.get(key)) if r.get("status") == "ok" else (r.get("status", "–").split(":")[0] or "–")
 
-        def ratio(other: str) -> str:
-            a, b = cells.get((res, "defocus-mamba-base"), {}), cells.get((res, other), {})
+        def ratio(other: str, ours: str = "defocus-mamba-base") -> str:
+            a, b = cells.get((res, ours), {}), cells.get((res, other), {})
             if a.get("status") == "ok" and b.get("status") == "ok":
                 return f"{a['images_per_s'] / b['images_per_s']:.2f}x"
             return "–"
 
         lines.append("| " + " | ".join([str(res), tokens] + [rate(r, "images_per_s") for r in row]
                                        + [ratio("vit-b16"), ratio("clip-vit-l14")]
+                                       + ([ratio("vit-b16", GRAPHED)] if GRAPHED in models else [])
                                        + [rate(r, "tokens_per_s") for r in row]
                                        + [_fmt(r.get("peak_mem_gib"), 2) for r in row]) + " |")
     return lines
@@ -806,6 +843,26 @@ def goal_line(rows: list[dict[str, Any]]) -> Optional[str]:
     return f"At {res} px De-focus Mamba-B runs at {verdict}."
 
 
+def fused_path_goals(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 26's goals for the fused Triton path: Mamba-B >= 0.5x ViT-B/16's inference images/s at the smallest
+    resolution, and forward + backward >= 1.0x at the largest (the 1.5x inference goal is `goal_line`'s)."""
+    lines = []
+    for mode, pick, goal in (("inference", min, 0.5), ("train", max, 1.0)):
+        cells = {(r["resolution"], r["model"]): r for r in rows if r["mode"] == mode and r["status"] == "ok"}
+        shared = [res for res, m in cells if m == "defocus-mamba-base" and (res, "vit-b16") in cells]
+        if not shared:
+            continue
+        res = pick(shared)
+        speed = cells[(res, "defocus-mamba-base")]["images_per_s"] / cells[(res, "vit-b16")]["images_per_s"]
+        label = "inference" if mode == "inference" else "forward + backward"
+        graphed = cells.get((res, GRAPHED))
+        extra = (f" ({graphed['images_per_s'] / cells[(res, 'vit-b16')]['images_per_s']:.2f}x replayed as a CUDA "
+                 f"graph)" if graphed else "")
+        lines.append(f"At {res} px Mamba-B's {label} runs at {speed:.2f}x ViT-B/16's{extra}: "
+                     f"{'meets' if speed >= goal else 'misses'} the {goal:g}x goal.")
+    return lines
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta, env, versions = results["meta"], results.get("env", {}), results.get("versions", {})
     title = "GPU run" + (" — DRY RUN on the CPU (tiny sizes; the numbers mean nothing)" if meta["dry_run"] else "")
@@ -826,6 +883,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     for name, record in results["parts"].items():
         if record.get("errors"):
             lines += ["", f"{name} failed with:", "", "```"] + record["errors"] + ["```"]
+    if results.get("kernels"):
+        lines += ["", "## Kernels: `benchmarks/check_cuda_kernels.py`", "", "```"] + results["kernels"] + ["```"]
     rows = results.get("throughput", [])
     if rows:
         batches = sorted({(r["resolution"], r["batch"]) for r in rows})
@@ -839,6 +898,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         goal = goal_line(rows)
         if goal:
             lines += ["", goal]
+        lines += [""] + fused_path_goals(rows) if fused_path_goals(rows) else []
     if results.get("lm"):
         lm = results["lm"]
         lines += ["", f"Language model: {lm['shape']} ({lm['model_type']}), {lm['parameters'] / 1e6:.1f}M parameters, "
@@ -868,7 +928,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------------------- main
 
-ALL_PARTS = ["throughput", "zero2", "zero3", "reload"]
+ALL_PARTS = ["throughput", "zero2", "zero3", "reload"]  # the default run
+KNOWN_PARTS = ["kernels"] + ALL_PARTS
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -878,7 +939,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="results.json, results.md, gpu_run.log (default: $OUT, else outputs/gpu_run)")
     parser.add_argument("--work", default=None, help="models and checkpoints (default: a new temporary directory)")
     parser.add_argument("--budget-s", type=float, default=None, help="overall time budget (default: the plan's)")
-    parser.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma-separated subset of {ALL_PARTS}")
+    parser.add_argument("--parts", default=",".join(ALL_PARTS),
+                        help=f"comma-separated subset of {KNOWN_PARTS} (default: {','.join(ALL_PARTS)})")
+    parser.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                        help="throughput: also measure Mamba-B inference replayed as one CUDA graph (CUDA only)")
     parser.add_argument("--scan-backend", default=None, help="DEFOCUS_SCAN_BACKEND for every part (default: cuda "
                                                              "with mamba-ssm, else triton; torch for --dry-run)")
     parser.add_argument("--zero3-init", choices=["true", "false"], default="true",
@@ -888,9 +952,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("model_dirs", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.scan_backend = args.scan_backend or default_scan_backend(args.dry_run)
-    unknown = set(args.parts.split(",")) - set(ALL_PARTS)
+    unknown = set(args.parts.split(",")) - set(KNOWN_PARTS)
     if unknown:
-        parser.error(f"--parts: unknown {sorted(unknown)}; choose from {ALL_PARTS}")
+        parser.error(f"--parts: unknown {sorted(unknown)}; choose from {KNOWN_PARTS}")
     return args
 
 
@@ -900,7 +964,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.child:
         work = Path(args.work)
         if args.child == "throughput":
-            run_throughput(plan, work / "throughput.jsonl", work / "env.json")
+            run_throughput(plan, work / "throughput.jsonl", work / "env.json", args.cuda_graphs == "on")
         elif args.child == "lm":
             info = build_lm_dir(plan, work / "lm")
             print(json.dumps(info), flush=True)

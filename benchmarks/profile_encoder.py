@@ -28,7 +28,7 @@ GPU_CASES = ["mamba-base:224:64:inference", "mamba-base:1024:4:inference", "mamb
 QUICK_CASES = ["mamba-tiny:32:2:inference", "mamba-tiny:32:2:train", "vit-b16:32:2:inference"]
 # (kind, pattern on the lower-cased kernel / op name), first match wins
 KINDS = [
-    ("scan", r"scan"),
+    ("scan", r"scan|_ssm_"),  # the Triton scan / fused mixer kernels are _ssm_fwd_kernel, _ssm_bwd_kernel
     ("matmul", r"gemm|matmul|\bmm\b|addmm|nvjet|cutlass|sm90_xmma|linear|bmm|flash|attention|sdpa|fmha"),
     ("conv", r"conv"),
     ("norm", r"norm|rsqrt"),
@@ -121,17 +121,19 @@ def scan_configs(shapes: list[str], dim: int, n_state: int) -> None:
     """Times the Triton scan (bf16 inputs, inference and forward + backward) per launch configuration."""
     from defocus_mllm.ops.triton_scan import selective_scan_triton
 
-    configs = [(None, None, None), (32, 1, 4), (32, 2, 4), (64, 1, 4), (64, 2, 4), (128, 1, 4), (128, 2, 8)]
+    configs = [(None, None, None), (16, 16, 2), (32, 16, 4), (64, 16, 4), (64, 32, 4), (128, 16, 8)]
     for shape in shapes:
         batch, length = map(int, shape.split("x"))
         g = torch.Generator(device="cuda").manual_seed(0)
-        u = torch.randn(batch, dim, length, device="cuda", generator=g).bfloat16()
-        delta = (torch.rand(batch, dim, length, device="cuda", generator=g) * 0.1).bfloat16()
+        # channels-last memory, as the mixer holds it: the layout the sequential kernels read coalesced
+        u = torch.randn(batch, length, dim, device="cuda", generator=g).bfloat16().transpose(1, 2)
+        delta = (torch.rand(batch, length, dim, device="cuda", generator=g) * 0.1).bfloat16().transpose(1, 2)
         A = -torch.rand(dim, n_state, device="cuda", generator=g) - 0.5
-        B, C = (torch.randn(batch, n_state, length, device="cuda", generator=g).bfloat16() for _ in range(2))
+        B, C = (torch.randn(batch, length, n_state, device="cuda", generator=g).bfloat16().transpose(1, 2)
+                for _ in range(2))
         print(f"\n=== Triton scan B={batch} D={dim} L={length} N={n_state}, bf16 inputs")
-        for chunk, block_d, warps in configs:
-            kw = dict(chunk=chunk, block_d=block_d, num_warps=warps)
+        for block_d, checkpoint, warps in configs:
+            kw = dict(block_d=block_d, checkpoint=checkpoint, num_warps=warps)
 
             def fwd() -> None:
                 with torch.inference_mode():
@@ -150,7 +152,7 @@ def scan_configs(shapes: list[str], dim: int, n_state: int) -> None:
                     fn()
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - start) / 5 * 1e3)
-            name = "default" if chunk is None else f"chunk={chunk} block_d={block_d} warps={warps}"
+            name = "default" if block_d is None else f"block_d={block_d} checkpoint={checkpoint} warps={warps}"
             print(f"  {name:32} inference {times[0]:7.3f} ms  fwd+bwd {times[1]:7.3f} ms")
 
 

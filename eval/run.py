@@ -24,6 +24,19 @@ from pathlib import Path
 # the library does the work; this script only parses arguments and loads the model
 from defocus_mllm.evaluation import BENCHMARKS, is_main_process, results_row, run_benchmark, summarize_dirs
 from defocus_mllm.evaluation.generation import load_model, model_fingerprint
+from defocus_mllm.training import distributed_exit
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of counts (``--limit``, ``--batch-size``, ``--max-new-tokens``): a negative ``--limit`` would
+    slice from the end and a zero ``--max-new-tokens`` would fall back to the default, so both are refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,10 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question-file", help="override the LLaVA question file (default: the one LLaVA-1.5 uses)")
     p.add_argument("--image-folder", help="override the LLaVA image folder")
     p.add_argument("--annotation-file", help="ground truth for splits LLaVA scores elsewhere (e.g. VQAv2 val)")
-    p.add_argument("--limit", type=int,
+    p.add_argument("--limit", type=_positive_int,
                    help="answer only the first N questions (MMBench: N questions with all their copies)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (128; 16 for easy-VQA)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=_positive_int, help="default: the benchmark's (128; 16 for easy-VQA)")
     p.add_argument("--output", help="output folder (default: outputs/eval/<model folder>-<fingerprint>/<benchmark>, "
                                     "the fingerprint being a hash of the model's weights and config)")
     p.add_argument("--overwrite", action="store_true",
@@ -63,7 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summary is not None:
-        print(summarize_dirs(args.summary))
+        try:
+            print(summarize_dirs(args.summary))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: --summary: {err}", file=sys.stderr)
+            return 2
         return 0
     model, processor = load_model(args.model, args.dtype)
     name = args.model_name or Path(args.model).resolve().name
@@ -90,4 +107,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with distributed_exit():
+        status = main()
+    sys.exit(status)

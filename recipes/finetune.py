@@ -27,6 +27,7 @@ from defocus_mllm.training import (
     build_llava_model,
     build_supervised_dataset,
     configure_trainable,
+    distributed_exit,
     load_conversations,
     parse_recipe_args,
     resolve_resume_checkpoint,
@@ -50,9 +51,9 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     set_seed(args.seed)
 
     # Data and model: a saved directory (e.g. the stage-1 output), or an encoder + LM joined by `build_llava`.
+    resume = resolve_resume_checkpoint(args)  # first: a wrong name fails before any data preparation
     conversations = load_conversations(data_args, seed=args.seed)
-    model, processor = build_llava_model(model_args, data_args, conversations)
-    resume = resolve_resume_checkpoint(args)
+    model, processor = build_llava_model(model_args, data_args, conversations, resume=resume)
     metrics: dict[str, Any] = {}
     if wants_vision_warmup(model_args, resume):
         metrics.update(warm_up_vision_tower(model, processor.image_processor, model_args, args))
@@ -89,4 +90,5 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_exit():
+        main()

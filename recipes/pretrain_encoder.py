@@ -22,6 +22,7 @@ from defocus_mllm.training import (
     EncoderPretrainingTrainer,
     ScheduledDropPathCallback,
     StopOnSignal,
+    distributed_exit,
     parse_recipe_args,
     resolve_resume_checkpoint,
     setup_logging,
@@ -44,6 +45,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     use_cpu_threads(args)
     set_seed(args.seed)
 
+    resume = resolve_resume_checkpoint(args)  # first: a wrong name fails before any data preparation
     # Data at the training resolution, and the model (a fresh preset or a saved directory) with one class per label.
     train_tf, eval_tf = build_classification_transforms(data_args, encoder_image_size(model_args))
     train_dataset, eval_dataset, classes = build_classification_datasets(data_args, train_tf, eval_tf)
@@ -66,7 +68,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         preprocess_logits_for_metrics=keep_main_logits, callbacks=callbacks, mixup=mixup,
         layer_decay=model_args.layer_decay, repeated_aug=data_args.repeated_aug)
 
-    metrics = dict(trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args)).metrics)
+    metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
     if stop.interrupted:
         return stop.report(trainer, metrics)
     trainer.save_model()
@@ -79,4 +81,5 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_exit():
+        main()

@@ -22,6 +22,7 @@ from defocus_mllm.training import (
     SegmentationDataArguments,
     SegmentationModelArguments,
     StopOnSignal,
+    distributed_exit,
     parse_recipe_args,
     resolve_resume_checkpoint,
     setup_logging,
@@ -47,6 +48,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     use_cpu_threads(args)
     set_seed(args.seed)
 
+    resume = resolve_resume_checkpoint(args)  # first: a wrong name fails before any data preparation
     # Data (images with their masks) and the model: UperNet on a De-focus backbone, built from configs.
     train_dataset, eval_dataset, labels = build_segmentation_datasets(data_args)
     model = build_segmentation_model(model_args, labels)
@@ -61,7 +63,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       compute_metrics=SegmentationMetrics(labels), preprocess_logits_for_metrics=argmax_logits,
                       callbacks=[*(callbacks or []), stop])
-    metrics = dict(trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args)).metrics)
+    metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
     if stop.interrupted:
         return stop.report(trainer, metrics)
     trainer.save_model()
@@ -80,4 +82,5 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
 
 if __name__ == "__main__":
-    main()
+    with distributed_exit():
+        main()

@@ -14,8 +14,7 @@ from defocus_mllm.data.conversations import BadSampleError, load_llava_json
 from defocus_mllm.data.supervised import IGNORE_INDEX, SupervisedCollator, SupervisedDataset
 from defocus_mllm.llava import prepare_tokenizer
 from defocus_mllm.training.tiny_lm import train_tokenizer
-from helpers import load_script
-from test_recipes import TINY
+from helpers import TINY_RECIPE_ARGS as TINY, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_TURNS = [{"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "blue"}]

@@ -11,20 +11,14 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from defocus_mllm import chat
-from helpers import build_tiny_llava, free_port
+from helpers import free_port, input_dependent_tiny_llava
 
 POSITIONS = 256  # the tiny Llama's position table (a prompt with an image is ~140 tokens)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model, processor = build_tiny_llava(max_position_embeddings=POSITIONS)
-    with torch.no_grad():  # large weights: answers depend on the input
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model.eval(), processor
+    return input_dependent_tiny_llava(max_position_embeddings=POSITIONS)
 
 
 def _picture() -> Image.Image:

@@ -13,7 +13,7 @@ import torch
 from defocus_mllm.ops import available_backends, cpu_scan, selective_scan
 from defocus_mllm.ops.selective_scan import _default_backend
 
-from test_ops import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
+from helpers import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
 
 
 @pytest.fixture(scope="module")

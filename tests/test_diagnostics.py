@@ -192,3 +192,21 @@ def test_defocus_diagnose_errors(tmp_path, image_path, monkeypatch, capsys):
     assert main(["--model", "mamba-tiny", "--image", str(image_path), "--layers", "1", "--image-size", "32",
                  "--no-figures", "--out", str(tmp_path / "d")]) == 0
     assert json.loads((tmp_path / "d" / "diagnostics.json").read_text())["models"][0]["layers"].keys() == {"1"}
+
+
+def test_models_whose_folders_share_a_name_are_told_apart(tmp_path, image_path):
+    for run in ("run1", "run2"):
+        _model("mamba-tiny", seed=len(run)).save_pretrained(tmp_path / run / "final")
+    paths = [str(tmp_path / run / "final") for run in ("run1", "run2")]
+    assert main(["--model", paths[0], "--model", paths[1], "--image", str(image_path), "--layers", "0",
+                 "--image-size", "32", "--no-figures", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "diagnostics.json").read_text())
+    assert [m["name"] for m in report["models"]] == paths
+
+
+@pytest.mark.parametrize("option, value", [("--top-key-fraction", "0"), ("--top-gradient-fraction", "1.5"),
+                                           ("--top-key-fraction", "nan")])
+def test_fractions_outside_zero_to_one_are_refused_naming_the_option(option, value, tmp_path, image_path, capsys):
+    assert main(["--model", "mamba-tiny", "--image", str(image_path), option, value, "--no-figures",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert f"{option[2:].replace('-', '_')}={float(value)!r} must be in (0, 1]" in capsys.readouterr().err

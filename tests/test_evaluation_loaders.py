@@ -549,3 +549,52 @@ def test_corrupt_embedded_image_names_question(tmp_path):
     s = get_benchmark("pope").load(data=d)[0]
     with pytest.raises(BenchmarkDataError, match=r"test-00000-of-00001\.parquet \(row 0.*question 'q1'"):
         s.load_image()
+
+
+# ------------------------------------------------------------------ issue 24: labels and columns checked at load
+
+
+def _relabel_pope_llava(d: Path, labels: dict[str, str]) -> None:
+    for f in sorted((d / "coco").glob("coco_pope_*.json")):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        _jsonl(f, [{**r, "label": labels[r["label"]]} for r in rows])
+
+
+@pytest.mark.parametrize("labels", [{"yes": "1", "no": "0"}, {"yes": True, "no": False}, {"yes": "y", "no": "n"}])
+def test_pope_labels_other_than_yes_and_no_are_refused_naming_file_and_question(labels, tmp_path):
+    fx = pope_llava(tmp_path)
+    _relabel_pope_llava(fx["kwargs"]["data"], labels)
+    # a model that always says yes would score 100% if any label but "no" counted as a yes
+    with pytest.raises(BenchmarkDataError, match=r"line 1 of .*coco_pope_adversarial\.json: the label of question 1 "
+                                                 r"is .*; POPE labels must be 'yes' or 'no'"):
+        get_benchmark("pope").load(**fx["kwargs"])
+
+
+def test_pope_parquet_labels_other_than_yes_and_no_are_refused(tmp_path):
+    fx = pope_hf(tmp_path)
+    path = next(fx["kwargs"]["data"].rglob("*.parquet"))
+    rows = pq.read_table(path).to_pylist()
+    _parquet(path, [{**r, "answer": "1" if r["answer"] == "yes" else "0"} for r in rows])
+    with pytest.raises(BenchmarkDataError, match=r"test-00000-of-00001\.parquet \(row 0\): the label of question '1' "
+                                                 r"is '0'"):
+        get_benchmark("pope").load(**fx["kwargs"])
+
+
+def test_pope_labels_keep_lmms_eval_case_and_space_rule(tmp_path):
+    fx = pope_llava(tmp_path)
+    _relabel_pope_llava(fx["kwargs"]["data"], {"yes": " Yes", "no": "NO "})
+    samples = get_benchmark("pope").load(**fx["kwargs"])
+    assert [s.answers[0] for s in samples] == ["yes", "no"] * 3
+    with pytest.raises(ValueError, match="POPE label 1 is '1'"):
+        pope_metrics(["yes", "yes"], ["yes", "1"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, layout in FIXTURES if layout == "hf"))
+def test_parquet_files_without_an_image_column_are_named(name, tmp_path):
+    fx = make_fixture(name, "hf", tmp_path)
+    for path in sorted(Path(tmp_path).rglob("*.parquet")):
+        table = pq.read_table(path)
+        if "image" in table.column_names:
+            pq.write_table(table.drop(["image"]), path)
+    with pytest.raises(BenchmarkDataError, match=r"(\.parquet: no|none of its parquet files has an) 'image' column"):
+        get_benchmark(name).load(**fx["kwargs"])

@@ -50,3 +50,23 @@ def test_summarize_dirs_reads_metrics_json(tmp_path):
     assert summarize_dirs([tmp_path / "a", tmp_path / "b"]).splitlines()[2:] == ["| a | 1.00 |", "| b | 2.00 |"]
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         summarize_dirs([tmp_path])
+
+
+def _keyed(model, benchmark, headline, fingerprint, split="test"):
+    return {**_report(model, benchmark, headline, split), "run_key": {"model": fingerprint, "processor": "p"}}
+
+
+def test_models_of_the_same_name_get_a_row_each():
+    # run1/final and run2/final: both named "final"; the fingerprints tell them apart
+    table = summary_table([_keyed("final", "gqa", {"GQA": 10.0}, "aaaaaaaaaaaa11"),
+                           _keyed("final", "gqa", {"GQA": 20.0}, "bbbbbbbbbbbb22"),
+                           _keyed("final", "pope", {"POPE F1": 80.0}, "aaaaaaaaaaaa11")])
+    assert table.splitlines()[2:] == ["| final [aaaaaaaaaa] | 10.00 | 80.00 |", "| final [bbbbbbbbbb] | 20.00 | - |"]
+
+
+def test_two_runs_for_one_cell_are_refused_naming_both(tmp_path):
+    for name, value in (("x", 1.0), ("y", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(_keyed("m", "gqa", {"GQA": value}, "f" * 12)))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'x'} and {tmp_path / 'y'} both hold 'GQA' of model 'm'"):
+        summarize_dirs([tmp_path / "x", tmp_path / "y"])

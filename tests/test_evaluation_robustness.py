@@ -14,9 +14,12 @@ from PIL import Image
 
 import defocus_mllm.evaluation.generation as generation
 from defocus_mllm.evaluation import BenchmarkDataError, get_benchmark
-from helpers import build_tiny_llava, one_thread, record_asked_questions  # noqa: F401  (one_thread: autouse)
-from test_evaluation_e2e import _build_tiny_llava, _cli_args, _lines, run
+from helpers import build_tiny_llava, record_asked_questions
+from helpers import benchmark_cli_args as _cli_args, build_saved_tiny_llava as _build_tiny_llava, eval_run_script
+from helpers import read_jsonl as _lines
 from test_evaluation_loaders import make_fixture
+
+run = eval_run_script()
 
 EASY = ["--benchmark", "easy-vqa", "--limit", "4", "--batch-size", "4", "--quiet"]
 
@@ -188,3 +191,76 @@ def test_corrupt_parquet_names_the_file(defocus_model_dir, tmp_path, damage):
         run.main(["--model", str(defocus_model_dir), "--benchmark", "pope", *_cli_args(fx["kwargs"]),
                   "--max-new-tokens", "2", "--output", str(tmp_path / "out"), "--quiet"])
     assert str(path) in str(err.value)
+
+
+# ------------------------------------------------------------------ issue 24: values read at the boundary
+
+
+@pytest.mark.parametrize("option, value", [("--limit", "-1"), ("--limit", "-9660"), ("--limit", "0"),
+                                           ("--max-new-tokens", "0"), ("--batch-size", "0")])
+def test_counts_below_one_are_refused_naming_the_option(option, value, two_models, tmp_path, capsys):
+    a, _ = two_models
+    with pytest.raises(SystemExit) as stop:  # the last occurrence of an option wins, as on any command line
+        run.main(["--model", str(a), *EASY, "--output", str(tmp_path / "out"), option, value])
+    assert stop.value.code == 2
+    assert f"argument {option}: {int(value)} must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the model was loaded or a question asked
+
+
+@pytest.mark.parametrize("option, value", [("limit", -1), ("limit", 0), ("max_new_tokens", 0), ("batch_size", 0),
+                                           ("limit", 2.5)])
+def test_run_benchmark_refuses_counts_below_one(option, value):
+    from defocus_mllm.evaluation import run_benchmark
+
+    with pytest.raises(ValueError, match=rf"{option}={value!r} must be a whole number of at least 1"):
+        run_benchmark(None, None, "easy-vqa", **{option: value})
+
+
+def test_resume_notices_an_edited_generation_config(two_models, tmp_path):
+    model = tmp_path / "model" / "final"
+    shutil.copytree(two_models[0], model)
+    out = tmp_path / "out"
+    run.main(["--model", str(model), *EASY, "--output", str(out)])
+    first = _answers(out)
+    config_file = model / "generation_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config_file.write_text(json.dumps({**config, "repetition_penalty": 1.7}))
+    with pytest.raises(ValueError, match=r"generation settings differ \(max_new_tokens, or the model's "
+                                         r"generation_config\.json\)"):
+        run.main(["--model", str(model), *EASY, "--limit", "6", "--output", str(out)])
+    assert _answers(out) == first  # nothing mixed in
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda rec: {**rec, "answer": 5}, r"predictions\.jsonl:1: 'answer' of question 0 must be a string \(or null\), "
+                                       r"not int"),
+    (lambda rec: {**rec, "question_id": [0]}, r"predictions\.jsonl:1: 'question_id' must be a string or an integer, "
+                                              r"not list"),
+])
+def test_an_edited_prediction_of_the_wrong_type_is_named(edit, message, two_models, tmp_path):
+    a, _ = two_models
+    out = tmp_path / "out"
+    run.main(["--model", str(a), *EASY, "--output", str(out)])
+    lines = _lines(out / "predictions.jsonl")
+    lines[0] = edit(lines[0])
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(BenchmarkDataError, match=message):
+        run.main(["--model", str(a), *EASY, "--output", str(out)])
+
+
+def test_the_summary_keeps_models_of_the_same_folder_name_apart(two_models, tmp_path, capsys):
+    a, b = two_models  # run1/final and run2/final, as it were
+    run.main(["--model", str(a), *EASY, "--output", str(tmp_path / "a")])
+    run.main(["--model", str(b), *EASY, "--output", str(tmp_path / "b")])
+    capsys.readouterr()
+    assert run.main(["--summary", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    keys = [json.loads((tmp_path / d / "run.json").read_text())["key"]["model"][:10] for d in "ab"]
+    assert len(rows) == 2 and keys[0] != keys[1]
+    assert all(any(row.startswith(f"| final [{key}] |") for row in rows) for key in keys), rows
+    # the same model twice on one benchmark would fill one cell twice: refused, naming both folders
+    run.main(["--model", str(a), *EASY, "--limit", "2", "--output", str(tmp_path / "a2")])
+    capsys.readouterr()
+    assert run.main(["--summary", str(tmp_path / "a"), str(tmp_path / "a2")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "a") in err and str(tmp_path / "a2") in err and "both hold 'easy-VQA'" in err

@@ -5,14 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from defocus_mllm import DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm import DefocusForImageClassification, DefocusVisionModel
 from defocus_mllm.encoder.filters import BandpassFilter, register_filter_tensor
 from defocus_mllm.encoder.mixers import DefocusAttentionMixer, DefocusMambaMixer, DefocusRetentionMixer
-from helpers import one_thread  # noqa: F401  (a module-wide autouse fixture)
-
-
-def tiny(name="vit-tiny", **overrides):
-    return DefocusVisionConfig.from_preset(name, **overrides)
+from helpers import tiny_config as tiny
 
 
 def test_filter_initialisation_spans_short_to_long_ranges_and_starts_from_rope():

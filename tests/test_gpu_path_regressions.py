@@ -14,7 +14,7 @@ import torch
 from defocus_mllm import DefocusVisionConfig, build_llava
 from defocus_mllm.training.tiny_lm import tiny_llama_config, train_tokenizer
 
-from helpers import build_tiny_llava, free_port, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from helpers import build_tiny_llava, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["what shape is in the image?", "circle", "red", "yes", "no", "USER: ASSISTANT:"]

@@ -172,3 +172,40 @@ def test_the_dry_run_exercises_every_part_on_the_cpu(tmp_path):
                          "device while transformers initialises its tower under ZeRO-3 (reported; see docs/gpu.md)")
         pytest.fail(f"zero3_stage1 failed: {parts['zero3_stage1']}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_the_report_shows_the_cuda_graph_rows_and_the_kernel_check_output():
+    rows = _rows()
+    for res, tokens in ((224, 197), (1024, 4097)):
+        rows.append({"model": gpu_run.GRAPHED, "resolution": res, "mode": "inference", "batch": 4, "tokens": tokens,
+                     "status": "ok", "images_per_s": 60.0, "tokens_per_s": 60.0 * tokens, "peak_mem_gib": 1.5})
+    results = {"meta": {"dry_run": False, "started": "now", "budget_s": 525, "elapsed_s": 100, "finished": True,
+                        "scan_backend": "triton"}, "env": {}, "versions": {},
+               "parts": {"kernels": {"status": "ok", "seconds": 200, "timeout_s": 250}},
+               "kernels": ["triton fused mixer B=64 L=197 fwd+bwd: 1.000 ms"], "throughput": rows}
+    text = gpu_run.render_markdown(results)
+    inference = text.split("### Inference")[1].split("### Forward")[0]
+    assert "Mamba-B/16 CUDA graph img/s" in inference and "Mamba graph ÷ ViT-B" in inference
+    assert "3.00x" in inference  # 60 / 20 images per second
+    train_header = next(line for line in text.split("### Forward")[1].splitlines() if line.startswith("| px"))
+    assert "CUDA graph" not in train_header  # graphs are an inference-only option
+    assert "## Kernels" in text and "triton fused mixer B=64 L=197 fwd+bwd: 1.000 ms" in text
+    # Mamba 900 img/s vs ViT 20 at 224 px; fwd+bwd at 1024 px 40 vs 20
+    assert ("At 224 px Mamba-B's inference runs at 45.00x ViT-B/16's (3.00x replayed as a CUDA graph): meets the "
+            "0.5x goal.") in text
+    assert "At 1024 px Mamba-B's forward + backward runs at 2.00x ViT-B/16's: meets the 1x goal." in text
+    assert "misses the 1x goal" in "\n".join(gpu_run.fused_path_goals(_rows(mamba_1024=10.0)))
+
+
+def test_the_kernels_part_is_known_but_not_in_the_default_run():
+    args = gpu_run.parse_args(["--parts", "kernels,throughput", "--cuda-graphs", "off"])
+    assert args.parts == "kernels,throughput" and args.cuda_graphs == "off"
+    assert "kernels" not in gpu_run.parse_args([]).parts.split(",")
+    with pytest.raises(SystemExit):
+        gpu_run.parse_args(["--parts", "kernel"])
+    # a CUDA graph row on the CPU is one failed cell that says why, not a crash of the whole part
+    config, kwargs = gpu_run.encoder_specs(dry_run=True)["defocus-mamba-base"]
+    model = gpu_run.build_encoder("defocus-mamba-base", config, "cpu")
+    row = gpu_run.measure_encoder(model, kwargs, config, "defocus-mamba-base", 32, 2, "inference", gpu_run.dry_plan(),
+                                  "cpu", cuda_graph=True)
+    assert row["model"] == gpu_run.GRAPHED and "cuda_graph is for inference on CUDA" in row["status"]

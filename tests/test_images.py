@@ -207,3 +207,68 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path):
         load_image(tmp_path / "notes.png")
     with pytest.raises(FileNotFoundError, match="gone.png"):
         load_image(tmp_path / "gone.png")
+
+
+# ------------------------------------------------------------------ issue 24: extreme aspect ratios
+
+
+def _striped(width: int, height: int) -> Image.Image:
+    """A smooth picture of any shape (bilinear blow-up of a small random one)."""
+    small = np.random.default_rng(0).random((max(2, height // 8), max(2, width // 8), 3))
+    return Image.fromarray((small * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+
+
+def _saved_processor(tmp_path, do_pad: bool) -> DefocusImageProcessor:
+    """The image processor as training builds it (`image_aspect_ratio`), then as evaluation and chat load it."""
+    from transformers import AutoProcessor
+
+    from helpers import build_tiny_llava
+
+    _, processor = build_tiny_llava()
+    processor.image_processor.set_image_size(224)  # the crop path's short side is then 256, as in the release
+    processor.image_processor.do_pad = do_pad
+    processor.save_pretrained(tmp_path / "model")
+    loaded = AutoProcessor.from_pretrained(tmp_path / "model").image_processor
+    assert type(loaded) is DefocusImageProcessor and loaded.do_pad is do_pad
+    return loaded
+
+
+@pytest.mark.parametrize("do_pad", [True, False], ids=["pad", "crop"])
+@pytest.mark.parametrize("size", [(6000, 16), (16, 6000)], ids=["wide", "tall"])
+def test_an_extreme_aspect_ratio_never_builds_an_image_past_the_budget(do_pad, size, tmp_path, monkeypatch):
+    from defocus_mllm.encoder import image_processing
+
+    processor = _saved_processor(tmp_path, do_pad)
+    built = []
+    for name in ("pad_to_square", "resize"):
+        original = getattr(DefocusImageProcessor, name)
+
+        def spy(self, image, *args, _original=original, **kwargs):
+            out = _original(self, image, *args, **kwargs)
+            built.append(out.shape[-1] * out.shape[-2])
+            return out
+
+        monkeypatch.setattr(DefocusImageProcessor, name, spy)
+    pixels = processor(_striped(*size), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 224, 224) and torch.isfinite(pixels).all()
+    # a 6000 x 16 image of a few kilobytes: padded first it would be a 6000 x 6000 canvas (36M pixels), resized
+    # first to a short side of 256 a 96000 x 256 image (24.6M pixels)
+    assert built and max(built) <= image_processing.MAX_INTERMEDIATE_PIXELS == 4096 * 4096
+
+
+@pytest.mark.parametrize("do_pad", [True, False], ids=["pad", "crop"])
+def test_the_bounded_image_is_what_the_unbounded_rule_gives(do_pad, tmp_path, monkeypatch):
+    from defocus_mllm.encoder import image_processing
+
+    processor = _saved_processor(tmp_path, do_pad)
+    # just past the budget either way: a 4200^2 canvas, or a 256 x 76800 resize
+    extreme, ordinary = _striped(4200 if do_pad else 12000, 40), _striped(640, 480)
+    bounded = [processor(image, return_tensors="pt")["pixel_values"] for image in (extreme, ordinary)]
+    monkeypatch.setattr(image_processing, "MAX_INTERMEDIATE_PIXELS", 10 ** 12)
+    unbounded = [processor(image, return_tensors="pt")["pixel_values"] for image in (extreme, ordinary)]
+    if do_pad:  # resizing before padding differs only by the filter's blur across the image's edge
+        assert (bounded[0] - unbounded[0]).abs().mean() < 0.01
+    else:  # the centre crop lies far inside what the first crop keeps
+        torch.testing.assert_close(bounded[0], unbounded[0], rtol=0, atol=1e-6)
+    # ordinary shapes are within the budget: processed exactly as before (LLaVA-1.5's pad, the release's crop)
+    torch.testing.assert_close(bounded[1], unbounded[1], rtol=0, atol=0)

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments
 
 from defocus_mllm.training import resolve_resume_checkpoint
-from helpers import accelerate_launch_command, load_script
-from test_recipes import TINY, _colour_folder
+from helpers import TINY_RECIPE_ARGS as TINY, accelerate_launch_command, load_script
+from helpers import colour_folder as _colour_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,13 @@ def _popen(cmd: list[str], cwd: Path, new_group: bool = False) -> subprocess.Pop
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=new_group)
+                            start_new_session=new_group, preexec_fn=_sigint_as_in_a_terminal)
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """The child takes SIGINT as a command typed in a terminal does. A shell's background job (`pytest &`, a CI
+    script's) starts with SIGINT ignored, which its children inherit: Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _long_run(tmp_path: Path) -> list[str]:
@@ -165,7 +171,13 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_to_accelerate_launch_reaches_the_training_process(tmp_path):
-    """`accelerate launch` (one process) does not forward SIGTERM; the recipes follow their launcher instead."""
+    """SIGTERM to a one-process `accelerate launch` never leaves the training running.
+
+    accelerate >= 1.16 forwards it and kills the training process 5 s later (the launcher exits 143): a checkpoint
+    is written only if the step and the save end within those 5 s, which a loaded machine does not promise (a save
+    cut short is skipped on resume, as tested above). Older launchers die at once (-15) without forwarding; the recipes follow
+    their launcher (PR_SET_PDEATHSIG) and save at the next step boundary with no deadline.
+    """
     launcher = _popen([*accelerate_launch_command("--num_processes", "1", "--cpu"),
                        str(ROOT / "recipes" / "finetune.py"), *_long_run(tmp_path)], tmp_path)
     trainer_pid = None
@@ -186,7 +198,9 @@ def test_sigterm_to_accelerate_launch_reaches_the_training_process(tmp_path):
         launcher.wait()
         if trainer_pid is not None and _alive(trainer_pid):
             os.kill(trainer_pid, signal.SIGKILL)
-    _check_checkpoint(tmp_path / "out", log + rest)
+    if launcher.returncode != 128 + signal.SIGTERM:  # 143: it forwarded the signal; a save within 5 s is luck
+        assert launcher.returncode == -signal.SIGTERM, (launcher.returncode, (log + rest)[-3000:])
+        _check_checkpoint(tmp_path / "out", log + rest)
 
 
 def _children(pid: int) -> list[int]:
@@ -222,6 +236,33 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     assert launcher.returncode == 0, (log + rest)[-4000:]
     _check_checkpoint(tmp_path / "out", log + rest)
+
+
+_TWO_RANKS = """
+import sys, torch, torch.distributed as dist
+from defocus_mllm.training import distributed_exit
+with distributed_exit():
+    dist.init_process_group("gloo")
+    t = torch.ones(1000)
+    for _ in range(20):  # the collectives of a short run
+        dist.all_reduce(t)
+        dist.all_gather([torch.empty(1000) for _ in range(2)], t)
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_exiting_through_distributed_exit_never_abort(tmp_path):
+    """A process leaving with its gloo group alive aborted at shutdown (SIGABRT, "terminate called without an active
+    exception") in about 1 exit of 3 on a loaded 2-core machine; through `distributed_exit` none may. Six rounds: an
+    exit without it passes them all about 1 time in 20."""
+    from helpers import free_port
+
+    for round_ in range(6):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+        ranks = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS], env={**env, "RANK": str(rank)},
+                                  stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        results = [(rank.wait(timeout=120), rank.stderr.read()) for rank in ranks]
+        assert all(code == 0 for code, _ in results), (round_, results)
 
 
 def test_a_single_cpu_process_uses_every_core_unless_told_otherwise(monkeypatch, tmp_path):

@@ -15,7 +15,7 @@ from defocus_mllm import DefocusVisionConfig, build_llava, chat, count_trainable
 from defocus_mllm.llava import apply_lora
 from defocus_mllm.encoder.convert import convert_checkpoint
 from defocus_mllm.training.tiny_lm import tiny_llama_config, train_tokenizer
-from helpers import build_tiny_llava
+from helpers import build_tiny_llava, input_dependent_tiny_llava
 
 QUESTIONS = ["what shape is it?", "what color is the shape in this picture?", "is it red?"]
 
@@ -32,15 +32,7 @@ def _prompt(processor, question: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model, processor = build_tiny_llava()
-    # A freshly initialised tiny model answers everything alike; large weights make answers depend on the input,
-    # so that padding or batching mistakes show.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model.eval(), processor
+    return input_dependent_tiny_llava()
 
 
 def test_forward_with_labels_trains_the_projector(tiny):
@@ -206,7 +198,7 @@ def test_non_rgb_images_are_converted(tiny, mode):
 
 
 def test_converted_release_encoder_serves_as_vision_tower(tmp_path):
-    from test_convert import release_state_dict
+    from helpers import release_state_dict
 
     torch.save({"model": release_state_dict(seed=1)}, tmp_path / "release.pth")
     convert_checkpoint(tmp_path / "release.pth", tmp_path / "converted", image_size=32)

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from defocus_mllm.evaluation import build_prompt, generate_answers, get_benchmark, run_benchmark
-from helpers import one_thread  # noqa: F401  (a module-wide autouse fixture)
-from test_evaluation_e2e import _build_tiny_llava, run
+from helpers import build_saved_tiny_llava as _build_tiny_llava, eval_run_script
+
+run = eval_run_script()
 
 if importlib.util.find_spec("lmms_eval") is None:
     pytest.skip("lmms-eval is not installed: pip install -e '.[lmms-eval]' (see docs/evaluation.md, 'lmms-eval plugin')",
@@ -217,3 +218,24 @@ def test_loglikelihood_is_the_continuations_mean_loss(model_dir, local_task):
 
     with pytest.raises(NotImplementedError, match="exactly one image"):
         lm.generate_until([Request("q", {}, lambda doc: [], 0, "t", "test")])
+
+
+@pytest.mark.parametrize("gen_kwargs, message", [({"max_new_tokens": 0}, "max_new_tokens=0 must be"),
+                                                 ({"max_new_tokens": -3}, "max_new_tokens=-3 must be"),
+                                                 ({"max_new_tokens": 2.5}, "integer max new tokens, not 2.5")])
+def test_a_task_asking_for_no_new_tokens_is_refused_not_read_as_unset(gen_kwargs, message):
+    from defocus_mllm.evaluation.lmms_eval_plugin import _generation_settings
+
+    with pytest.raises(ValueError, match=message):
+        _generation_settings(gen_kwargs, 16)
+    assert _generation_settings({"max_new_tokens": "5"}, 16)[0] == 5 and _generation_settings({}, 16)[0] == 16
+
+
+@pytest.mark.parametrize("args, message", [("batch_size=0", "batch_size=0 must be"),
+                                           ("batch_size=auto", "integer batch size, not 'auto'"),
+                                           ("max_new_tokens=0", "max_new_tokens=0 must be")])
+def test_model_arguments_below_one_are_refused(args, message, model_dir):
+    from defocus_mllm.evaluation.lmms_eval_plugin import DefocusLlava
+
+    with pytest.raises(ValueError, match=message):
+        DefocusLlava.create_from_arg_string(f"pretrained={model_dir},device=cpu,{args}", {})

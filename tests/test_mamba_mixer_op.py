@@ -9,8 +9,7 @@ from defocus_mllm import DefocusVisionConfig
 from defocus_mllm.encoder.mixers.mamba import DefocusMambaMixer
 from defocus_mllm.ops import mamba_mixer_core, register_mamba_mixer_backend, selective_scan
 from defocus_mllm.ops import mamba_mixer as mixer_ops
-from helpers import one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
-from test_ops import make_inputs, vector_reference
+from helpers import make_inputs, vector_reference
 
 
 def written_out_mixer(mixer: DefocusMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,3 +180,48 @@ def test_a_registered_backend_is_used_and_shapes_are_checked():
         mamba_mixer_core(**bad)
     with pytest.raises(ValueError, match="does not divide"):
         mamba_mixer_core(**inputs, group_norm_size=3)
+
+
+def test_cuda_tensors_dispatch_to_the_fused_triton_mixer_unless_mamba_ssm_or_a_forced_scan(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("DEFOCUS_MIXER_BACKEND", raising=False)
+    monkeypatch.delenv("DEFOCUS_SCAN_BACKEND", raising=False)
+    monkeypatch.setitem(mixer_ops._BACKENDS, "triton", mixer_ops.mamba_mixer_core_torch)
+    monkeypatch.setitem(mixer_ops._AVAILABLE, "triton", lambda: True)
+    scan_backends = ["torch", "triton"]
+    monkeypatch.setattr(mixer_ops, "available_scan_backends", lambda: scan_backends)
+    cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=SimpleNamespace(type="cuda"))
+    assert mixer_ops._default_backend(cuda_x, carrying_state=False) == "triton"
+    assert mixer_ops._default_backend(cuda_x, carrying_state=True) == "triton"  # it carries streams too
+    monkeypatch.setenv("DEFOCUS_SCAN_BACKEND", "triton")  # the Triton path, i.e. the fused mixer
+    assert mixer_ops._default_backend(cuda_x, carrying_state=False) == "triton"
+    monkeypatch.setenv("DEFOCUS_SCAN_BACKEND", "torch")
+    assert mixer_ops._default_backend(cuda_x, carrying_state=False) == "torch"
+    monkeypatch.delenv("DEFOCUS_SCAN_BACKEND")
+    scan_backends.append("cuda")  # mamba-ssm imports: its scan inside the PyTorch composition
+    assert mixer_ops._default_backend(cuda_x, carrying_state=False) == "torch"
+    monkeypatch.setenv("DEFOCUS_MIXER_BACKEND", "triton")
+    assert mixer_ops._default_backend(cuda_x, carrying_state=False) == "triton"
+
+
+def test_the_triton_mixer_is_registered_as_a_state_carrying_backend():
+    import defocus_mllm.ops.triton_mixer  # noqa: F401 - registers "triton"
+
+    from defocus_mllm.ops.triton_scan import _interpreted
+
+    assert "triton" in mixer_ops._BACKENDS and "triton" in mixer_ops._CARRIES_STATE
+    available = mixer_ops._AVAILABLE["triton"]()
+    assert available == (torch.cuda.is_available() or _interpreted())
+    if not available:  # without a GPU and without Triton's interpreter, naming it says so
+        with pytest.raises(RuntimeError, match="not available here"):
+            mamba_mixer_core(**core_inputs(), backend="triton")
+
+
+def test_cuda_graph_helper_refuses_cpu_inputs_with_a_clear_error():
+    from defocus_mllm.ops.cuda_graphs import CUDAGraphInference
+
+    with pytest.raises(ValueError, match="example input 0 must be a CUDA tensor"):
+        CUDAGraphInference(lambda t: t * 2, torch.ones(2))
+    with pytest.raises(ValueError, match="at least one example input"):
+        CUDAGraphInference(lambda: None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm import DefocusVisionModel
 from defocus_mllm.encoder.mixers import (
     MIXER_CLASSES,
     DefocusAttentionMixer,
@@ -20,11 +20,7 @@ from defocus_mllm.encoder.mixers import (
     build_mixer,
 )
 from defocus_mllm.encoder.mixers.attention import flex_attention_available
-from helpers import one_thread, scramble_filter  # noqa: F401  (one_thread: a module-wide autouse fixture)
-
-
-def tiny(name="vit-tiny", **overrides):
-    return DefocusVisionConfig.from_preset(name, **overrides)
+from helpers import scramble_filter, tiny_config as tiny
 
 
 def explicit_attention_reference(mixer, hidden, causal):
@@ -200,7 +196,7 @@ def test_compiled_flex_agrees_with_sdpa_on_cpu():
                                    rtol=0, atol=1e-5)
 
 
-def test_auto_backend_takes_sdpa_on_cpu_and_bad_names_are_errors():
+def test_auto_backend_takes_no_flex_on_cpu_and_bad_names_are_errors():
     mixer = attention_mixer()
     q = torch.randn(1, 4, 9, 16)
     assert mixer.attention_backend == "auto" and not mixer.uses_flex(q)
@@ -221,6 +217,7 @@ def test_attention_benchmark_runs_quick():
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 3 and "sdpa img/s" in lines[1] and lines[2].split()[:3] == ["32", "2", "17"], proc.stdout
+    assert "chunked img/s" in lines[1] and float(lines[2].split("chunked=")[-1].split()[0]) < 1e-5, proc.stdout
 
 @pytest.mark.parametrize("name", ["mamba-tiny", "vit-tiny", "vit-tiny-noncausal", "retnet-tiny"])
 def test_every_registered_mixer_fulfils_the_contract(name):

@@ -7,81 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from defocus_mllm.ops import causal_conv1d_silu, register_selective_scan_backend, selective_scan
 from defocus_mllm.ops.selective_scan import _AVAILABLE, _BACKENDS
-
-
-def literal_scan(u, delta, A, B, C):
-    """The recurrence as written, one batch, channel, state and step at a time (float64)."""
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    y = torch.zeros(batch, dim, length, dtype=torch.float64)
-    for b in range(batch):
-        for d in range(dim):
-            for n in range(n_state):
-                s = torch.zeros((), dtype=torch.float64)
-                for t in range(length):
-                    s = torch.exp(delta[b, d, t] * A[d, n]) * s + delta[b, d, t] * B[b, n, t] * u[b, d, t]
-                    y[b, d, t] = y[b, d, t] + C[b, n, t] * s
-    return y
-
-
-def vector_reference(u, delta, A, B, C):
-    """The same recurrence vectorised over (b, d, n) for long sequences (float64)."""
-    s = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
-    ys = []
-    for t in range(u.shape[-1]):
-        s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
-        ys.append((s * C[:, None, :, t]).sum(-1))
-    return torch.stack(ys, -1)
-
-
-def make_inputs(batch=2, dim=3, length=7, n_state=4, seed=0, delta_scale=1.0, a_scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(batch, dim, length, generator=g),
-        (torch.rand(batch, dim, length, generator=g) + 0.05) * delta_scale,
-        -(torch.rand(dim, n_state, generator=g) + 0.1) * a_scale,
-        torch.randn(batch, n_state, length, generator=g),
-        torch.randn(batch, n_state, length, generator=g),
-    ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any ATen op creates while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (None, 0)
-        self.calls = []  # (op name, numel) of outputs in new memory (views and no-op casts left out)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in list(args) + list((kwargs or {}).values())
-                  if isinstance(a, torch.Tensor)}
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                if t.untyped_storage().data_ptr() not in inputs:
-                    self.calls.append((str(func), t.numel()))
-                if t.numel() > self.largest[1]:
-                    self.largest = (f"{func}: {tuple(t.shape)}", t.numel())
-        return out
-
-
-def max_tensor_numel(fn, calls=None):
-    """`(description, numel)` of the largest tensor created by the ops `fn` runs; `calls` (a list) receives
-    `(op, numel)` for each output in new memory."""
-    with _LargestOutput() as mode:
-        fn()
-    if calls is not None:
-        calls.extend(mode.calls)
-    return mode.largest
+from helpers import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
 
 
 def test_forward_and_gradients_match_literal_recurrence():
@@ -186,7 +115,6 @@ def test_causal_conv_matches_literal_convolution():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("length", [1, 2, 9])
 def test_causal_conv_of_channels_last_input_matches_the_contiguous_one_with_gradients(length):
     # the Mamba mixer hands the conv a [B, D, L] view of [B, L, D] memory, which takes the shifted multiply-add path
@@ -220,6 +148,7 @@ def test_profile_encoder_groups_kernels_and_runs_quick():
     spec.loader.exec_module(profile_encoder)
     # kernel names as torch.profiler reported them on an H100 (docs/gpu.md)
     assert profile_encoder.kind_of("_scan_fwd_kernel") == "scan"
+    assert profile_encoder.kind_of("_ssm_bwd_kernel") == "scan"  # the sequential scan / fused mixer kernels
     assert profile_encoder.kind_of("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
     assert profile_encoder.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "matmul"
     assert profile_encoder.kind_of("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast"

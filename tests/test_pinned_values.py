@@ -10,8 +10,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from defocus_mllm.encoder.modeling_defocus import drop_path
-from helpers import build_tiny_llava, load_script
-from test_recipes import TINY
+from helpers import TINY_RECIPE_ARGS as TINY, build_tiny_llava, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +126,7 @@ def test_the_projector_reads_the_encoder_final_layernorm_output_by_default():
 
 def test_the_converter_strips_the_module_prefix_of_ddp_checkpoints(tmp_path):
     from defocus_mllm.encoder.convert import convert_checkpoint
-    from test_convert import GROUP, release_state_dict
+    from helpers import GROUP, release_state_dict
 
     sd = release_state_dict()
     torch.save({"model": sd}, tmp_path / "plain.pth")

@@ -15,15 +15,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
-from helpers import accelerate_launch_command, build_tiny_llava, load_script
+from helpers import TINY_RECIPE_ARGS as TINY, accelerate_launch_command, build_tiny_llava, load_script
+from helpers import colour_folder as _colour_folder
 from defocus_mllm.training import LlavaTrainingArguments, ModelArguments, warm_up_vision_tower
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--vision_overrides", "hidden_size=32,num_hidden_layers=2,intermediate_size=64,patch_size=16,image_size=32",
-        "--tiny_lm_hidden_size", "32", "--tiny_vocab_size", "300", "--max_train_samples", "48",
-        "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
-        "--dataloader_num_workers", "0", "--eval_easy_vqa", "false", "--save_strategy", "no", "--logging_steps", "1",
-        "--vision_warmup_epochs", "0", "--easy_vqa_curriculum", ""]
 
 
 def _recipe(name: str):
@@ -152,16 +148,6 @@ def test_deepspeed_zero2_stage1_then_stage2_and_zero3_stage2(tmp_path):
     assert changed  # and stage 2 trained the language model
 
 
-def _colour_folder(root: Path) -> Path:
-    from PIL import Image
-
-    for name, colour in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (32, 32), tuple(max(0, c - 20 * i) for c in colour)).save(root / name / f"{i}.png")
-    return root
-
-
 def test_vision_warmup_trains_the_llava_tower_in_place(tmp_path, monkeypatch):
     model, processor = build_tiny_llava()
     tower = model.model.vision_tower
@@ -188,3 +174,57 @@ def test_the_accelerate_command_of_the_readme_starts():
     proc = subprocess.run([str(script), "launch", "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--num_processes" in proc.stdout
+
+
+# ------------------------------------------------------------------ issue 24: resuming
+
+
+@pytest.mark.parametrize("recipe, first_step", [("finetune", "load_conversations"), ("pretrain", "load_conversations"),
+                                                ("pretrain_encoder", "build_classification_transforms"),
+                                                ("segment", "build_segmentation_datasets")])
+def test_a_missing_resume_directory_fails_before_any_data_is_prepared(recipe, first_step, tmp_path, monkeypatch):
+    module = _recipe(recipe)
+
+    def prepare(*args, **kwargs):
+        raise AssertionError("data preparation started before the checkpoint was checked")
+
+    monkeypatch.setattr(module, first_step, prepare)
+    missing = tmp_path / "out" / "checkpoint-7"
+    with pytest.raises(FileNotFoundError, match=rf"--resume_from_checkpoint {missing}: no such directory"):
+        module.main(["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", str(missing),
+                     "--use_cpu", "true", "--report_to", "none"])
+
+
+def test_check_resume_tokenizer_names_the_checkpoint_and_a_changed_id(tmp_path):
+    from defocus_mllm.training.llava_setup import check_resume_tokenizer
+
+    _, processor = build_tiny_llava(["what shape is it?", "circle", "USER: ASSISTANT:"])
+    processor.save_pretrained(tmp_path / "checkpoint-3")
+    check_resume_tokenizer(tmp_path / "checkpoint-3", processor.tokenizer)  # the same tokenizer passes
+    _, other = build_tiny_llava(["zebra quartz jumps over the lazy fox", "USER: ASSISTANT:"])
+    with pytest.raises(ValueError, match=r"checkpoint-3: its tokenizer differs from this run's \(\d+ token id\(s\) mean "
+                                         r"another token"):
+        check_resume_tokenizer(tmp_path / "checkpoint-3", other.tokenizer)
+
+
+@pytest.mark.slow
+def test_resuming_the_offline_run_on_other_data_keeps_the_checkpoint_tokenizer(tmp_path):
+    from easy_vqa import get_train_image_paths
+    from transformers import AutoTokenizer
+
+    finetune, out = _recipe("finetune"), tmp_path / "out"
+    common = [*TINY, "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out)]
+    finetune.main([*common, "--max_steps", "2"])
+    trained_with = AutoTokenizer.from_pretrained(out / "checkpoint-2").get_vocab()  # the config keeps one checkpoint
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(Path(get_train_image_paths()[0]).read_bytes())
+    other = [{"id": f"z{i}", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nzebra quartz vexing jumpy wizards?"}, {"from": "gpt", "value": "zzz qqq"}]}
+        for i in range(16)]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    finetune.main([*common, "--max_steps", "4", "--data_path", str(tmp_path / "other.json"), "--image_folder",
+                   str(folder), "--resume_from_checkpoint", "last"])
+    # the embeddings of checkpoint-2 keep the meaning of their ids: the tokenizer is the checkpoint's, not retrained
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == trained_with
+    assert AutoTokenizer.from_pretrained(out / "checkpoint-4").get_vocab() == trained_with

@@ -14,7 +14,7 @@ from defocus_mllm import DefocusBackbone
 from defocus_mllm.data.segmentation import SegmentationDataset, easy_vqa_segmentation, shape_mask
 from defocus_mllm.training.segmentation import confusion_matrix, default_out_indices, iou_metrics
 from helpers import load_script
-from test_backbone import PRESETS, tiny
+from helpers import TINY_PRESETS as PRESETS, tiny_encoder_config as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 BACKGROUND, SHAPE = np.array([246, 238, 250]), np.array([255, 255, 0])  # yellow on a pale background

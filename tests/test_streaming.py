@@ -9,7 +9,6 @@ from defocus_mllm import DefocusVisionConfig
 from defocus_mllm.encoder import DEFOCUS_PRESETS, DefocusVisionModel
 from defocus_mllm.encoder.modeling_defocus import DefocusStreamState
 from defocus_mllm.ops import available_backends, available_mamba_mixer_backends, selective_scan
-from helpers import one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
 
 CAUSAL_PRESETS = sorted(name for name, preset in DEFOCUS_PRESETS.items() if preset.get("causal", True))
 # Small widths with every preset's own options (filter modes, rope / delta scale factors, group norm, MLP ratio)

@@ -15,7 +15,7 @@ except ImportError:  # older releases keep it under `utils`
 AUX_LOSS_MODES = ("per_token", "pooled", "none")
 HEAD_TYPES = ("linear", "mlp")
 FILTER_MODES = ("learnable", "fixed", "none")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flex_eager")
+ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "flex", "flex_eager")
 # Sizes, counts and scale factors: zero or negative values build no model (or a silently empty one).
 POSITIVE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "state_size", "time_step_rank",
                    "conv_kernel", "patch_size", "image_size", "num_channels", "rope_scale_factor", "delta_scale_factor")
@@ -47,9 +47,11 @@ class DefocusVisionConfig(BackboneConfigMixin, PretrainedConfig):
         causal (`bool`): causal token mixing; `False` only makes sense for `mixer="attention"` (non-causal ViT).
         num_attention_heads (`int`): heads of the attention / retention mixers.
         attention_backend (`str`): how `mixer="attention"` computes softmax attention: `"sdpa"`
-            (`scaled_dot_product_attention` with a dense `[H, L, L]` decay + mask bias), `"flex"` (FlexAttention under
+            (`scaled_dot_product_attention` with a dense `[H, L, L]` decay + mask bias), `"chunked"` (SDPA one tile
+            of queries at a time, the bias built per tile: memory linear in the length), `"flex"` (FlexAttention under
             `torch.compile`: the decay as a `score_mod`, causality as a block mask), `"flex_eager"` (FlexAttention
-            without compiling, for debugging) or `"auto"` (`"flex"` on CUDA, `"sdpa"` elsewhere; docs/method.md §3.4).
+            without compiling, for debugging) or `"auto"` (`"flex"` on CUDA, `"chunked"` elsewhere; docs/method.md
+            §3.4).
             The same numbers either way; a run-time choice, also settable per mixer (`mixer.attention_backend`).
         mlp_ratio (`float`): width of the feed-forward block of the attention / retention variants (0: none).
         patch_size, image_size, num_channels: the patch embedding; any multiple of `patch_size` works at run time,

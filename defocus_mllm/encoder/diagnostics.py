@@ -415,11 +415,17 @@ def diagnose(models: Sequence[Union[str, nn.Module, tuple[str, nn.Module, Any]]]
         _require_matplotlib()  # fail before any model runs
     if not models:
         raise ValueError("diagnose needs at least one model")
+    for option, fraction in (("top_key_fraction", top_key_fraction), ("top_gradient_fraction", top_gradient_fraction)):
+        if not 0 < fraction <= 1:  # also refuses NaN
+            raise ValueError(f"{option}={fraction!r} must be in (0, 1]")
     pil_image = load_image(image) if isinstance(image, (str, os.PathLike)) else image
+    # rows of the figures and records of diagnostics.json are told apart by name: a folder name shared by several
+    # models (`run1/final`, `run2/final`) gives way to the path as given
+    folder_names = [Path(e).name if isinstance(e, str) and os.path.isdir(e) else None for e in models]
     results = []
-    for entry in models:
+    for entry, folder_name in zip(models, folder_names):
         if isinstance(entry, str):
-            name = Path(entry).name if os.path.isdir(entry) else entry
+            name = folder_name if folder_name and folder_names.count(folder_name) == 1 else entry
             model, processor = load_diagnostic_model(entry, seed=seed)
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         elif isinstance(entry, tuple):

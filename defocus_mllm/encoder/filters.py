@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from ..ops.rotary import apply_rotary, rope_angles
+from ..ops.rotary import apply_rotary, rope_angles, rotate_every_two
 from .configuration_defocus import FILTER_MODES
 
 
@@ -137,6 +137,10 @@ RotaryLayout = Union[PerElementRotary, PairSharedRotary]
 
 def register_filter_tensor(owner: nn.Module, name: str, mode: str, value: torch.Tensor) -> None:
     """Put a filter tensor on `owner`: a parameter (`"learnable"`), a buffer (`"fixed"`) or `None` (`"none"`)."""
+    # The initial values are computed in fp32 whatever the default dtype; stored in the default dtype like every
+    # other parameter, so that `from_pretrained(dtype=torch.bfloat16)` (which builds under that default) gives the
+    # same all-bf16 model as `.to(torch.bfloat16)` rather than one with fp32 filters.
+    value = value.to(torch.get_default_dtype())
     if mode == "learnable":
         setattr(owner, name, nn.Parameter(value))
     elif mode == "fixed":

@@ -2,7 +2,8 @@
 
 Resize the short side to `int(256 / 224 * crop)` (bicubic), centre-crop `crop`, scale to [0, 1] and normalise with
 the ImageNet mean / std (docs/method.md §6.4). `do_pad=True` first pads the image to a square with the mean colour, as LLaVA-1.5
-does, so that nothing is cropped away. The processor also rejects what the encoder cannot see: an image smaller than
+does, so that nothing is cropped away. No intermediate image (pad canvas or resized image) exceeds
+`MAX_INTERMEDIATE_PIXELS`: an extreme aspect ratio is reduced first (`DefocusImageProcessor._within_budget`). The processor also rejects what the encoder cannot see: an image smaller than
 one patch, and unreadable image files (named in the error). Files, URLs and PIL images of any mode are read by
 `defocus_mllm.images` (transparency onto white, 16-bit and float images scaled to 8 bits), as on every other path.
 """
@@ -21,6 +22,11 @@ from ..images import load_image, to_rgb
 
 # The release evaluates at 224 after resizing the short side to 256.
 RESIZE_RATIO = 256 / 224
+
+# The largest intermediate image the processor builds (the square pad canvas, or the image after the short-side
+# resize): 4096 x 4096 pixels, 48 MiB as 8-bit RGB. Past it an image is first reduced (`_within_budget`), so that a
+# 20000 x 16 image of a few kilobytes costs what a small one costs, instead of a 20000 x 20000 canvas.
+MAX_INTERMEDIATE_PIXELS = 4096 * 4096
 
 
 class DefocusImageProcessor(LlavaImageProcessorPil):
@@ -70,7 +76,37 @@ class DefocusImageProcessor(LlavaImageProcessorPil):
         if do_pad and crop_size is not None:
             # A padded image is square already: resize it straight to the crop, cropping nothing away (LLaVA-1.5).
             size = SizeDict(shortest_edge=crop_size.height)
+        if kwargs.get("do_resize", True):
+            images = [self._within_budget(image, do_pad, size, crop_size, kwargs.get("resample")) for image in images]
         return super()._preprocess(images, *args, do_pad=do_pad, size=size, crop_size=crop_size, **kwargs)
+
+    def _within_budget(self, image: np.ndarray, do_pad: Optional[bool], size: Optional[SizeDict],
+                       crop_size: Optional[SizeDict], resample: Any) -> np.ndarray:
+        """The rule that keeps every intermediate image within `MAX_INTERMEDIATE_PIXELS` (training, evaluation and
+        chat all go through it). Images within the budget are left alone, so LLaVA-1.5's pad-then-resize and the
+        release's resize-then-crop are unchanged for them.
+
+        * Pad: a canvas of `max(H, W)^2` pixels past the budget is never built; the image is first resized (same
+          filter, aspect ratio kept, the short side rounded, at least 1 pixel) so that its long side is the crop size,
+          then padded to the crop square. This is what pad-then-resize gives, up to the filter's blur at the edge.
+        * Crop: an image whose short-side resize would exceed the budget is first centre-cropped along its long side to
+          the length that fits; the final centre crop lies far inside it, so only the sub-pixel alignment can differ.
+        """
+        _, height, width = image.shape  # the backend works channels-first
+        long, short = max(height, width), min(height, width)
+        if do_pad:
+            if crop_size is None or long * long <= MAX_INTERMEDIATE_PIXELS:
+                return image
+            scale = crop_size.height / long
+            target = SizeDict(height=max(1, round(height * scale)), width=max(1, round(width * scale)))
+            return self.resize(image, size=target, resample=resample)
+        edge = size.shortest_edge if size is not None else None
+        if not edge or edge * edge * long <= MAX_INTERMEDIATE_PIXELS * short:
+            return image
+        keep = max(short, MAX_INTERMEDIATE_PIXELS * short // (edge * edge))
+        keep += (long - keep) % 2  # equal margins on both sides, so the centre stays the centre
+        start = (long - keep) // 2
+        return image[:, start:start + keep, :] if height > width else image[:, :, start:start + keep]
 
     def fetch_images(self, image_url_or_urls: Any):
         # Paths and URLs go through the package's one loader (its mode rule, errors that name the file or URL).
@@ -95,4 +131,4 @@ class DefocusImageProcessor(LlavaImageProcessorPil):
         return super().process_image(image, *args, **kwargs)
 
 
-__all__ = ["DefocusImageProcessor", "load_image", "to_rgb"]
+__all__ = ["MAX_INTERMEDIATE_PIXELS", "DefocusImageProcessor", "load_image", "to_rgb"]

@@ -31,7 +31,7 @@ import torch
 
 from .report import results_markdown
 from .sources import BenchmarkDataError, BytesImage, ParquetImage, PathImage, Sample
-from .tasks import Benchmark, get_benchmark
+from .tasks import Benchmark, check_count, get_benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ def generate_answers(
     """
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    check_count("batch_size", batch_size)
+    check_count("max_new_tokens", max_new_tokens)
     tokenizer = getattr(processor, "tokenizer", processor)
     was_training = model.training
     model.eval()
@@ -259,8 +259,25 @@ def read_predictions(paths: Iterable[str | Path]) -> dict[Any, dict[str, Any]]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     logger.warning("%s:%d: skipping an unreadable prediction line", path, lineno)
                     continue
+                _check_prediction(rec, path, lineno)
                 records.setdefault(qid, rec)
     return records
+
+
+def _check_prediction(rec: Mapping[str, Any], path: Path, lineno: int) -> None:
+    """A line that parses but does not hold what this module writes (an edited file) is an error naming the file,
+    line and field: a list id cannot key an answer and a number is not an answer the scoring rules can read."""
+    qid, answer = rec["question_id"], rec["answer"]
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        raise BenchmarkDataError(f"{path}:{lineno}: 'question_id' must be a string or an integer, not "
+                                 f"{type(qid).__name__} ({qid!r})")
+    if answer is not None and not isinstance(answer, str):
+        raise BenchmarkDataError(f"{path}:{lineno}: 'answer' of question {qid!r} must be a string (or null), not "
+                                 f"{type(answer).__name__} ({answer!r})")
+    for key in ("prompt", "image", "error"):
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            raise BenchmarkDataError(f"{path}:{lineno}: {key!r} of question {qid!r} must be a string, not "
+                                     f"{type(rec[key]).__name__}")
 
 
 def _prediction_files(output_dir: Path) -> list[Path]:
@@ -404,20 +421,46 @@ def processor_fingerprint(processor: Any) -> str:
             "vocab": hashlib.sha256(_json_bytes(sorted(tok.get_vocab().items()))).hexdigest(),
             "special_tokens": getattr(tok, "special_tokens_map", None),
         }
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "to_str"):
+            # the same vocabulary splits text differently under other merges, normaliser or pre-tokeniser rules
+            parts["tokenizer"]["pipeline"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
     return hashlib.sha256(_json_bytes(parts)).hexdigest()
+
+
+# versions, and switches that change what `generate` returns or how fast, never which tokens it picks (training
+# turns `use_cache` off and the saved model back on: the same weights must keep the same key)
+_VOLATILE_GENERATION_KEYS = {"transformers_version", "_from_model_config", "_commit_hash", "use_cache",
+                             "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                             "return_dict_in_generate"}
+
+
+def generation_settings(model: Any) -> dict[str, Any]:
+    """The model's generation config as ``generate`` applies it under this module's greedy decoding: the saved
+    ``generation_config.json`` (repetition penalty, stop tokens, banned words, ...) with ``do_sample`` and
+    ``num_beams`` overridden as :func:`generate_answers` does. Fields that are not set are left out."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    values = config.to_diff_dict() if hasattr(config, "to_diff_dict") else dict(config)
+    values = {k: v for k, v in values.items() if k not in _VOLATILE_GENERATION_KEYS}
+    values.update(do_sample=False, num_beams=1)
+    return json.loads(_json_bytes(values))
 
 
 def run_key(model: Any, processor: Any, benchmark: Benchmark, max_new_tokens: int) -> dict[str, Any]:
     """Everything a stored answer depends on beyond its question, prompt and image (which each
     prediction line records): the model, the processor, the benchmark and split, and the generation
-    settings. The batch size, the number of processes and ``limit`` are not part of it: they change
+    settings (``max_new_tokens`` and the model's generation config, see :func:`generation_settings`). The
+    batch size, the number of processes and ``limit`` are not part of it: they change
     which questions are asked together, not what the answer to a question is."""
     return {
         "model": model_fingerprint(model),
         "processor": processor_fingerprint(processor),
         "benchmark": benchmark.name,
         "split": benchmark.split,
-        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens},
+        "generation": {"decoding": "greedy", "max_new_tokens": max_new_tokens,
+                       "generation_config": generation_settings(model)},
     }
 
 
@@ -426,7 +469,7 @@ _KEY_WHAT = {
     "processor": "the processor differs (chat template, tokenizer or image settings)",
     "benchmark": "the benchmark differs",
     "split": "the benchmark split (or LLaVA question file) differs",
-    "generation": "the generation settings differ",
+    "generation": "the generation settings differ (max_new_tokens, or the model's generation_config.json)",
 }
 
 
@@ -534,13 +577,16 @@ def run_benchmark(
         report = run_benchmark(model, processor, "easy-vqa", limit=500, output_dir="out/eval-easy-vqa")
         print(report["headline"])  # {'easy-VQA': 87.4}
     """
+    for option, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        check_count(option, value, optional=option != "batch_size")
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     state = _state()
     samples = bench.load(data, split=split, question_file=question_file, image_folder=image_folder,
                          annotation_file=annotation_file, limit=limit)
     if not samples:
         raise ValueError(f"benchmark {bench.name!r} has no questions to answer (data={data}, split={split})")
-    max_new_tokens = max_new_tokens or bench.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = bench.max_new_tokens
     out_dir = Path(output_dir) if output_dir is not None else None
 
     done: dict[Any, dict[str, Any]] = {}

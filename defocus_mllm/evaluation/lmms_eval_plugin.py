@@ -29,6 +29,7 @@ from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 
 from .generation import build_prompt, distributed_state, generate_answers, load_model
+from .tasks import check_count
 from .sources import ImageRef, Sample
 
 logger = logging.getLogger(__name__)
@@ -88,12 +89,26 @@ def _flatten(visuals: Any) -> list:
     return [visuals]
 
 
+def _count(name: str, value: Any) -> int:
+    """A model or task argument that counts something (lmms-eval passes them as text): a whole number of at least 1."""
+    try:
+        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool):
+        raise ValueError(f"defocus_llava needs an integer {name.replace('_', ' ')}, not {value!r}")
+    check_count(name, number)
+    return number
+
+
 def _generation_settings(gen_kwargs: dict[str, Any], default_max_new_tokens: int) -> tuple[int, dict, list[str]]:
     """``(max_new_tokens, model.generate keyword arguments, stop strings)`` from a task's generation_kwargs."""
     kwargs = dict(gen_kwargs)
     until = kwargs.pop("until", None)
     stop = [until] if isinstance(until, str) else list(until or [])
-    max_new_tokens = int(kwargs.pop("max_new_tokens", None) or default_max_new_tokens)
+    max_new_tokens = kwargs.pop("max_new_tokens", None)
+    # a task's 0 is refused, not read as "unset" (which would silently answer with the default length)
+    max_new_tokens = default_max_new_tokens if max_new_tokens is None else _count("max_new_tokens", max_new_tokens)
     temperature = float(kwargs.get("temperature") or 0)
     do_sample = bool(kwargs.get("do_sample", False)) or temperature > 0
     generate = {"do_sample": do_sample, "num_beams": int(kwargs.get("num_beams") or 1)}
@@ -126,11 +141,8 @@ class DefocusLlava(lmms):
         kwargs.pop("max_batch_size", None)
         if kwargs:
             logger.warning("defocus_llava ignores the model arguments %s", sorted(kwargs))
-        try:
-            self.batch_size_per_gpu = int(batch_size)
-        except ValueError:
-            raise ValueError(f"defocus_llava needs an integer batch size, not {batch_size!r}") from None
-        self.default_max_new_tokens = int(max_new_tokens)
+        self.batch_size_per_gpu = _count("batch_size", batch_size)
+        self.default_max_new_tokens = _count("max_new_tokens", max_new_tokens)
         state = distributed_state()
         if device is not None and state.num_processes > 1:
             device = None  # one device per process, as accelerate assigns them

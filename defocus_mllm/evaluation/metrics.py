@@ -66,15 +66,19 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
     """Accuracy, precision, recall, F1 (positive class "yes") and the ratio of "yes" answers.
 
     ``predictions`` are raw model outputs (parsed with :func:`parse_yes_no_pope`); ``labels`` are
-    "yes"/"no" (anything other than "no" is a yes, as in LLaVA). Where LLaVA would divide by zero, the
-    ratio is reported as 0.0.
+    "yes"/"no" (case and surrounding spaces ignored), anything else is a ``ValueError``, as in lmms-eval's
+    POPE task (LLaVA's script would count it as a yes). Where LLaVA would divide by zero, the ratio is
+    reported as 0.0.
     """
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     tp = fp = tn = fn = 0
-    for pred, label in zip(predictions, labels):
+    for i, (pred, label) in enumerate(zip(predictions, labels)):
+        norm = label.strip().lower() if isinstance(label, str) else None
+        if norm not in ("yes", "no"):
+            raise ValueError(f"POPE label {i} is {label!r}; labels must be 'yes' or 'no'")
         p = parse_yes_no_pope(pred) == "yes"
-        y = label.strip().lower() != "no"
+        y = norm == "yes"
         if p and y:
             tp += 1
         elif p:

@@ -58,27 +58,53 @@ def load_report(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def summary_table(reports: Sequence[Mapping[str, Any]]) -> str:
+def _model_identity(report: Mapping[str, Any]) -> tuple[str, str]:
+    """What tells two models apart: the weights and processor fingerprints of the run key (the name alone is often a
+    folder name such as `final` that many models share); reports without a run key fall back to the name."""
+    key = report.get("run_key") or {}
+    return str(key.get("model", "")), str(key.get("processor", ""))
+
+
+def summary_table(reports: Sequence[Mapping[str, Any]], sources: Sequence[str] | None = None) -> str:
     """Runs side by side: one row per model, one column per headline number (benchmarks in LLaVA's
-    table order). A benchmark run on several splits gets one column per split."""
+    table order). A benchmark run on several splits gets one column per split.
+
+    Rows are keyed by the model's fingerprint (:func:`_model_identity`), not its name: models of the same name get
+    one row each, named with the start of their fingerprint. Two runs that would fill the same cell (one model, one
+    benchmark and split, e.g. run twice with another ``--limit``) are an error naming both (``sources``: where each
+    report was read from)."""
+    sources = list(sources) if sources is not None else [f"report {i}" for i in range(len(reports))]
     splits: dict[str, set] = {}
+    names: dict[str, set] = {}
     for r in reports:
         splits.setdefault(r["benchmark"], set()).add(r.get("split"))
+        names.setdefault(str(r.get("model")), set()).add(_model_identity(r))
     columns: list[str] = []
-    rows: dict[str, dict[str, Any]] = {}
-    for r in sorted(reports, key=lambda r: (_ORDER.index(r["benchmark"]) if r["benchmark"] in _ORDER else 99,
-                                            str(r.get("split")))):
+    rows: dict[tuple, dict[str, Any]] = {}
+    filled: dict[tuple, str] = {}
+    order = sorted(range(len(reports)), key=lambda i: (
+        _ORDER.index(reports[i]["benchmark"]) if reports[i]["benchmark"] in _ORDER else 99, str(reports[i].get("split"))))
+    for i in order:
+        r, name = reports[i], str(reports[i].get("model"))
+        identity = _model_identity(r)
+        label = name if len(names[name]) == 1 else f"{name} [{identity[0][:10] or 'no fingerprint'}]"
         for title, value in (r.get("headline") or {}).items():
             col = f"{title} ({r.get('split')})" if len(splits[r["benchmark"]]) > 1 else title
             if col not in columns:
                 columns.append(col)
-            rows.setdefault(str(r.get("model")), {})[col] = value
+            cell = (label, identity, col)
+            if cell in filled:
+                raise ValueError(f"{filled[cell]} and {sources[i]} both hold {col!r} of model {label!r} (same weights "
+                                 f"and processor, same benchmark and split); summarise one of them")
+            filled[cell] = sources[i]
+            rows.setdefault((label, identity), {})[col] = value
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "|".join("---" for _ in columns) + "|"]
-    for model, values in rows.items():
-        lines.append(f"| {model} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
+    for (label, _), values in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(values.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
 def summarize_dirs(run_dirs: Iterable[str | Path]) -> str:
     """:func:`summary_table` of the ``metrics.json`` files in ``run_dirs``."""
-    return summary_table([load_report(d) for d in run_dirs])
+    run_dirs = [str(d) for d in run_dirs]
+    return summary_table([load_report(d) for d in run_dirs], sources=run_dirs)

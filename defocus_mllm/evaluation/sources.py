@@ -86,6 +86,10 @@ class ParquetImageColumn:
         self.path = Path(path)
         self.column = column
         self._file = _parquet_call(self.path, pq.ParquetFile, self.path)
+        names = list(self._file.schema_arrow.names)
+        if column not in names:
+            raise BenchmarkDataError(f"{self.path}: no {column!r} column to read images from (columns: "
+                                     f"{', '.join(names)})")
         offsets = [0]
         for i in range(self._file.num_row_groups):
             offsets.append(offsets[-1] + self._file.metadata.row_group(i).num_rows)

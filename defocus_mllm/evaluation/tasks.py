@@ -86,6 +86,15 @@ def _answers_from(obj: Mapping[str, Any]) -> list[str] | None:
 _FROM_RECORD: Any = object()  # `_sample` default: take the value from the record
 
 
+def check_count(name: str, value: Any, optional: bool = False) -> None:
+    """``limit``, ``batch_size``, ``max_new_tokens``: a whole number of at least 1 (``None`` too when ``optional``).
+    Python's slicing would read a negative ``limit`` as "all but the last", so it is refused rather than used."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+
+
 # ---------------------------------------------------------------------------------------------
 # Base class
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +116,8 @@ class Benchmark:
     # set by load(): the split that was read (lmms-lab split name, or the LLaVA question file's stem)
     split: str | None = None
     _hf_split: str | None = None
+    # added to the error for a parquet file without an image column
+    _missing_image_hint: str = ""
 
     # ------------------------------------------------------------------ loading
 
@@ -122,6 +133,7 @@ class Benchmark:
         check_images: bool = True,
     ) -> list[Sample]:
         """Read the benchmark's questions (images stay on disk until asked for)."""
+        check_count("limit", limit, optional=True)
         if data is None and question_file is None:
             raise BenchmarkDataError(
                 f"benchmark {self.name!r} needs --data (a LLaVA-1.5 eval folder or a local lmms-lab dataset "
@@ -196,16 +208,21 @@ class Benchmark:
             yield obj, where, PathImage(image_folder / str(obj["image"]))
 
     def _hf_rows(self, base: Path, split: str | None, image_column: str = "image",
-                 required: tuple[str, ...] = ()) -> Iterator[tuple[dict, str, ImageRef | None]]:
-        """(row, where, image ref or None) for each row of the chosen split's parquet files."""
+                 required: tuple[str, ...] = ()) -> Iterator[tuple[dict, str, ImageRef]]:
+        """(row, where, image ref) for each row of the chosen split's parquet files; a file without the image
+        column is an error naming it."""
         self._hf_split, files = select_split(published_splits(base), split, base)
         for path in files:
             columns = parquet_columns(path)
-            images = ParquetImageColumn(path, image_column) if image_column in columns else None
+            if image_column not in columns:
+                # every benchmark here asks about an image: a question without one cannot be put to the model
+                raise BenchmarkDataError(f"{path}: no {image_column!r} column, so its questions have no images "
+                                         f"(columns: {', '.join(columns)}){self._missing_image_hint}")
+            images = ParquetImageColumn(path, image_column)
             for i, row in enumerate(read_parquet_rows(path, skip=(image_column,))):
                 where = f"{path} (row {i})"
                 require(row, required, where)
-                yield row, where, (ParquetImage(images, i) if images else None)
+                yield row, where, ParquetImage(images, i)
 
     # ------------------------------------------------------------------ scoring
 
@@ -453,6 +470,9 @@ class GQA(Benchmark):
         config, _, tier_split = self._hf_split.rpartition("/")
         image_key = f"{config.removesuffix('_instructions')}_images/{tier_split}"
         image_files = images.get(image_key) or [f for files in images.values() for f in files]
+        if not image_files:
+            raise BenchmarkDataError(f"{base}: none of its parquet files has an 'image' column, so GQA's questions have "
+                                     f"no images (lmms-lab/GQA keeps them in the <tier>_images configurations)")
         image_index: dict[str, ImageRef] = {}
         for f in image_files:
             column = ParquetImageColumn(f)
@@ -499,6 +519,17 @@ class GQA(Benchmark):
 # =============================================================================================
 
 
+def _pope_label(value: Any, where: str, question_id: Any) -> str:
+    """A POPE label as lmms-eval's ``pope`` task reads it (lower-cased, stripped, then asserted to be "yes" or "no").
+    LLaVA's ``eval_pope.py`` counts every label other than "no" as a yes, so labels written as 1/0 or true/false would
+    score a model that always says yes at 100%; they are refused naming the file and the question instead."""
+    label = value.strip().lower() if isinstance(value, str) else None
+    if label not in ("yes", "no"):
+        raise BenchmarkDataError(f"{where}: the label of question {question_id!r} is {value!r}; POPE labels must be "
+                                 f"'yes' or 'no'")
+    return label
+
+
 class POPE(Benchmark):
     name = "pope"
     title = "POPE"
@@ -532,13 +563,20 @@ class POPE(Benchmark):
                 if "image" in lab and Path(str(lab["image"])).name != Path(str(obj["image"])).name:
                     raise BenchmarkDataError(f"{where}: question {obj['question_id']!r} is about {obj['image']!r} but "
                                              f"line {k + 1} of coco_pope_{cat}.json is about {lab['image']!r}")
-                answers = [str(lab["label"])]
+                answers = [_pope_label(lab.get("label"), f"line {k + 1} of {label_dir / f'coco_pope_{cat}.json'}",
+                                       obj["question_id"])]
+            elif answers is not None:
+                answers = [_pope_label(answers[0], where, obj["question_id"])]
             samples.append(self._sample(obj, image, answers=answers, category=cat))
         return samples
 
     def load_hf(self, base, split):
-        return [self._sample(row, image, category=row["category"])
-                for row, where, image in self._hf_rows(base, split, required=("question_id", "question", "category"))]
+        samples = []
+        for row, where, image in self._hf_rows(base, split, required=("question_id", "question", "category")):
+            answer = row.get("answer", row.get("label"))
+            answers = None if answer is None else [_pope_label(answer, where, row["question_id"])]
+            samples.append(self._sample(row, image, answers=answers, category=row["category"]))
+        return samples
 
     def score(self, samples, answers):
         out: dict[str, Any] = {"num_questions": len(samples)}
@@ -574,6 +612,7 @@ class ScienceQA(Benchmark):
     llava_question_file = "llava_test_CQM-A.json"
     llava_image_folder = "images/test"
     llava_annotation = "problems.json"
+    _missing_image_hint = " (use the ScienceQA-IMG configuration)"
     _the_answer_is = re.compile(r"The answer is ([A-E])")
 
     def load_llava(self, base, question_file, image_folder, annotation_file):
@@ -613,8 +652,6 @@ class ScienceQA(Benchmark):
     def load_hf(self, base, split):
         samples = []
         for row, where, image in self._hf_rows(base, split, required=("question", "choices", "answer")):
-            if image is None:
-                raise BenchmarkDataError(f"{where}: no image column (use the ScienceQA-IMG configuration)")
             choices = list(row["choices"])
             context = f"Context: {row['hint']}\n" if not is_none(row.get("hint")) else ""
             samples.append(self._sample(row, image, qid=len(samples) if row.get("id") is None else row["id"],
@@ -786,8 +823,6 @@ class MMBench(Benchmark):
     def load_hf(self, base, split):
         rows = []
         for row, where, image in self._hf_rows(base, split, required=("index", "question")):
-            if image is None:
-                raise BenchmarkDataError(f"{where} (index={row.get('index')!r}): no image column")
             rows.append((row, image, where))
         return self._samples(rows)
 
@@ -827,6 +862,7 @@ class EasyVQA(Benchmark):
 
     def load(self, data=None, *, split=None, question_file=None, image_folder=None, annotation_file=None,
              limit=None, check_images=True):
+        check_count("limit", limit, optional=True)
         self.split = split or "test"
         try:
             questions, answers, image_ids, paths = easy_vqa_questions(self.split)

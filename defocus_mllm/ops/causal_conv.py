@@ -1,14 +1,48 @@
-"""Causal depthwise 1D convolution followed by SiLU, with the causal-conv1d CUDA kernel when present."""
+"""Causal depthwise 1D convolution followed by SiLU, with backend dispatch.
+
+* `"torch"`: the reference, PyTorch ops (for a channels-last input `K` shifted multiply-adds, else `conv1d`);
+* `"cpu"`: the native kernel of ``cpu_scan.cpp`` (built on first use): one pass over a channels-last input read
+  in place, forward and backward, output channels-last;
+* `"cuda"`: the causal-conv1d CUDA kernel, where that package imports;
+* `"triton"`: the channels-last Triton kernels of ``triton_conv.py`` (registered there), no CUDA build needed.
+
+`DEFOCUS_CONV_BACKEND` names a backend for every call; otherwise CPU tensors use `"cpu"` where the kernel builds,
+CUDA tensors `"cuda"` where causal-conv1d imports, else `"triton"` where triton imports, everything else (and
+float64) `"torch"`.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import ctypes
+import functools
+import os
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+ConvFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
+_BACKENDS: dict[str, ConvFn] = {}
+_AVAILABLE: dict[str, Callable[[], bool]] = {}
+_PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+_ENV = "DEFOCUS_CONV_BACKEND"
+
+
+def register_causal_conv_backend(name: str, fn: ConvFn, is_available: Callable[[], bool] = lambda: True) -> None:
+    """Register an implementation `fn(x [B, D, L], weight [D, K], bias [D] or None) -> silu(conv) [B, D, L]`."""
+    _BACKENDS[name] = fn
+    _AVAILABLE[name] = is_available
+
+
+def available_causal_conv_backends() -> list[str]:
+    """Registered causal-conv backends that can run here."""
+    return [name for name, ok in _AVAILABLE.items() if ok()]
+
+
+@functools.lru_cache(maxsize=1)
 def _causal_conv1d_fn():
+    """causal-conv1d's kernel, imported once per process (a failed import is not retried on every call)."""
     try:
         from causal_conv1d import causal_conv1d_fn
     except Exception:  # ImportError, or its CUDA extension failing to load
@@ -16,23 +50,12 @@ def _causal_conv1d_fn():
     return causal_conv1d_fn
 
 
-def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       backend: Optional[str] = None) -> torch.Tensor:
-    """`silu(conv1d(x))` with left padding `K - 1`, one filter per channel.
+def _conv_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _causal_conv1d_fn()(x.contiguous(), weight.to(x.dtype).contiguous(),
+                               None if bias is None else bias.to(x.dtype), activation="silu")
 
-    Args:
-        x: `[B, D, L]`.
-        weight: `[D, K]` (or the `[D, 1, K]` of an `nn.Conv1d`).
-        bias: `[D]` or None.
-        backend: `"torch"`, `"cuda"` or None (CUDA kernel for CUDA tensors when causal-conv1d imports).
-    """
-    weight = weight.reshape(weight.shape[0], -1)
-    fn = _causal_conv1d_fn() if backend != "torch" and x.is_cuda else None
-    if backend == "cuda" and fn is None:
-        raise RuntimeError("causal_conv1d_silu: the causal-conv1d CUDA kernel is not available")
-    if fn is not None:
-        return fn(x.contiguous(), weight.to(x.dtype).contiguous(),
-                  None if bias is None else bias.to(x.dtype), activation="silu")
+
+def _conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     kernel = weight.shape[-1]
     weight = weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
@@ -54,3 +77,110 @@ def _shifted_taps(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if shift < length:
             out[:, shift:].addcmul_(x[:, : length - shift], weight[:, k])
     return out
+
+
+def _native_args(x_bld: torch.Tensor, kernel: int):
+    batch, length, dim = x_bld.shape
+    strides = tuple(s if n > 1 else 0 for s, n in zip(x_bld.stride(), x_bld.shape))
+    return (ctypes.c_int64 * 4)(batch, length, dim, kernel), (ctypes.c_int64 * 3)(*strides)
+
+
+class _CausalConvCPU(torch.autograd.Function):
+    """The native kernel; the backward recomputes the pre-activation, so only the inputs are saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: D102 - shapes in `causal_conv1d_silu`
+        from .cpu_scan import _check, _ptr, load_library
+
+        lib = load_library()
+        xl = x.transpose(1, 2).to(torch.float32)  # [B, L, D]: a view of channels-last memory, read in place
+        wt = weight.to(torch.float32).t().contiguous()  # [K, D]: one tap's weights are contiguous
+        b32 = None if bias is None else bias.to(torch.float32).contiguous()
+        out = torch.empty(xl.shape, dtype=torch.float32)
+        shape, strides = _native_args(xl, weight.shape[-1])
+        _check(lib.defocus_conv_forward(_ptr(xl), _ptr(wt), _ptr(b32), _ptr(out), shape, strides,
+                                        torch.get_num_threads()), "defocus_conv_forward")
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(xl, wt, b32)
+            ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out.to(x.dtype).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .cpu_scan import _check, _ptr, load_library
+
+        lib = load_library()
+        xl, wt, b32 = ctx.saved_tensors
+        gout = grad_out.transpose(1, 2).to(torch.float32).contiguous()  # [B, L, D]
+        gx = torch.empty(xl.shape, dtype=torch.float32)
+        gwt = torch.empty_like(wt)
+        gb = None if b32 is None else torch.empty_like(b32)
+        shape, strides = _native_args(xl, wt.shape[0])
+        _check(lib.defocus_conv_backward(_ptr(xl), _ptr(wt), _ptr(b32), _ptr(gout), _ptr(gx), _ptr(gwt), _ptr(gb),
+                                         shape, strides, torch.get_num_threads()), "defocus_conv_backward")
+        dx, dw, db = ctx.dtypes
+        return gx.to(dx).transpose(1, 2), gwt.t().to(dw), None if gb is None else gb.to(db)
+
+
+def _conv_cpu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from .cpu_scan import _failure, load_library
+
+    if x.device.type != "cpu":
+        raise ValueError("causal_conv1d_silu backend 'cpu' needs CPU tensors")
+    if load_library() is None:
+        raise RuntimeError(f"the native CPU causal-conv kernel is unavailable: {_failure}")
+    if x.numel() == 0:
+        return _conv_torch(x, weight, bias)
+    return _CausalConvCPU.apply(x, weight, bias)
+
+
+def _cpu_available() -> bool:
+    from .cpu_scan import is_available
+
+    return is_available()
+
+
+register_causal_conv_backend("torch", _conv_torch)
+register_causal_conv_backend("cpu", _conv_cpu, _cpu_available)
+register_causal_conv_backend("cuda", _conv_cuda, lambda: _causal_conv1d_fn() is not None)
+
+
+def _default_backend(x: torch.Tensor) -> str:
+    forced = os.environ.get(_ENV)
+    if forced:
+        return forced
+    if x.dtype == torch.float64:  # the kernels compute in fp32; the reference keeps float64 (gradcheck)
+        return "torch"
+    for name in _PREFERENCE.get(x.device.type, ()):
+        if name in _BACKENDS and _AVAILABLE[name]():
+            return name
+    return "torch"
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """`silu(conv1d(x))` with left padding `K - 1`, one filter per channel.
+
+    Args:
+        x: `[B, D, L]` (a `.transpose(1, 2)` view of channels-last `[B, L, D]` memory is read in place by the
+            `"cpu"` and `"torch"` backends, which then return a channels-last result too).
+        weight: `[D, K]` (or the `[D, 1, K]` of an `nn.Conv1d`).
+        bias: `[D]` or None.
+        backend: a registered name (`"torch"`, `"cpu"`, `"cuda"`, `"triton"`), or None for the device's default (module
+            docstring); `DEFOCUS_CONV_BACKEND` overrides the default.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d_silu: x must be [B, D, L], got {tuple(x.shape)}")
+    weight = weight.reshape(weight.shape[0], -1)
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"causal_conv1d_silu: weight has {weight.shape[0]} filters for D={x.shape[1]} channels")
+    name = backend or _default_backend(x)
+    if name not in _BACKENDS:
+        raise ValueError(f"causal_conv1d_silu: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
+    if not _AVAILABLE[name]():
+        raise RuntimeError(f"causal_conv1d_silu: backend {name!r} is not available here (available: "
+                           f"{available_causal_conv_backends()})")
+    return _BACKENDS[name](x, weight, bias)
+
+
+__all__ = ["available_causal_conv_backends", "causal_conv1d_silu", "register_causal_conv_backend"]

@@ -1,4 +1,6 @@
-// Selective scan (Mamba's S6 recurrence) for CPUs: forward and backward, fp32 accumulation.
+// Native CPU kernels of the De-focus Mamba mixer, forward and backward, fp32 accumulation: the selective scan
+// (Mamba's S6 recurrence), the fused mixer core around it (time step, rotation of B / C, scan, group RMS norm,
+// D skip, SiLU gate: the "fused mixer" section) and the causal depthwise conv + SiLU ("causal conv" section).
 //
 // Built at run time by defocus_mllm/ops/cpu_scan.py and called through ctypes: plain C entry points on raw
 // contiguous fp32 buffers, so the build needs only a C++ compiler and ATen's small parallel header (no pybind11,
@@ -20,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -166,16 +169,18 @@ void run_chunks(int64_t rows, int64_t chunks, const F& fn) {
 
 // R channels (rows of one batch element, R <= 2) for one block of NV * 8 states: the rows share each step's B and C
 // loads and give the core R * NV independent recurrences to overlap. Bt / Ct point at the block's first state of
-// step 0 (row stride Np); u / delta / y point at row 0 (time stride ist / yst; row r at r * isd / r * ysd), A of
-// row r at r * Np. The sums y_t are kept as vectors for 8 steps and reduced together (hsum8). accumulate: add to
+// step 0 (row stride Np); u / delta / y point at row 0 (time stride ist / dst / yst; row r at r * isd / r * dsd /
+// r * ysd), A of row r at r * Np. The sums y_t are kept as vectors for 8 steps and reduced together (hsum8). accumulate: add to
 // y (later state blocks) instead of writing it.
 template <int NV, int R>
-void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, const float* a, const float* Bt,
-                  const float* Ct, float* y, int64_t ysd, int64_t yst, int64_t L, int64_t Np, bool accumulate) {
+void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, int64_t dsd, int64_t dst,
+                  const float* a, const float* Bt,
+                  const float* Ct, float* y, int64_t ysd, int64_t yst, int64_t L, int64_t Np, bool accumulate,
+                  const float* s0, float* sf) {
   vf s[R][NV], av[R][NV];
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v) {
-      s[r][v] = vf{};
+      s[r][v] = s0 ? load(s0 + r * Np + v * kLanes) : vf{};
       av[r][v] = load(a + r * Np + v * kLanes) * kLog2e;
     }
   }
@@ -190,7 +195,7 @@ void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, 
         c[v] = load(Ct + t * Np + v * kLanes);
       }
       for (int r = 0; r < R; ++r) {
-        const float dt = delta[r * isd + t * ist], du = dt * u[r * isd + t * ist];
+        const float dt = delta[r * dsd + t * dst], du = dt * u[r * isd + t * ist];
         vf sum = vf{};
         for (int v = 0; v < NV; ++v) {
           const vf x = du * b[v];  // off the loop-carried chain, which is then one FMA per step
@@ -205,24 +210,29 @@ void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, 
       put_sums(y + r * ysd + t0 * yst, yst, hsum8(acc[r]), nt, accumulate);
     }
   }
+  if (sf) {
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) store(sf + r * Np + v * kLanes, s[r][v]);
+  }
 }
 
 // Backward of one (b, d) row for one block of states: a forward sweep that stores this row's states and decays in
-// `work` ((L + 1) * NV vectors each; state row 0 is s_{-1} = 0), then the reverse-time adjoint recurrence
+// `work` ((L + 1) * NV vectors each; state row 0 is s_{-1}: the initial state s0, or 0), then the reverse-time
+// adjoint recurrence (starting from the gradient of the final state, gfin, or 0)
 //   g_t = grad_y_t C_t + exp(delta_{t+1} A) g_{t+1}          (g = dLoss/ds_t)
 // which gives every gradient of step t from g_t, s_{t-1} and the decay of step t. grad_u / grad_delta of the row
-// are written (first block) or accumulated; gA / gBt / gCt are accumulated.
+// are written (first block) or accumulated; gA / gBt / gCt are accumulated; gs0 (dLoss/ds_{-1}) is written.
 template <int NV>
 void backward_row(const float* u, const float* delta, const float* a, const float* Bt, const float* Ct,
                   const float* gy, float* gu, float* gdelta, float* gA, float* gBt, float* gCt, vf* work,
-                  int64_t L, int64_t Np, bool accumulate) {
+                  int64_t L, int64_t Np, bool accumulate, const float* s0, const float* gfin, float* gs0) {
   vf* S = work;                 // S[(t + 1) * NV + v] = s_t
   vf* E = work + (L + 1) * NV;  // E[t * NV + v] = exp(delta_t A)
   vf av[NV], av2[NV], s[NV];
   for (int v = 0; v < NV; ++v) {
     av[v] = load(a + v * kLanes);
     av2[v] = av[v] * kLog2e;
-    S[v] = s[v] = vf{};
+    S[v] = s[v] = s0 ? load(s0 + v * kLanes) : vf{};
   }
   for (int64_t t = 0; t < L; ++t) {
     const float dt = delta[t], du = dt * u[t];
@@ -235,7 +245,10 @@ void backward_row(const float* u, const float* delta, const float* a, const floa
     }
   }
   vf g[NV], ga[NV];
-  for (int v = 0; v < NV; ++v) g[v] = ga[v] = vf{};
+  for (int v = 0; v < NV; ++v) {
+    g[v] = gfin ? load(gfin + v * kLanes) : vf{};
+    ga[v] = vf{};
+  }
   for (int64_t t = L - 1; t >= 0; --t) {
     const float dy = gy[t], dt = delta[t], ut = u[t], du = dt * ut;
     const float* bt = Bt + t * Np;
@@ -260,7 +273,10 @@ void backward_row(const float* u, const float* delta, const float* a, const floa
     gu[t] = accumulate ? gu[t] + gu_t : gu_t;
     gdelta[t] = accumulate ? gdelta[t] + gd_t : gd_t;
   }
-  for (int v = 0; v < NV; ++v) store(gA + v * kLanes, load(gA + v * kLanes) + ga[v]);
+  for (int v = 0; v < NV; ++v) {
+    store(gA + v * kLanes, load(gA + v * kLanes) + ga[v]);
+    if (gs0) store(gs0 + v * kLanes, g[v]);
+  }
 }
 
 // Calls row(n0, nv, accumulate) for each block of at most kMaxVecs vectors of the Np (padded) states.
@@ -304,16 +320,214 @@ struct Backward {
   static void run(Args... args) { backward_row<NV>(args...); }
 };
 
+
+// Vector forms of the mixer's elementwise functions (libm's are scalar calls, and there is one per element):
+// exp(x) = 2^(x log2 e) through vexp2; softplus(v) = max(v, 0) + log1p(exp(-|v|)) with log1p(e) = 2 atanh(e / (2 + e))
+// as its odd series (e <= 1, so e / (2 + e) <= 1/3 and six terms reach fp32 precision; no cancellation for tiny e).
+// F.softplus's threshold (the identity above 20) gives the same fp32 value: log1p(exp(-20)) is below half an ulp.
+inline vf vexp(vf x) { return vexp2(x * kLog2e); }
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(vf{} - x)); }
+inline vf vsoftplus(vf v) {
+  const vf e = vexp(vf{} - vmax(v, vf{} - v));
+  const vf s = e / (2.0f + e), s2 = s * s;
+  vf q = vf{} + (1.0f / 11.0f);
+  q = q * s2 + (1.0f / 9.0f);
+  q = q * s2 + (1.0f / 7.0f);
+  q = q * s2 + (1.0f / 5.0f);
+  q = q * s2 + (1.0f / 3.0f);
+  q = q * s2 + 1.0f;
+  return vmax(v, vf{}) + 2.0f * s * q;
+}
+
+// n <= 8 elements at stride st as one vector (zeros past n), and back
+inline vf load_n(const float* p, int64_t st, int n) {
+  if (n == kLanes && st == 1) return load(p);
+  vf v = vf{};
+  for (int j = 0; j < n; ++j) v[j] = p[j * st];
+  return v;
+}
+
+inline void store_n(float* p, int64_t st, vf v, int n) {
+  if (n == kLanes && st == 1) return store(p, v);
+  for (int j = 0; j < n; ++j) p[j * st] = v[j];
+}
+
+// fn(c, n) for the channels c .. c + n of a unit of g, n <= 8
+template <typename F>
+inline void for_lanes(int64_t g, const F& fn) {
+  for (int64_t c = 0; c < g; c += kLanes) fn(c, static_cast<int>(std::min<int64_t>(kLanes, g - c)));
+}
+
+// Per-chunk partial sums of the gradients that are sums over rows of several batches (grad_Bt / grad_Ct over the
+// channels of a batch, grad_A and the per-channel vectors over batches), reduced afterwards in chunk order so that
+// the result does not depend on thread timing.
+struct Partials {
+  int64_t chunks, batch, ln, per_dim;
+  std::vector<int64_t> first_b, last_b;
+  std::vector<std::vector<float>> bc, dim;  // [grad_Bt | grad_Ct] of the chunk's batches; per-channel sums
+
+  Partials(int64_t chunks_, int64_t units, int64_t units_per_batch, int64_t batch_, int64_t ln_, int64_t per_dim_)
+      : chunks(chunks_), batch(batch_), ln(ln_), per_dim(per_dim_), first_b(chunks_), last_b(chunks_),
+        bc(chunks_), dim(chunks_) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      first_b[c] = (units * c / chunks) / units_per_batch;
+      last_b[c] = std::max(first_b[c], (units * (c + 1) / chunks - 1) / units_per_batch);
+    }
+  }
+  void init(int64_t c) {
+    bc[c].assign(2 * (last_b[c] - first_b[c] + 1) * ln, 0.0f);
+    dim[c].assign(per_dim, 0.0f);
+  }
+  float* b_of(int64_t c, int64_t b) { return bc[c].data() + (b - first_b[c]) * ln; }
+  float* c_of(int64_t c, int64_t b) { return b_of(c, b) + (last_b[c] - first_b[c] + 1) * ln; }
+
+  // writes gBt, gCt [batch, ln] and the per-channel sums `out` [per_dim]
+  void reduce(float* gBt, float* gCt, float* out) {
+    const int64_t red_chunks = chunks == 1 ? 1 : std::min(batch, chunks);
+    run_chunks(batch, red_chunks, [&](int64_t, int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* ob = gBt + b * ln;
+        float* oc = gCt + b * ln;
+        std::fill(ob, ob + ln, 0.0f);
+        std::fill(oc, oc + ln, 0.0f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          if (b < first_b[c] || b > last_b[c]) continue;
+          const float* pb = b_of(c, b);
+          const float* pc = c_of(c, b);
+          for (int64_t i = 0; i < ln; ++i) ob[i] += pb[i];
+          for (int64_t i = 0; i < ln; ++i) oc[i] += pc[i];
+        }
+      }
+    });
+    std::fill(out, out + per_dim, 0.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* p = dim[c].data();
+      for (int64_t i = 0; i < per_dim; ++i) out[i] += p[i];
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------- fused mixer
+//
+// The Mamba mixer between its projections, per batch b, position t and channel d (G = group_norm_size):
+//   u = x[b, t, d];  delta = softplus(dt[b, t, d] + dt_bias[d]) * inv_dsf
+//   y = the scan of (u, delta, A, rotated B, rotated C) from the initial state s0[b, d]
+//   n = y * rsqrt(mean over the G channels of d's group of y^2 + 1e-6)      (n = y without group norm)
+//   out[b, t, d] = (n + u * Dskip[d]) * silu(z[b, t, d])
+// x, z, dt are read in place with any element strides (b, t, d): the projections' channels-last outputs and views
+// of them. The work unit is one group of channels of one batch element: its delta and y live in per-thread
+// buffers of G x L floats (u is read from x in place), so the norm over the group is done right after the group's
+// scans and `out` ([B, L, D], contiguous) is written once. B and C arrive rotated and padded ([B, L, Np], from defocus_mixer_rotate).
+
+struct MixerShape {
+  int64_t batch, dim, L, Np, group;  // group: channels per unit (the norm's group, or a block when there is none)
+  bool norm;
+  float inv_dsf;
+  Strides xs, zs, ds;  // (b, t, d) strides of x, z, dt
+};
+
+inline MixerShape mixer_shape(const int64_t* shape, const int64_t* strides, float delta_scale_factor) {
+  MixerShape m;
+  m.batch = shape[0];
+  m.dim = shape[1];
+  m.L = shape[2];
+  m.Np = shape[3];
+  m.norm = shape[4] > 0;
+  m.group = m.norm ? shape[4] : std::min<int64_t>(16, m.dim);
+  m.inv_dsf = 1.0f / delta_scale_factor;
+  // Strides holds (b, d, t); the caller passes (b, t, d), the order of [B, L, D]
+  m.xs = {strides[0], strides[2], strides[1]};
+  m.zs = {strides[3], strides[5], strides[4]};
+  m.ds = {strides[6], strides[8], strides[7]};
+  return m;
+}
+
+// delta of channels d0 .. d0 + g of batch b: element (c, t) at Dl[c * cs + t * ts]; SG (optional, same layout):
+// d delta / d dt.
+inline void gather_delta(const MixerShape& m, const float* dt, const float* dt_bias, int64_t b, int64_t d0,
+                         int64_t g, float* Dl, float* SG, int64_t cs, int64_t ts) {
+  for (int64_t t = 0; t < m.L; ++t) {
+    const float* dr = dt + b * m.ds.b + t * m.ds.t + d0 * m.ds.d;
+    for_lanes(g, [&](int64_t c, int n) {
+      const vf v = load_n(dr + c * m.ds.d, m.ds.d, n) + load_n(dt_bias + d0 + c, 1, n);
+      store_n(Dl + c * cs + t * ts, cs, vsoftplus(v) * m.inv_dsf, n);
+      if (SG) store_n(SG + c * cs + t * ts, cs, vsigmoid(v) * m.inv_dsf, n);
+    });
+  }
+}
+
+// The scans of the unit's channels (two at a time while their states fit in registers): channel c reads u at
+// u + c * isd (time stride ist), delta at delta + c * dsd (dst) and writes y at y + c * ysd (yst).
+inline void scan_unit(const MixerShape& m, const float* A, const float* Bt, const float* Ct, const float* s0,
+                      float* sf, int64_t b, int64_t d0, int64_t g, const float* u, int64_t isd, int64_t ist,
+                      const float* delta, int64_t dsd, int64_t dst, float* y, int64_t ysd, int64_t yst) {
+  const int64_t L = m.L, Np = m.Np;
+  const bool pairs = Np <= kPairMaxVecs * kLanes;
+  for (int64_t c = 0; c < g;) {
+    const bool pair = pairs && c + 1 < g;
+    const int64_t row = b * m.dim + d0 + c;
+    for_each_block(Np, [&](int64_t n0, int nv, bool acc) {
+      dispatch_nv<Forward>(nv, pair, u + c * isd, delta + c * dsd, isd, ist, dsd, dst, A + (d0 + c) * Np + n0,
+                           Bt + b * L * Np + n0, Ct + b * L * Np + n0, y + c * ysd, ysd, yst, L, Np, acc,
+                           s0 ? s0 + row * Np + n0 : nullptr, sf ? sf + row * Np + n0 : nullptr);
+    });
+    c += pair ? 2 : 1;
+  }
+}
+
+// rsqrt(mean(y^2) + 1e-6) over the g values y[c * st]
+inline float group_rsqrt(const float* y, int64_t st, int64_t g) {
+  vf ss = vf{};
+  for_lanes(g, [&](int64_t c, int n) {
+    const vf v = load_n(y + c * st, st, n);
+    ss += v * v;
+  });
+  return 1.0f / std::sqrt(hsum(ss) / static_cast<float>(g) + 1e-6f);
+}
+
+int64_t mixer_chunks(const MixerShape& m, int64_t units, int64_t threads) {
+  const int64_t by_work = m.batch * m.dim * m.L * m.Np / kGrain;
+  return std::max<int64_t>(1, std::min({threads, units, by_work}));
+}
+
+// ------------------------------------------------------------------------------------------------ causal conv
+//
+// out[b, t, d] = silu(bias[d] + sum_k w[d, k] x[b, t - (K - 1 - k), d]) for a channels-last x (any strides, d the
+// fastest in the usual layout, so the inner loops run over contiguous channels), out [B, L, D] contiguous.
+
+struct ConvShape {
+  int64_t batch, L, dim, K;
+  Strides xs;
+};
+
+// pre-activation of row (b, t) into pre[0 .. dim)
+inline void conv_row(const ConvShape& c, const float* x, const float* wt, const float* bias, int64_t b, int64_t t,
+                     float* pre) {
+  for (int64_t d = 0; d < c.dim; ++d) pre[d] = bias ? bias[d] : 0.0f;
+  for (int64_t k = 0; k < c.K; ++k) {
+    const int64_t src = t - (c.K - 1 - k);
+    if (src < 0) continue;
+    const float* xr = x + b * c.xs.b + src * c.xs.t;
+    const float* wk = wt + k * c.dim;  // wt: [K, D], the taps transposed so that one tap is contiguous
+    if (c.xs.d == 1) {
+      for (int64_t d = 0; d < c.dim; ++d) pre[d] += wk[d] * xr[d];
+    } else {
+      for (int64_t d = 0; d < c.dim; ++d) pre[d] += wk[d] * xr[d * c.xs.d];
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
 // Np: the number of states, padded by the caller to a multiple of 8 with A = B = C = 0 in the padding (those
-// states stay 0 and add nothing). Returns 0 on success, 1 on an error inside the kernel (e.g. out of memory);
-// never throws across the C boundary.
+// states stay 0 and add nothing). s0 / sf: the initial state to start from / the final state to write, [B, D, Np]
+// contiguous, or null (zeros / not wanted). Returns 0 on success, 1 on an error inside the kernel (e.g. out of
+// memory); never throws across the C boundary.
 int defocus_scan_forward(const float* u, const float* delta, const float* A, const float* Bt, const float* Ct,
                          float* y, int64_t batch, int64_t dim, int64_t L, int64_t Np, int64_t threads,
-                         const int64_t* in_strides, const int64_t* out_strides) {
+                         const int64_t* in_strides, const int64_t* out_strides, const float* s0, float* sf) {
   if (Np % kLanes != 0) return 2;
   try {
     const Strides is{in_strides[0], in_strides[1], in_strides[2]}, ys{out_strides[0], out_strides[1], out_strides[2]};
@@ -326,8 +540,10 @@ int defocus_scan_forward(const float* u, const float* delta, const float* A, con
         const bool pair = pairs && r + 1 < r1 && d + 1 < dim;  // two channels of the same batch element
         const int64_t io = b * is.b + d * is.d, yo = b * ys.b + d * ys.d;
         for_each_block(Np, [&](int64_t n0, int nv, bool acc) {
-          dispatch_nv<Forward>(nv, pair, u + io, delta + io, is.d, is.t, A + d * Np + n0, Bt + b * L * Np + n0,
-                               Ct + b * L * Np + n0, y + yo, ys.d, ys.t, L, Np, acc);
+          dispatch_nv<Forward>(nv, pair, u + io, delta + io, is.d, is.t, is.d, is.t, A + d * Np + n0,
+                               Bt + b * L * Np + n0,
+                               Ct + b * L * Np + n0, y + yo, ys.d, ys.t, L, Np, acc,
+                               s0 ? s0 + r * Np + n0 : nullptr, sf ? sf + r * Np + n0 : nullptr);
         });
         r += pair ? 2 : 1;
       }
@@ -338,63 +554,369 @@ int defocus_scan_forward(const float* u, const float* delta, const float* A, con
   return 0;
 }
 
-// grad_A, grad_Bt and grad_Ct are written (not accumulated into). Each chunk of rows sums its contributions to
-// grad_Bt / grad_Ct (sums over channels) and grad_A (a sum over batches) in buffers of its own, reduced afterwards
-// in chunk order, so the result does not depend on thread timing. Extra memory per chunk: 2 (L + 1) * 64 floats
-// of states/decays, 2 L Np floats for each batch the chunk touches, and D Np floats.
+// grad_A, grad_Bt and grad_Ct are written (not accumulated into); s0 / gfin (the initial state, the gradient of the
+// final state, [B, D, Np]) may be null, gs0 (the gradient of the initial state) too. Extra memory per chunk:
+// 2 (L + 1) * 64 floats of states/decays, 2 L Np floats for each batch the chunk touches, and D Np floats.
 int defocus_scan_backward(const float* u, const float* delta, const float* A, const float* Bt, const float* Ct,
                           const float* gy, float* gu, float* gdelta, float* gA, float* gBt, float* gCt,
-                          int64_t batch, int64_t dim, int64_t L, int64_t Np, int64_t threads) {
+                          int64_t batch, int64_t dim, int64_t L, int64_t Np, int64_t threads, const float* s0,
+                          const float* gfin, float* gs0) {
   if (Np % kLanes != 0) return 2;
   try {
     const int64_t rows = batch * dim;
     const int64_t chunks = num_chunks(rows, L, Np, threads);
     const int64_t ln = L * Np;
-    std::vector<int64_t> first_b(chunks), last_b(chunks);
-    for (int64_t c = 0; c < chunks; ++c) {
-      first_b[c] = (rows * c / chunks) / dim;
-      last_b[c] = (rows * (c + 1) / chunks - 1) / dim;
-    }
-    std::vector<std::vector<float>> part_bc(chunks), part_a(chunks);
+    Partials part(chunks, rows, dim, batch, ln, dim * Np);
     run_chunks(rows, chunks, [&](int64_t c, int64_t r0, int64_t r1) {
-      const int64_t nbatch = last_b[c] - first_b[c] + 1;
-      std::vector<float>& pbc = part_bc[c];
-      pbc.assign(2 * nbatch * ln, 0.0f);  // [grad_Bt | grad_Ct] of batches first_b..last_b
-      std::vector<float>& pa = part_a[c];
-      pa.assign(dim * Np, 0.0f);
+      part.init(c);
       std::vector<vf> work(2 * (L + 1) * kMaxVecs);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / dim, d = r % dim;
-        float* pb = pbc.data() + (b - first_b[c]) * ln;
-        float* pc = pb + nbatch * ln;
+        float* pb = part.b_of(c, b);
+        float* pc = part.c_of(c, b);
         for_each_block(Np, [&](int64_t n0, int nv, bool acc) {
           dispatch_nv<Backward>(nv, u + r * L, delta + r * L, A + d * Np + n0, Bt + b * ln + n0, Ct + b * ln + n0,
-                                gy + r * L, gu + r * L, gdelta + r * L, pa.data() + d * Np + n0, pb + n0, pc + n0,
-                                work.data(), L, Np, acc);
+                                gy + r * L, gu + r * L, gdelta + r * L, part.dim[c].data() + d * Np + n0, pb + n0,
+                                pc + n0, work.data(), L, Np, acc, s0 ? s0 + r * Np + n0 : nullptr,
+                                gfin ? gfin + r * Np + n0 : nullptr, gs0 ? gs0 + r * Np + n0 : nullptr);
         });
       }
     });
-    // reduce the per-chunk partial sums: grad_Bt / grad_Ct per batch, grad_A over all chunks
-    const int64_t red_chunks = chunks == 1 ? 1 : std::min(batch, chunks);
-    run_chunks(batch, red_chunks, [&](int64_t, int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        float* ob = gBt + b * ln;
-        float* oc = gCt + b * ln;
-        std::fill(ob, ob + ln, 0.0f);
-        std::fill(oc, oc + ln, 0.0f);
-        for (int64_t c = 0; c < chunks; ++c) {
-          if (b < first_b[c] || b > last_b[c]) continue;
-          const float* pb = part_bc[c].data() + (b - first_b[c]) * ln;
-          const float* pc = pb + (last_b[c] - first_b[c] + 1) * ln;
-          for (int64_t i = 0; i < ln; ++i) ob[i] += pb[i];
-          for (int64_t i = 0; i < ln; ++i) oc[i] += pc[i];
+    part.reduce(gBt, gCt, gA);
+  } catch (...) {
+    return 1;
+  }
+  return 0;
+}
+
+// B, C [batch, L, N] (element strides bs / cs: batch, time, state) rotated by theta[t, k] = ((offset + t) / rsf) *
+// freq[k] (unrotated when freq is null) into time-major Bt, Ct [batch, L, Np], zero-padded past N. The rotation of
+// a pair (2i, 2i + 1): out[2i] = v[2i] cos - v[2i+1] sin, out[2i+1] = v[2i+1] cos + v[2i] sin, each element with
+// its own angle (the release's per-element layout). The angles are formed in fp32 as torch forms them.
+int defocus_mixer_rotate(const float* B, const float* C, const int64_t* bs, const int64_t* cs, const float* freq,
+                         int64_t batch, int64_t L, int64_t N, int64_t Np, int64_t offset, float rsf, float* Bt,
+                         float* Ct, int64_t threads) {
+  try {
+    const int64_t rows = batch * L;
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * Np / kGrain));
+    run_chunks(rows, chunks, [&](int64_t, int64_t r0, int64_t r1) {
+      std::vector<float> cs_(N), sn(N);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / L, t = r % L;
+        const float* br = B + b * bs[0] + t * bs[1];
+        const float* cr = C + b * cs[0] + t * cs[1];
+        float* ob = Bt + r * Np;
+        float* oc = Ct + r * Np;
+        if (!freq) {
+          for (int64_t k = 0; k < N; ++k) {
+            ob[k] = br[k * bs[2]];
+            oc[k] = cr[k * cs[2]];
+          }
+        } else {
+          const float pos = static_cast<float>(offset + t) / rsf;
+          for (int64_t k = 0; k < N; ++k) {
+            const float th = pos * freq[k];
+            cs_[k] = std::cos(th);
+            sn[k] = std::sin(th);
+          }
+          for (int64_t k = 0; k + 1 < N; k += 2) {
+            const float b0 = br[k * bs[2]], b1 = br[(k + 1) * bs[2]];
+            const float c0 = cr[k * cs[2]], c1 = cr[(k + 1) * cs[2]];
+            ob[k] = b0 * cs_[k] - b1 * sn[k];
+            ob[k + 1] = b1 * cs_[k + 1] + b0 * sn[k + 1];
+            oc[k] = c0 * cs_[k] - c1 * sn[k];
+            oc[k + 1] = c1 * cs_[k + 1] + c0 * sn[k + 1];
+          }
+        }
+        for (int64_t k = N; k < Np; ++k) ob[k] = oc[k] = 0.0f;
+      }
+    });
+  } catch (...) {
+    return 1;
+  }
+  return 0;
+}
+
+// The backward of defocus_mixer_rotate: gB, gC [batch, L, N] contiguous from gBt, gCt [batch, L, Np], and (freq not
+// null) gfreq [N] = sum over b, t of d theta / d freq (= (offset + t) / rsf) times the angle's gradient.
+int defocus_mixer_rotate_backward(const float* B, const float* C, const int64_t* bs, const int64_t* cs,
+                                  const float* freq, int64_t batch, int64_t L, int64_t N, int64_t Np, int64_t offset,
+                                  float rsf, const float* gBt, const float* gCt, float* gB, float* gC, float* gfreq,
+                                  int64_t threads) {
+  try {
+    const int64_t rows = batch * L;
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * Np / kGrain));
+    std::vector<std::vector<double>> part(chunks, std::vector<double>(N, 0.0));
+    run_chunks(rows, chunks, [&](int64_t c, int64_t r0, int64_t r1) {
+      std::vector<float> cs_(N), sn(N);
+      std::vector<double>& pf = part[c];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / L, t = r % L;
+        const float* gb = gBt + r * Np;
+        const float* gc = gCt + r * Np;
+        float* ob = gB + r * N;
+        float* oc = gC + r * N;
+        if (!freq) {
+          for (int64_t k = 0; k < N; ++k) {
+            ob[k] = gb[k];
+            oc[k] = gc[k];
+          }
+          continue;
+        }
+        const float* br = B + b * bs[0] + t * bs[1];
+        const float* cr = C + b * cs[0] + t * cs[1];
+        const float pos = static_cast<float>(offset + t) / rsf;
+        for (int64_t k = 0; k < N; ++k) {
+          const float th = pos * freq[k];
+          cs_[k] = std::cos(th);
+          sn[k] = std::sin(th);
+        }
+        for (int64_t k = 0; k + 1 < N; k += 2) {
+          const float b0 = br[k * bs[2]], b1 = br[(k + 1) * bs[2]];
+          const float c0 = cr[k * cs[2]], c1 = cr[(k + 1) * cs[2]];
+          ob[k] = gb[k] * cs_[k] + gb[k + 1] * sn[k + 1];
+          ob[k + 1] = gb[k + 1] * cs_[k + 1] - gb[k] * sn[k];
+          oc[k] = gc[k] * cs_[k] + gc[k + 1] * sn[k + 1];
+          oc[k + 1] = gc[k + 1] * cs_[k + 1] - gc[k] * sn[k];
+          // d out / d theta of each element, times its gradient
+          const float t0 = gb[k] * (-b0 * sn[k] - b1 * cs_[k]) + gc[k] * (-c0 * sn[k] - c1 * cs_[k]);
+          const float t1 = gb[k + 1] * (-b1 * sn[k + 1] + b0 * cs_[k + 1]) +
+                           gc[k + 1] * (-c1 * sn[k + 1] + c0 * cs_[k + 1]);
+          pf[k] += static_cast<double>(pos) * t0;
+          pf[k + 1] += static_cast<double>(pos) * t1;
         }
       }
     });
-    std::fill(gA, gA + dim * Np, 0.0f);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* pa = part_a[c].data();
-      for (int64_t i = 0; i < dim * Np; ++i) gA[i] += pa[i];
+    if (gfreq) {
+      for (int64_t k = 0; k < N; ++k) {
+        double acc = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) acc += part[c][k];
+        gfreq[k] = static_cast<float>(acc);
+      }
+    }
+  } catch (...) {
+    return 1;
+  }
+  return 0;
+}
+
+// shape = (batch, dim, L, Np, group_norm_size); strides = the (b, t, d) strides of x, z and dt. A [D, Np] and the
+// prepared Bt, Ct [batch, L, Np]; s0 / sf [batch, D, Np] or null. out [batch, L, D] contiguous. The unit's delta
+// and y buffers are time-major ([L, g]): delta is formed and the gate reads y eight channels at a time.
+int defocus_mixer_forward(const float* x, const float* z, const float* dt, const float* dt_bias, const float* A,
+                          const float* Bt, const float* Ct, const float* Dskip, const float* s0, float* out,
+                          float* sf, const int64_t* shape, const int64_t* strides, float delta_scale_factor,
+                          int64_t threads) {
+  const MixerShape m = mixer_shape(shape, strides, delta_scale_factor);
+  if (m.Np % kLanes != 0 || (m.norm && m.dim % m.group != 0)) return 2;
+  try {
+    const int64_t per_batch = (m.dim + m.group - 1) / m.group, units = m.batch * per_batch, L = m.L;
+    run_chunks(units, mixer_chunks(m, units, threads), [&](int64_t, int64_t u0, int64_t u1) {
+      std::vector<float> buf(2 * m.group * L);
+      float *Dl = buf.data(), *Y = Dl + m.group * L;
+      for (int64_t unit = u0; unit < u1; ++unit) {
+        const int64_t b = unit / per_batch, d0 = (unit % per_batch) * m.group;
+        const int64_t g = std::min(m.group, m.dim - d0);
+        gather_delta(m, dt, dt_bias, b, d0, g, Dl, nullptr, 1, g);
+        const float* xu = x + b * m.xs.b + d0 * m.xs.d;  // the scan reads u = x in place
+        scan_unit(m, A, Bt, Ct, s0, sf, b, d0, g, xu, m.xs.d, m.xs.t, Dl, 1, g, Y, 1, g);
+        for (int64_t t = 0; t < L; ++t) {
+          const float* yr = Y + t * g;
+          const vf r = vf{} + (m.norm ? group_rsqrt(yr, 1, g) : 1.0f);
+          const float* zr = z + b * m.zs.b + t * m.zs.t + d0 * m.zs.d;
+          const float* xr = xu + t * m.xs.t;
+          float* o = out + (b * L + t) * m.dim + d0;
+          for_lanes(g, [&](int64_t c, int n) {
+            const vf zv = load_n(zr + c * m.zs.d, m.zs.d, n);
+            const vf pre = load_n(yr + c, 1, n) * r + load_n(xr + c * m.xs.d, m.xs.d, n) * load_n(Dskip + d0 + c, 1, n);
+            store_n(o + c, 1, pre * (zv * vsigmoid(zv)), n);
+          });
+        }
+      }
+    });
+  } catch (...) {
+    return 1;
+  }
+  return 0;
+}
+
+// The backward of defocus_mixer_forward from gout [batch, L, D] contiguous (and gfin, the final state's gradient,
+// or null): recomputes the unit's delta and scan output, goes back through the gate, the D skip and the norm to
+// the scan output's gradient, then runs the scan's backward per channel (which recomputes the states). Writes gx,
+// gz, gdt [batch, L, D] contiguous, gA [D, Np], gBt, gCt [batch, L, Np] (of the rotated B, C), gvec [2, D]
+// (dt_bias, Dskip) and gs0 [batch, D, Np] when not null. The unit's buffers are channel-major ([g, L]), the layout
+// of the scan's backward.
+int defocus_mixer_backward(const float* x, const float* z, const float* dt, const float* dt_bias, const float* A,
+                           const float* Bt, const float* Ct, const float* Dskip, const float* s0, const float* gout,
+                           const float* gfin, float* gx, float* gz, float* gdt, float* gA, float* gBt, float* gCt,
+                           float* gvec, float* gs0, const int64_t* shape, const int64_t* strides,
+                           float delta_scale_factor, int64_t threads) {
+  const MixerShape m = mixer_shape(shape, strides, delta_scale_factor);
+  if (m.Np % kLanes != 0 || (m.norm && m.dim % m.group != 0)) return 2;
+  try {
+    const int64_t per_batch = (m.dim + m.group - 1) / m.group, units = m.batch * per_batch;
+    const int64_t L = m.L, Np = m.Np, D = m.dim, ln = L * Np;
+    const int64_t chunks = mixer_chunks(m, units, threads);
+    // per-channel sums: grad A [D, Np], then grad dt_bias [D], grad Dskip [D]
+    Partials part(chunks, units, per_batch, m.batch, ln, D * Np + 2 * D);
+    run_chunks(units, chunks, [&](int64_t ch, int64_t u0, int64_t u1) {
+      part.init(ch);
+      float* pa = part.dim[ch].data();
+      float* pbias = pa + D * Np;
+      float* pd = pbias + D;
+      const int64_t gl = m.group * L;
+      std::vector<float> buf(6 * gl);
+      float *U = buf.data(), *Dl = U + gl, *SG = Dl + gl, *Y = SG + gl, *GY = Y + gl, *GD = GY + gl;
+      std::vector<float> gu(L);
+      std::vector<vf> work(2 * (L + 1) * kMaxVecs);
+      for (int64_t unit = u0; unit < u1; ++unit) {
+        const int64_t b = unit / per_batch, d0 = (unit % per_batch) * m.group;
+        const int64_t g = std::min(m.group, D - d0);
+        for (int64_t t = 0; t < L; ++t) {
+          const float* xr = x + b * m.xs.b + t * m.xs.t + d0 * m.xs.d;
+          for (int64_t c = 0; c < g; ++c) U[c * L + t] = xr[c * m.xs.d];
+        }
+        gather_delta(m, dt, dt_bias, b, d0, g, Dl, SG, L, 1);
+        scan_unit(m, A, Bt, Ct, s0, nullptr, b, d0, g, U, L, 1, Dl, L, 1, Y, L, 1);
+        // back through the gate, the skip and the norm: GY = d loss / d y; gz and the skip's part of gx written
+        for (int64_t t = 0; t < L; ++t) {
+          const float rs = m.norm ? group_rsqrt(Y + t, L, g) : 1.0f;
+          const vf r = vf{} + rs;
+          const float* zr = z + b * m.zs.b + t * m.zs.t + d0 * m.zs.d;
+          const float* go = gout + (b * L + t) * D + d0;
+          float* gxr = gx + (b * L + t) * D + d0;
+          float* gzr = gz + (b * L + t) * D + d0;
+          vf dot = vf{};  // sum over the group of gn * n
+          for_lanes(g, [&](int64_t c, int n) {
+            const vf zv = load_n(zr + c * m.zs.d, m.zs.d, n), sg = vsigmoid(zv);
+            const vf u = load_n(U + c * L + t, L, n), nv = load_n(Y + c * L + t, L, n) * r;
+            const vf dk = load_n(Dskip + d0 + c, 1, n), gov = load_n(go + c, 1, n);
+            store_n(gzr + c, 1, gov * (nv + u * dk) * (sg * (1.0f + zv * (1.0f - sg))), n);
+            const vf gn = gov * (zv * sg);
+            store_n(pd + d0 + c, 1, load_n(pd + d0 + c, 1, n) + gn * u, n);
+            store_n(gxr + c, 1, gn * dk, n);
+            store_n(GY + c * L + t, L, gn, n);
+            dot += gn * nv;
+          });
+          if (m.norm) {
+            const vf mean = vf{} + hsum(dot) / static_cast<float>(g);
+            for_lanes(g, [&](int64_t c, int n) {
+              const vf gn = load_n(GY + c * L + t, L, n), nv = load_n(Y + c * L + t, L, n) * r;
+              store_n(GY + c * L + t, L, r * (gn - nv * mean), n);
+            });
+          }
+        }
+        float* pb = part.b_of(ch, b);
+        float* pc = part.c_of(ch, b);
+        for (int64_t c = 0; c < g; ++c) {
+          const int64_t d = d0 + c, row = b * D + d;
+          for_each_block(Np, [&](int64_t n0, int nv, bool acc) {
+            dispatch_nv<Backward>(nv, U + c * L, Dl + c * L, A + d * Np + n0, Bt + b * ln + n0, Ct + b * ln + n0,
+                                  GY + c * L, gu.data(), GD + c * L, pa + d * Np + n0, pb + n0, pc + n0,
+                                  work.data(), L, Np, acc, s0 ? s0 + row * Np + n0 : nullptr,
+                                  gfin ? gfin + row * Np + n0 : nullptr, gs0 ? gs0 + row * Np + n0 : nullptr);
+          });
+          for (int64_t t = 0; t < L; ++t) gx[(b * L + t) * D + d] += gu[t];
+        }
+        for (int64_t t = 0; t < L; ++t) {
+          float* gdr = gdt + (b * L + t) * D + d0;
+          for (int64_t c = 0; c < g; ++c) {
+            const float v = GD[c * L + t] * SG[c * L + t];
+            gdr[c] = v;
+            pbias[d0 + c] += v;
+          }
+        }
+      }
+    });
+    std::vector<float> sums(D * Np + 2 * D);
+    part.reduce(gBt, gCt, sums.data());
+    std::copy(sums.begin(), sums.begin() + D * Np, gA);
+    std::copy(sums.begin() + D * Np, sums.end(), gvec);
+  } catch (...) {
+    return 1;
+  }
+  return 0;
+}
+
+// shape = (batch, L, dim, K), xstrides = x's (b, t, d) strides; wt [K, D] (the filter taps transposed); bias [D] or
+// null; out [batch, L, D] contiguous.
+int defocus_conv_forward(const float* x, const float* wt, const float* bias, float* out, const int64_t* shape,
+                         const int64_t* xstrides, int64_t threads) {
+  try {
+    const ConvShape c{shape[0], shape[1], shape[2], shape[3], {xstrides[0], xstrides[2], xstrides[1]}};
+    const int64_t rows = c.batch * c.L;
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * c.dim * c.K / kGrain));
+    run_chunks(rows, chunks, [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* o = out + r * c.dim;
+        conv_row(c, x, wt, bias, r / c.L, r % c.L, o);
+        for_lanes(c.dim, [&](int64_t d, int n) {
+          const vf v = load_n(o + d, 1, n);
+          store_n(o + d, 1, v * vsigmoid(v), n);
+        });
+      }
+    });
+  } catch (...) {
+    return 1;
+  }
+  return 0;
+}
+
+// The backward from gout [batch, L, D] contiguous: recomputes the pre-activation, gx [batch, L, D] contiguous,
+// gwt [K, D] and gbias [D] (null when there is no bias).
+int defocus_conv_backward(const float* x, const float* wt, const float* bias, const float* gout, float* gx,
+                          float* gwt, float* gbias, const int64_t* shape, const int64_t* xstrides, int64_t threads) {
+  try {
+    const ConvShape c{shape[0], shape[1], shape[2], shape[3], {xstrides[0], xstrides[2], xstrides[1]}};
+    const int64_t rows = c.batch * c.L, D = c.dim, K = c.K;
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * D * K / kGrain));
+    std::fill(gx, gx + rows * D, 0.0f);
+    // gx of row t gathers from rows t .. t + K - 1, which another chunk may own: each chunk writes the rows it
+    // owns by gathering (no scatter), after computing the pre-activation gradient of all rows first
+    std::vector<float> gpre(rows * D);
+    std::vector<std::vector<float>> part(chunks, std::vector<float>((K + 1) * D, 0.0f));
+    run_chunks(rows, chunks, [&](int64_t ch, int64_t r0, int64_t r1) {
+      std::vector<float>& p = part[ch];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / c.L, t = r % c.L;
+        float* gp = gpre.data() + r * D;
+        conv_row(c, x, wt, bias, b, t, gp);
+        const float* go = gout + r * D;
+        for_lanes(D, [&](int64_t d, int n) {
+          const vf v = load_n(gp + d, 1, n), sg = vsigmoid(v);
+          const vf gv = load_n(go + d, 1, n) * sg * (1.0f + v * (1.0f - sg));
+          store_n(gp + d, 1, gv, n);
+          store_n(p.data() + K * D + d, 1, load_n(p.data() + K * D + d, 1, n) + gv, n);
+        });
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t src = t - (K - 1 - k);
+          if (src < 0) continue;
+          const float* xr = x + b * c.xs.b + src * c.xs.t;
+          float* pk = p.data() + k * D;
+          for (int64_t d = 0; d < D; ++d) pk[d] += gp[d] * xr[d * c.xs.d];
+        }
+      }
+    });
+    run_chunks(rows, chunks, [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = r % c.L;
+        float* o = gx + r * D;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t dst = t + (K - 1 - k);  // the output row that tap k of this input row feeds
+          if (dst >= c.L) continue;
+          const float* gp = gpre.data() + (r + (K - 1 - k)) * D;
+          const float* wk = wt + k * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += wk[d] * gp[d];
+        }
+      }
+    });
+    std::fill(gwt, gwt + K * D, 0.0f);
+    if (gbias) std::fill(gbias, gbias + D, 0.0f);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const float* p = part[ch].data();
+      for (int64_t i = 0; i < K * D; ++i) gwt[i] += p[i];
+      if (gbias)
+        for (int64_t d = 0; d < D; ++d) gbias[d] += p[K * D + d];
     }
   } catch (...) {
     return 1;
@@ -403,6 +925,6 @@ int defocus_scan_backward(const float* u, const float* delta, const float* A, co
 }
 
 // Lets the loader check that the library it opened matches this source's calling convention.
-int defocus_scan_abi_version() { return 3; }
+int defocus_scan_abi_version() { return 4; }
 
 }  // extern "C"

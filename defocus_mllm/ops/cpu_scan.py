@@ -1,4 +1,7 @@
-"""Native CPU selective scan: a C++ kernel (``cpu_scan.cpp``) compiled on first use and called through ctypes.
+"""Native CPU kernels: a C++ library (``cpu_scan.cpp``) compiled on first use and called through ctypes.
+
+It holds the selective scan (registered here as the ``"cpu"`` backend of `selective_scan`), the fused Mamba mixer
+core (``cpu_mixer.py``) and the causal conv + SiLU (``causal_conv.py``); all three load it through `load_library`.
 
 Nothing is compiled at install or import time. The first CPU scan call compiles the kernel with the system C++
 compiler (``$CXX``, else ``c++``/``g++``; a few seconds) into the torch extensions directory
@@ -23,10 +26,12 @@ from typing import Optional
 
 import torch
 
+from .selective_scan import register_selective_scan_backend
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_scan.cpp")
-_ABI_VERSION = 3  # must match defocus_scan_abi_version() in cpu_scan.cpp
+_ABI_VERSION = 4  # must match defocus_scan_abi_version() in cpu_scan.cpp
 _DISABLE_ENV = "DEFOCUS_DISABLE_CPU_KERNEL"
 
 _LANES = 8  # the kernel's vector width in states
@@ -77,8 +82,13 @@ def library_path() -> Path:
 
 
 def _find_compiler() -> str:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
+    chosen = os.environ.get("CXX")
+    if chosen:  # an explicit choice is honoured, not second-guessed with another compiler
+        if shutil.which(chosen):
+            return shutil.which(chosen)
+        raise RuntimeError(f"no C++ compiler found: $CXX={chosen} does not exist")
+    for name in ("c++", "g++", "clang++"):
+        if shutil.which(name):
             return shutil.which(name)
     raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++ on PATH)")
 
@@ -95,7 +105,7 @@ def _compile(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        logger.info("defocus_mllm: compiling the CPU selective-scan kernel into %s", target)
+        logger.info("defocus_mllm: compiling the native CPU kernels into %s", target)
         proc = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -110,10 +120,20 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.defocus_scan_abi_version() != _ABI_VERSION:
         raise RuntimeError(f"{path} has an unexpected ABI version")
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.defocus_scan_forward.argtypes = [ptr] * 6 + [i64] * 5 + [ptr] * 2
-    lib.defocus_scan_backward.argtypes = [ptr] * 11 + [i64] * 5
-    lib.defocus_scan_forward.restype = lib.defocus_scan_backward.restype = ctypes.c_int
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "defocus_scan_forward": [ptr] * 6 + [i64] * 5 + [ptr] * 4,
+        "defocus_scan_backward": [ptr] * 11 + [i64] * 5 + [ptr] * 3,
+        "defocus_mixer_rotate": [ptr] * 5 + [i64] * 5 + [f32, ptr, ptr, i64],
+        "defocus_mixer_rotate_backward": [ptr] * 5 + [i64] * 5 + [f32] + [ptr] * 5 + [i64],
+        "defocus_mixer_forward": [ptr] * 13 + [f32, i64],
+        "defocus_mixer_backward": [ptr] * 21 + [f32, i64],
+        "defocus_conv_forward": [ptr] * 6 + [i64],
+        "defocus_conv_backward": [ptr] * 9 + [i64],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
 
 
@@ -134,8 +154,8 @@ def load_library() -> Optional[ctypes.CDLL]:
             _lib = _load(path)
         except Exception as exc:  # any build or load problem means: use the PyTorch scan
             _failure = str(exc) or type(exc).__name__
-            logger.warning("defocus_mllm: native CPU selective-scan kernel unavailable (%s); using the PyTorch "
-                           "scan instead", _failure)
+            logger.warning("defocus_mllm: native CPU kernels (scan, Mamba mixer, causal conv) unavailable (%s); "
+                           "using the PyTorch ops instead", _failure)
     return _lib
 
 
@@ -151,8 +171,23 @@ def _reset() -> None:
         _lib, _failure = None, None
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, name: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{name} in {_SOURCE.name} failed (code {rc}: 1 = an error such as out of memory inside "
+                           "the kernel, 2 = an invalid shape)")
+
+
+def padded_state(state: Optional[torch.Tensor], n_pad: int) -> Optional[torch.Tensor]:
+    """A `[B, D, N]` state as the kernels take it: fp32, contiguous, zero-padded to `n_pad` states."""
+    if state is None:
+        return None
+    state = state.detach().to(torch.float32)
+    pad = n_pad - state.shape[-1]
+    return (torch.nn.functional.pad(state, (0, pad)) if pad else state).contiguous()
 
 
 def _states_prepared(A, B, C):
@@ -169,7 +204,7 @@ def _states_prepared(A, B, C):
     return f32(A), f32(B.transpose(1, 2)), f32(C.transpose(1, 2))
 
 
-def _forward(lib: ctypes.CDLL, u, delta, A32, Bt, Ct) -> torch.Tensor:
+def _forward(lib: ctypes.CDLL, u, delta, A32, Bt, Ct, s0=None, final=None) -> torch.Tensor:
     """y `[B, D, L]` fp32 from prepared states. u and delta are read in place when fp32 with equal strides (any
     layout, e.g. a channels-last `[B, L, D]` tensor seen through `.transpose(1, 2)`); y then gets u's memory
     order, so a channels-last caller gets a channels-last y and needs no transposed copies."""
@@ -184,54 +219,64 @@ def _forward(lib: ctypes.CDLL, u, delta, A32, Bt, Ct) -> torch.Tensor:
     in_strides = (ctypes.c_int64 * 3)(*u32.stride())
     out_strides = (ctypes.c_int64 * 3)(*y.stride())
     rc = lib.defocus_scan_forward(_ptr(u32), _ptr(d32), _ptr(A32), _ptr(Bt), _ptr(Ct), _ptr(y), batch, dim,
-                                  length, A32.shape[1], torch.get_num_threads(), in_strides, out_strides)
-    if rc != 0:
-        raise RuntimeError(f"defocus_scan_forward failed (code {rc})")
+                                  length, A32.shape[1], torch.get_num_threads(), in_strides, out_strides, _ptr(s0),
+                                  _ptr(final))
+    _check(rc, "defocus_scan_forward")
     return y
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
     """Kernel forward; the backward recomputes the states of each (b, d) row inside the kernel, so only the inputs
-    are saved (no `[L, B, D, N]` tensor in either pass)."""
+    are saved (no `[L, B, D, N]` tensor in either pass). Returns `(y, final_state)`; the initial state and the final
+    state take part in autograd like the other inputs and outputs."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):  # noqa: D102 - shapes in `selective_scan`
+    def forward(ctx, u, delta, A, B, C, initial_state):  # noqa: D102 - shapes in `selective_scan`
+        ctx.set_materialize_grads(False)
         lib = load_library()
         states = _states_prepared(A, B, C)
-        y = _forward(lib, u, delta, *states)
+        batch, dim, _ = u.shape
+        n_pad = states[0].shape[1]
+        s0 = padded_state(initial_state, n_pad)
+        final = torch.empty(batch, dim, n_pad, dtype=torch.float32)
+        y = _forward(lib, u, delta, *states, s0, final)
         # the backward kernel reads contiguous [B, D, L] u and delta
-        ctx.save_for_backward(u.to(torch.float32).contiguous(), delta.to(torch.float32).contiguous(), *states)
-        ctx.input_dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
+        ctx.save_for_backward(u.to(torch.float32).contiguous(), delta.to(torch.float32).contiguous(), *states, s0)
+        ctx.input_dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype,
+                            None if initial_state is None else initial_state.dtype)
         ctx.n_state = A.shape[1]
-        return y.to(u.dtype)
+        return y.to(u.dtype), final[:, :, : A.shape[1]]
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_final):
         lib = load_library()
-        u32, d32, A32, Bt, Ct = ctx.saved_tensors
+        u32, d32, A32, Bt, Ct, s0 = ctx.saved_tensors
         batch, dim, length = u32.shape
-        gy = grad_y.to(torch.float32).contiguous()
+        n, dt = ctx.n_state, ctx.input_dtypes
+        gy = torch.zeros_like(u32) if grad_y is None else grad_y.to(torch.float32).contiguous()
+        gfin = padded_state(grad_final, A32.shape[1])
         gu, gd = torch.empty_like(u32), torch.empty_like(u32)
         gA, gB, gC = torch.empty_like(A32), torch.empty_like(Bt), torch.empty_like(Ct)
+        gs0 = torch.empty(batch, dim, A32.shape[1]) if dt[5] is not None else None
         rc = lib.defocus_scan_backward(_ptr(u32), _ptr(d32), _ptr(A32), _ptr(Bt), _ptr(Ct), _ptr(gy), _ptr(gu),
                                        _ptr(gd), _ptr(gA), _ptr(gB), _ptr(gC), batch, dim, length, A32.shape[1],
-                                       torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"defocus_scan_backward failed (code {rc})")
-        n, dt = ctx.n_state, ctx.input_dtypes
+                                       torch.get_num_threads(), _ptr(s0), _ptr(gfin), _ptr(gs0))
+        _check(rc, "defocus_scan_backward")
         # drop the padded states; grad B / C as [B, N, L] views of the kernel's time-major buffers
         return (gu.to(dt[0]), gd.to(dt[1]), gA[:, :n].to(dt[2]), gB[:, :, :n].transpose(1, 2).to(dt[3]),
-                gC[:, :, :n].transpose(1, 2).to(dt[4]))
+                gC[:, :, :n].transpose(1, 2).to(dt[4]), None if gs0 is None else gs0[:, :, :n].to(dt[5]))
 
 
-def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                       C: torch.Tensor) -> torch.Tensor:
+def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       initial_state: Optional[torch.Tensor] = None, return_final_state: bool = False):
     """Native CPU selective scan (fp32 accumulation; output in `u`'s dtype, gradients in each input's dtype).
 
-    Without gradients (no input requires grad, or under `no_grad` / `inference_mode`) this is one kernel call that
-    keeps only the running states, `O(B·D·N)`.
+    `initial_state` `[B, D, N]` is the state before the first step (zeros when None); `return_final_state` also
+    returns the state after the last one, `[B, D, N]` fp32. Without gradients (no input requires grad, or under
+    `no_grad` / `inference_mode`) this is one kernel call that keeps only the running states, `O(B·D·N)`.
     """
-    if any(t.device.type != "cpu" for t in (u, delta, A, B, C)):
+    tensors = (u, delta, A, B, C) + (() if initial_state is None else (initial_state,))
+    if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("selective_scan backend 'cpu' needs CPU tensors")
     lib = load_library()
     if lib is None:
@@ -239,7 +284,19 @@ def selective_scan_cpu(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     if u.numel() == 0 or A.shape[1] == 0:
         from .selective_scan import selective_scan_torch  # degenerate shapes: nothing worth a kernel call
 
-        return selective_scan_torch(u, delta, A, B, C)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
-        return _SelectiveScanCPU.apply(u, delta, A, B, C)
-    return _forward(lib, u, delta, *_states_prepared(A, B, C)).to(u.dtype)
+        return selective_scan_torch(u, delta, A, B, C, initial_state=initial_state,
+                                    return_final_state=return_final_state)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        y, final = _SelectiveScanCPU.apply(u, delta, A, B, C, initial_state)
+    else:
+        states = _states_prepared(A, B, C)
+        n_pad = states[0].shape[1]
+        final = torch.empty(u.shape[0], u.shape[1], n_pad) if return_final_state else None
+        y = _forward(lib, u, delta, *states, padded_state(initial_state, n_pad), final).to(u.dtype)
+        final = None if final is None else final[:, :, : A.shape[1]]
+    return (y, final) if return_final_state else y
+
+
+# the "cpu" backend of `selective_scan`; `is_available` compiles the kernel on first use (seconds, cached), never at
+# import. Registered from here (selective_scan.py knows nothing of this module), as triton_scan.py registers its own.
+register_selective_scan_backend("cpu", selective_scan_cpu, is_available, carries_state=True)

@@ -8,7 +8,9 @@ so a backend can do it in one pass over memory:
 
 * `"torch"`: the reference, a composition of PyTorch ops around `selective_scan` (whose own dispatch picks the
   scan kernel). It runs anywhere and is what every other backend is tested against;
-* backends registered by kernel modules (`register_mamba_mixer_backend`): the native CPU kernel, Triton on CUDA.
+* backends registered by kernel modules (`register_mamba_mixer_backend`): `"cpu"`, the native kernel of
+  ``cpu_mixer.py`` (one pass forward, one backward; the default for CPU tensors where it builds), and Triton on
+  CUDA.
 
 Inputs are the projections' channels-last outputs, read in place (views of `in_proj` / `x_proj` outputs are fine):
 
@@ -127,8 +129,14 @@ def _default_backend(x: torch.Tensor, carrying_state: bool) -> str:
     forced = os.environ.get(_ENV)
     if forced:
         return forced
-    # a forced scan backend, float64 (gradcheck) and mamba-ssm's CUDA scan all go through the reference composition
-    if os.environ.get("DEFOCUS_SCAN_BACKEND") or x.dtype == torch.float64:
+    # a forced scan backend, float64 (gradcheck) and mamba-ssm's CUDA scan all go through the reference composition,
+    # except a forced "triton" scan on CUDA, which means the Triton path: the fused mixer is its scan with the
+    # mixer's elementwise steps folded in (DEFOCUS_MIXER_BACKEND=torch runs the Triton scan alone)
+    forced_scan = os.environ.get("DEFOCUS_SCAN_BACKEND")
+    if forced_scan == "triton" and x.is_cuda and x.dtype != torch.float64 and "triton" in _BACKENDS \
+            and _AVAILABLE["triton"]():
+        return "triton"
+    if forced_scan or x.dtype == torch.float64:
         return "torch"
     if x.is_cuda and "cuda" in available_scan_backends():
         return "torch"
@@ -154,7 +162,8 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
         return_final_state: also return the scan state after the last token, `[B, D, N]` fp32.
         backend: a registered name; `None` picks the native kernel of the device when registered and available
             (`"cpu"`, `"triton"` on CUDA unless mamba-ssm's scan imports), else `"torch"`. Float64 inputs and a set
-            `DEFOCUS_SCAN_BACKEND` use `"torch"`; `DEFOCUS_MIXER_BACKEND` overrides everything.
+            `DEFOCUS_SCAN_BACKEND` use `"torch"` (except `DEFOCUS_SCAN_BACKEND=triton` on CUDA: the fused Triton
+            mixer); `DEFOCUS_MIXER_BACKEND` overrides everything.
 
     Returns:
         `[B, L, D]` in `x`'s dtype, or `(out, final_state)`.

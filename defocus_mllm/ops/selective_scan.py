@@ -15,9 +15,6 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import cpu_scan
-from .cpu_scan import selective_scan_cpu
-
 ScanFn = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
 ScanResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
@@ -193,8 +190,7 @@ def selective_scan_cuda(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
 
 register_selective_scan_backend("torch", selective_scan_torch, carries_state=True)
 register_selective_scan_backend("cuda", selective_scan_cuda, _mamba_ssm_available)
-# the native CPU kernel; `is_available` compiles it on first use (seconds, cached), never at import
-register_selective_scan_backend("cpu", selective_scan_cpu, cpu_scan.is_available)
+# "cpu" (the native kernel) is registered by cpu_scan.py and "triton" by triton_scan.py, which the ops package imports
 
 # Backends tried in order for each device type when no backend is named; "torch" runs anywhere and ends each
 # list. Backends registered by other modules (e.g. "triton") take part once registered.

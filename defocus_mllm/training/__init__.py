@@ -31,7 +31,7 @@ from .llava_setup import (
     wants_vision_warmup,
 )
 from .llava_trainer import LlavaTrainer
-from .runtime import StopOnSignal, resolve_resume_checkpoint, setup_logging, use_cpu_threads
+from .runtime import StopOnSignal, distributed_exit, resolve_resume_checkpoint, setup_logging, use_cpu_threads
 from .warmup import warm_up_vision_tower
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "build_llava_model",
     "build_supervised_dataset",
     "configure_trainable",
+    "distributed_exit",
     "load_conversations",
     "load_projector",
     "parse_overrides",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -21,6 +22,24 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 PROJECTOR_FILE = "projector.safetensors"
+
+
+def _check_fields(obj: Any, at_least: dict[str, float], choices: dict[str, tuple[str, ...]] = {},
+                  fractions: tuple[str, ...] = ()) -> None:
+    """Range and choice checks of a recipe's fields (unset optional ones pass), naming the field: a zero or negative
+    size would otherwise fail far into data preparation or the model build, and an unknown mode be read as another.
+    `fractions` are probabilities and shares, in [0, 1]."""
+    for name, low in at_least.items():
+        value = getattr(obj, name)
+        if value is not None and not value >= low:  # `not >=` also refuses NaN
+            raise ValueError(f"{name}={value!r} must be at least {low:g}")
+    for name in fractions:
+        value = getattr(obj, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{name}={value!r} must be in [0, 1]")
+    for name, allowed in choices.items():
+        if getattr(obj, name) not in allowed:
+            raise ValueError(f"{name}={getattr(obj, name)!r} must be one of {', '.join(map(repr, allowed))}")
 
 
 # ---------------------------------------------------------------------------------------------------- LLaVA stages
@@ -52,6 +71,10 @@ class ModelArguments:
                 "folder tree <root>/<class>/<image>"})
     vision_warmup_lr: float = field(default=2e-3, metadata={"help": "warm-up learning rate"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"image_size": 1, "tiny_lm_hidden_size": 1, "tiny_lm_layers": 1, "tiny_vocab_size": 1,
+                             "vision_warmup_epochs": 0, "vision_warmup_lr": 0})
+
 
 @dataclass
 class DataArguments:
@@ -81,6 +104,10 @@ class DataArguments:
     allow_images_outside_folder: bool = field(default=False, metadata={
         "help": "accept image paths in a LLaVA JSON file that are absolute or climb out of image_folder ('..')"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"easy_vqa_turns": 1, "easy_vqa_max_images": 1, "max_train_samples": 1,
+                             "model_max_length": 1}, {"image_aspect_ratio": ("pad", "crop")})
+
 
 @dataclass
 class LlavaTrainingArguments(TrainingArguments):
@@ -101,6 +128,11 @@ class LlavaTrainingArguments(TrainingArguments):
         "help": "intra-op threads of a CPU run (default: every core this process may use when it is the only "
                 "process and OMP_NUM_THREADS is unset or 1, which is what `accelerate launch` without a config sets)"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"eval_limit": 1, "eval_batch_size": 1, "cpu_threads": 1, "lora_r": 1},
+                      {"stage": ("pretrain", "finetune")})
+        super().__post_init__()
+
 
 # ------------------------------------------------------------------------------------------- encoder pretraining
 
@@ -118,6 +150,13 @@ class EncoderModelArguments:
     aux_loss_mode: Optional[str] = field(default=None, metadata={"help": "per_token | pooled | none"})
     label_smoothing: float = field(default=0.1, metadata={"help": "folded into mixup targets, or the hard-label loss"})
     layer_decay: float = field(default=1.0, metadata={"help": "layer-wise lr decay (1.0: off)"})
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"image_size": 1, "drop_path_rate": 0, "min_drop_path_rate": 0},
+                      {"aux_loss_mode": (None, "per_token", "pooled", "none")},
+                      fractions=("drop_path_rate", "min_drop_path_rate", "label_smoothing"))
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay={self.layer_decay!r} must be in (0, 1] (1.0: off)")
 
 
 @dataclass
@@ -148,6 +187,13 @@ class EncoderDataArguments:
     lr_reference_batch: Optional[int] = field(default=None, metadata={
         "help": "scale learning_rate linearly by global_batch / this (the release: 5e-4 per 512 images)"})
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"max_train_samples": 1, "max_eval_samples": 1, "repeated_aug": 1, "lr_reference_batch": 1,
+                             "mixup_alpha": 0, "cutmix_alpha": 0, "color_jitter": 0},
+                      fractions=("crop_scale_min", "hflip", "random_erase", "mixup_prob", "mixup_switch_prob"))
+        if not self.crop_scale_min > 0:
+            raise ValueError(f"crop_scale_min={self.crop_scale_min!r} must be in (0, 1]")
+
 
 
 # ------------------------------------------------------------------------------------------ semantic segmentation
@@ -170,6 +216,9 @@ class SegmentationModelArguments:
     auxiliary_channels: int = 32
     auxiliary_loss_weight: float = 0.4
 
+    def __post_init__(self) -> None:
+        _check_fields(self, {"decode_hidden_size": 1, "auxiliary_channels": 1, "auxiliary_loss_weight": 0})
+
 
 @dataclass
 class SegmentationDataArguments:
@@ -181,6 +230,10 @@ class SegmentationDataArguments:
     max_eval_samples: Optional[int] = None
     figure_images: int = field(default=8, metadata={
         "help": "test images in the predictions figure saved to output_dir/predictions.png (0: none)"})
+
+    def __post_init__(self) -> None:
+        _check_fields(self, {"image_size": 1, "max_train_samples": 1, "max_eval_samples": 1, "figure_images": 0},
+                      fractions=("hflip",))
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
@@ -199,13 +252,51 @@ def parse_recipe_args(dataclass_types: Sequence[type], argv: Optional[list[str]]
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{config}: expected a mapping of argument names to values")
-        fields = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - fields)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(str(k) for k in values if k not in actions)
         if unknown:
             raise ValueError(f"{config}: unknown argument(s) {unknown}")
-        values = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()}
+        list_fields = {name for t in dataclass_types for name, hint in typing.get_type_hints(t).items()
+                       if "list" in str(hint).lower()}  # from the annotations: HfArgumentParser rewrites Field.type
+        values = {k: _config_value(config, actions[k], v, k in list_fields) for k, v in values.items()}
         parser.set_defaults(**values)
     return parser.parse_args_into_dataclasses(args=rest)
+
+
+def _config_value(config: str, action: argparse.Action, value: Any, takes_list: bool) -> Any:
+    """A YAML value converted and checked as argparse checks the same value on the command line. argparse applies
+    `type` only to string defaults, so without this `max_steps: 2.7` or `num_train_epochs: [1, 2]` would reach the
+    Trainer unconverted and fail deep inside it, with no field named."""
+    if value is None:
+        return None
+    if isinstance(value, dict):  # a mapping field (`lr_scheduler_kwargs`) reads JSON text; other types refuse it
+        return _config_scalar(config, action, json.dumps(value))
+    many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+    if isinstance(value, list):
+        if not (many or takes_list):
+            raise ValueError(f"{config}: {action.dest} takes one value, not the list {value!r}")
+        return [_config_scalar(config, action, v) for v in value]
+    converted = _config_scalar(config, action, value)
+    return [converted] if many else converted
+
+
+def _config_scalar(config: str, action: argparse.Action, value: Any) -> Any:
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{config}: {action.dest}: {value!r} is not a single value")
+    if action.type is None:
+        return value
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if action.choices:
+        kind = "one of " + ", ".join(map(str, action.choices))
+    else:
+        kind = "a valid " + getattr(action.type, "__name__", "value").replace("string_to_bool", "boolean")
+    try:
+        converted = action.type(text)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{config}: {action.dest}: {value!r} is not {kind}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"{config}: {action.dest}: {value!r} is not {kind}")
+    return converted
 
 
 def parse_overrides(text: Optional[str]) -> dict[str, Any]:

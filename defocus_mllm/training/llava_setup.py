@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Trainer
 
 from ..data.conversations import Conversation, load_hf_dataset, load_llava_json
 from ..data.easy_vqa import load_easy_vqa
@@ -52,9 +52,37 @@ def corpus_for_tokenizer(conversations: Sequence[Conversation]) -> list[str]:
     return texts + [LLAVA_V1_SYSTEM, "USER: ASSISTANT:"]
 
 
-def build_llava_model(model_args: ModelArguments, data_args: DataArguments, conversations: Sequence[Conversation]):
+def checkpoint_tokenizer(checkpoint: str | os.PathLike) -> Optional[Any]:
+    """The tokenizer a Trainer checkpoint was saved with (the Trainer saves its `processing_class`), or None."""
+    path = Path(checkpoint)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def check_resume_tokenizer(checkpoint: str | os.PathLike, tokenizer: Any) -> None:
+    """A resumed run must tokenise as the checkpoint's embeddings were trained: the same token for the same id.
+    Raises naming the checkpoint and how many ids differ (a checkpoint without a tokenizer is not checked)."""
+    saved = checkpoint_tokenizer(checkpoint)
+    if saved is None:
+        return
+    old, new = saved.get_vocab(), tokenizer.get_vocab()
+    if old != new:
+        by_id_old, by_id_new = {i: t for t, i in old.items()}, {i: t for t, i in new.items()}
+        changed = sorted(i for i in set(by_id_old) | set(by_id_new) if by_id_old.get(i) != by_id_new.get(i))
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: its tokenizer differs from this run's ({len(changed)} "
+                         f"token id(s) mean another token, e.g. id {changed[0]}: {by_id_old.get(changed[0])!r} there, "
+                         f"{by_id_new.get(changed[0])!r} now); resume with the language model it was trained with")
+
+
+def build_llava_model(model_args: ModelArguments, data_args: DataArguments, conversations: Sequence[Conversation],
+                      resume: Optional[str] = None):
     """`(model, processor)` from a saved directory, or assembled by `build_llava` (the offline default when no
-    language model is named: a tiny Llama and a tokenizer trained on `conversations`)."""
+    language model is named: a tiny Llama and a tokenizer trained on `conversations`).
+
+    With `resume` (the checkpoint the Trainer will load), the offline default takes the checkpoint's tokenizer instead
+    of training one on this run's data (other data would give other token ids under the same embeddings), and any
+    other tokenizer must equal the checkpoint's (:func:`check_resume_tokenizer`)."""
     if model_args.model_name_or_path:
         with naming_corrupt_files(model_args.model_name_or_path, "weights file"):
             model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
@@ -71,18 +99,28 @@ def build_llava_model(model_args: ModelArguments, data_args: DataArguments, conv
                                            vision_feature_layer=model_args.vision_feature_layer,
                                            image_size=model_args.image_size)
         else:
-            corpus = corpus_for_tokenizer(conversations)
-            if data_args.data_path == "easy-vqa":
-                # Both stages must share one vocabulary: stage 2 continues from the stage-1 directory.
-                corpus += corpus_for_tokenizer(load_easy_vqa(data_args.dataset_split,
-                                                             captions=not data_args.easy_vqa_captions))
-            tokenizer = train_tokenizer(corpus, vocab_size=model_args.tiny_vocab_size)
+            tokenizer = checkpoint_tokenizer(resume) if resume else None
+            if resume and tokenizer is None:
+                raise ValueError(f"--resume_from_checkpoint {resume}: the checkpoint holds no tokenizer, and the offline "
+                                 f"tiny language model's tokenizer is trained on the data; a resumed run must use the "
+                                 f"one its embeddings were trained with")
+            if tokenizer is None:
+                corpus = corpus_for_tokenizer(conversations)
+                if data_args.data_path == "easy-vqa":
+                    # Both stages must share one vocabulary: stage 2 continues from the stage-1 directory.
+                    corpus += corpus_for_tokenizer(load_easy_vqa(data_args.dataset_split,
+                                                                 captions=not data_args.easy_vqa_captions))
+                tokenizer = train_tokenizer(corpus, vocab_size=model_args.tiny_vocab_size)
+            else:
+                logger.info("resuming from %s: its tokenizer is used, not one trained on this run's data", resume)
             lm_config = tiny_llama_config(len(tokenizer), hidden_size=model_args.tiny_lm_hidden_size,
                                           num_hidden_layers=model_args.tiny_lm_layers,
                                           max_position_embeddings=data_args.model_max_length)
             model, processor = build_llava(vision, lm_config, tokenizer=tokenizer,
                                            vision_feature_layer=model_args.vision_feature_layer,
                                            image_size=model_args.image_size)
+    if resume:
+        check_resume_tokenizer(resume, processor.tokenizer)
     processor.image_processor.do_pad = data_args.image_aspect_ratio == "pad"
     if model_args.pretrain_projector:
         load_projector(model, model_args.pretrain_projector)
@@ -178,6 +216,8 @@ def save_llava(trainer: Trainer, processor: Any, dataset: SupervisedDataset, arg
 __all__ = [
     "build_llava_model",
     "build_supervised_dataset",
+    "check_resume_tokenizer",
+    "checkpoint_tokenizer",
     "configure_trainable",
     "corpus_for_tokenizer",
     "load_conversations",

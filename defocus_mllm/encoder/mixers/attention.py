@@ -4,9 +4,10 @@ The logits are `q_i . R(theta (i - j)) k_j / sqrt(d) + (i - j) * A_h`: rotating 
 positions gives the relative rotation (the high-pass part), and the per-head decay enters as an additive bias (the
 low-pass part). `causal=False`, `use_rope=False`, `decay_mode="none"` is a plain DeiT-style attention layer.
 
-Two implementations give the same numbers (docs/method.md §3.4): `scaled_dot_product_attention` with the decay and
-the causal mask as a dense `[H, L, L]` additive bias, and FlexAttention with the decay as a `score_mod` and causality
-as a block mask (no `[H, L, L]` tensor, fully masked blocks skipped). `attention_backend` picks one.
+Three implementations give the same numbers (docs/method.md §3.4): `scaled_dot_product_attention` with the decay and
+the causal mask as a dense `[H, L, L]` additive bias, FlexAttention with the decay as a `score_mod` and causality as
+a block mask (no `[H, L, L]` tensor, fully masked blocks skipped), and `ops.decay_attention`, SDPA one tile of queries
+at a time with the bias built per tile (no `[H, L, L]` tensor, forward or backward). `attention_backend` picks one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.decay_attention import decay_attention
 from ..filters import DefocusHeadFilter
 from .base import TokenMixer
 
@@ -102,7 +104,8 @@ class DefocusAttentionMixer(TokenMixer):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.filter = DefocusHeadFilter(config, self.num_heads, self.head_dim)
-        # "auto" / "sdpa" / "flex" / "flex_eager" (see `uses_flex`); a plain attribute, so it can be set per mixer
+        # "auto" / "sdpa" / "chunked" / "flex" / "flex_eager" (see `uses_flex`, `uses_chunked`); a plain attribute,
+        # so it can be set per mixer
         self.attention_backend = config.attention_backend
 
     def init_weights(self) -> None:
@@ -111,10 +114,10 @@ class DefocusAttentionMixer(TokenMixer):
     def uses_flex(self, q: torch.Tensor) -> bool:
         """Whether `forward` takes the FlexAttention path for queries like `q`.
 
-        `"auto"` takes it on CUDA for fp32 / bf16 / fp16 (compiled), and the SDPA path elsewhere: on CPU the compiled
-        kernel costs a long compilation per sequence length and PyTorch has no FlexAttention backward there
-        (docs/kernels.md has the measurements). `"flex"` / `"flex_eager"` always take it (PyTorch then raises where
-        it is not supported, e.g. a backward on CPU); `"sdpa"` never does.
+        `"auto"` takes it on CUDA for fp32 / bf16 / fp16 (compiled), and the chunked path elsewhere (`uses_chunked`):
+        on CPU the compiled kernel costs a long compilation per sequence length and PyTorch has no FlexAttention
+        backward there (docs/kernels.md has the measurements). `"flex"` / `"flex_eager"` always take it (PyTorch then
+        raises where it is not supported, e.g. a backward on CPU); `"sdpa"` and `"chunked"` never do.
         """
         backend = self.attention_backend
         if backend == "auto":
@@ -123,9 +126,15 @@ class DefocusAttentionMixer(TokenMixer):
             if not flex_attention_available():
                 raise RuntimeError(f"attention_backend={backend!r} needs torch >= 2.5 (FlexAttention)")
             return True
-        if backend != "sdpa":
-            raise ValueError(f"attention_backend={backend!r} must be 'auto', 'sdpa', 'flex' or 'flex_eager'")
+        if backend not in ("sdpa", "chunked"):
+            raise ValueError(f"attention_backend={backend!r} must be 'auto', 'sdpa', 'chunked', 'flex' or 'flex_eager'")
         return False
+
+    def uses_chunked(self, q: torch.Tensor) -> bool:
+        """Whether `forward` takes `ops.decay_attention` (a decay bias built per tile of queries) for queries like
+        `q` when it does not take FlexAttention: `"chunked"`, and `"auto"` off CUDA, where it is faster than the
+        dense bias and keeps memory linear in the length (docs/kernels.md)."""
+        return self.attention_backend == "chunked" or (self.attention_backend == "auto" and not q.is_cuda)
 
     def queries_keys_values(self, hidden_states: torch.Tensor, position_offset: int = 0
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,7 +143,8 @@ class DefocusAttentionMixer(TokenMixer):
         batch, length, _ = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return self.filter.rotate(q, offset=position_offset), self.filter.rotate(k, offset=position_offset), v
+        q, k = self.filter.rotate(q, k, offset=position_offset)  # the angles once for both
+        return q, k, v
 
     def attention_bias(self, length: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The additive logit bias `[H, L, L]`: `(i - j) * A_h`, and `-inf` above the diagonal when causal.
@@ -164,6 +174,8 @@ class DefocusAttentionMixer(TokenMixer):
             out = self.flex_forward(q, k, v)
         elif self.filter.A_log is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        elif self.uses_chunked(q):
+            out = decay_attention(q, k, v, self.filter.log_decay(), causal=self.causal)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attention_bias(length, q.device, q.dtype))
         return self.proj(out.transpose(1, 2).reshape(batch, length, hidden))

@@ -1,0 +1,22 @@
+"""Fixtures shared by every test module (pytest finds them here; nothing imports this file).
+
+Plain helper functions and constants are in `helpers.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for each test module: the models under test are tiny, and a second thread only adds
+    contention on a shared 2-core machine, where it made the mixer tests 10x slower. A test that measures threading
+    sets its own count and restores it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
