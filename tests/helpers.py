@@ -84,8 +84,10 @@ def free_port() -> int:
         low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
+    # the OS's randomness: tests seed `random` (set_seed), so two test runs side by side would draw the same ports
+    draw = random.SystemRandom()
     for _ in range(100):
-        port = random.randrange(10000, max(low, 10001))
+        port = draw.randrange(10000, max(low, 10001))
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
