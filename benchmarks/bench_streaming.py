@@ -28,6 +28,7 @@ import torch
 
 from bench_selective_scan import PeakMemory
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm.encoder.modeling_defocus import DefocusStreamState
 
 MODELS = {
     "Mamba-S": ("mamba-small", {}),
@@ -57,7 +58,7 @@ def whole(model: DefocusVisionModel, pixels: torch.Tensor) -> Callable[[], int]:
 def streamed(model: DefocusVisionModel, chunks: list[torch.Tensor], result: dict) -> Callable[[], int]:
     """Feed the chunks one after the other, dropping each chunk's output once produced."""
     def run() -> int:
-        state, tokens = None, 0
+        state, tokens = DefocusStreamState(len(model.blocks)), 0
         for i, chunk in enumerate(chunks):
             out = model(chunk, past_state=state, use_cache=True, finalize=i == len(chunks) - 1)
             state = out.past_state

@@ -80,7 +80,7 @@ def test_hand_fed_chunks_a_separate_finalize_and_the_hidden_states_equal_the_who
     state, outputs, hidden = None, [], []
     for top in (0, 8, 24):  # chunks of 1, 2 and 1 patch rows
         out = model(image[:, :, top:top + (16 if top == 8 else 8)], past_state=state, use_cache=True,
-                    output_hidden_states=True)
+                    finalize=False, output_hidden_states=True)
         assert out.pooler_output is None  # no CLS token before the stream is finalized
         state = out.past_state
         outputs.append(out.last_hidden_state)
@@ -177,6 +177,15 @@ def test_the_vit_key_value_cache_grows_with_the_stream():
         assert state.num_bytes() == tokens * bytes_per_token
 
 
+def test_use_cache_alone_as_llava_passes_it_is_the_whole_forward():
+    model = tiny_model("mamba-tiny")
+    image = torch.randn(2, 3, 32, 32)
+    whole = model(image, output_hidden_states=-2, return_dict=True)
+    as_llava = model(image, use_cache=True, output_hidden_states=-2, return_dict=True)
+    assert as_llava.pooler_output is not None and len(as_llava.hidden_states) == len(whole.hidden_states)
+    torch.testing.assert_close(as_llava.last_hidden_state, whole.last_hidden_state, rtol=0, atol=0)
+
+
 def test_streams_are_refused_where_they_make_no_sense():
     noncausal = tiny_model("vit-tiny-noncausal")
     with pytest.raises(ValueError, match="non-causal"):
@@ -185,7 +194,7 @@ def test_streams_are_refused_where_they_make_no_sense():
     with pytest.raises(ValueError, match="rows_per_chunk=0"):
         model.encode_rows(torch.randn(1, 3, 16, 16), 0)
     with pytest.raises(ValueError, match="empty stream"):
-        model(None, use_cache=True, finalize=True)
+        model(None, past_state=DefocusStreamState(len(model.blocks)), finalize=True)
     with pytest.raises(ValueError, match="needs use_cache=True"):
         model(torch.randn(1, 3, 16, 16), finalize=False)
     with pytest.raises(ValueError, match="layers"):

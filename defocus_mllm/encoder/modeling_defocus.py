@@ -292,7 +292,8 @@ class DefocusVisionModel(DefocusPreTrainedModel):
         `pixel_values` is an image `[B, C, H, W]` or a video `[B, T, C, H, W]` (its frames encoded as one causal
         sequence, frame after frame, positions continuing the 1D index; one CLS token after the last frame).
 
-        Streaming (docs/streaming.md): with `use_cache=True` or a `past_state`, `pixel_values` is the next chunk of
+        Streaming (docs/streaming.md): with a `past_state`, or `use_cache=True, finalize=False` to start a stream
+        (`use_cache=True` alone, as LLaVA passes it, is the whole forward), `pixel_values` is the next chunk of
         the stream (patch rows `[B, C, h, W]` of an image, frames `[B, T, C, H, W]`, or None to only finalize); its
         tokens continue the positions of `past_state` (a new stream when None), no CLS token is appended unless
         `finalize=True`, and a `DefocusStreamOutput` with the chunk's tokens and the updated `past_state` (the same
@@ -302,7 +303,9 @@ class DefocusVisionModel(DefocusPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         want_hidden = output_hidden_states is not None and output_hidden_states is not False
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if past_state is not None or use_cache:
+        # `use_cache=True` alone is what LlavaModel and `generate` pass every vision tower: a whole forward. A stream
+        # starts with `use_cache=True, finalize=False` and goes on with its `past_state`.
+        if past_state is not None or (use_cache and finalize is False):
             return self._forward_stream(pixel_values, past_state, bool(finalize), want_hidden, return_dict)
         if finalize is False:
             raise ValueError("finalize=False (a stream left open for more tokens) needs use_cache=True")
@@ -406,6 +409,8 @@ class DefocusVisionModel(DefocusPreTrainedModel):
     def _encode_chunks(self, chunks: list[torch.Tensor], past_state: Optional[DefocusStreamState], finalize: bool,
                        output_hidden_states: Optional[bool]) -> DefocusStreamOutput:
         outputs = []
+        if past_state is None:  # a state from the start: a single finalizing chunk is a stream too
+            past_state = DefocusStreamState(len(self.blocks))
         for i, chunk in enumerate(chunks):
             out = self(chunk, past_state=past_state, use_cache=True, finalize=finalize and i == len(chunks) - 1,
                        output_hidden_states=output_hidden_states, return_dict=True)
