@@ -9,10 +9,12 @@ projector or a pooling head would) and keeps only the carried state, so its peak
 plus the state; a whole run holds the full sequence's activations. RetNet-S is the De-focus RetNet with DeiT-S sizes
 (hidden 384, 12 layers, 6 heads), as Mamba-S and ViT-S are.
 
-The whole forward of RetNet (its parallel form, `[H, L, L]`) and of ViT (a dense `[H, L, L]` decay bias) is
-quadratic in memory: at 65,536 tokens that is ~100 GiB per layer, so `--whole-max-tokens` caps the whole runs
-(larger sizes print "skipped" with the memory it would need). The streamed ViT's key/value cache and its attention
-cost grow with the stream; `--vit-max-tokens` caps its streamed runs for time.
+The whole forward of RetNet (its parallel form, `[H, L, L]`) is quadratic in memory: at 65,536 tokens that is
+~100 GiB per layer, so `--quadratic-max-tokens` caps the whole RetNet runs (larger sizes print "skipped" with the
+memory it would need). The whole De-focus ViT on the CPU builds its decay bias per tile (linear memory) but its
+attention costs `O(L^2)` time, as does a streamed ViT, whose key/value cache grows with the stream;
+`--vit-max-tokens` caps both for time. `--tokens-per-chunk` streams a fixed number of tokens per chunk at every
+image size (the rows per chunk follow the width), the clean test that a stream's peak does not grow with its length.
 
 Peak memory is what the call adds on top of the weights (the resident-set high-water mark, as in
 bench_selective_scan.py's `PeakMemory`); on a machine shared with other work times are noisy.
@@ -94,16 +96,19 @@ def main() -> None:
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[1024, 2048, 4096],
                         help="square image sides in pixels, streamed (and whole where allowed) (default: %(default)s)")
     parser.add_argument("--rows-per-chunk", type=int, default=4, help="patch rows per streamed chunk")
+    parser.add_argument("--tokens-per-chunk", type=int, default=0,
+                        help="stream about this many tokens per chunk at every size: whole patch rows, at least one "
+                             "(0: --rows-per-chunk rows)")
     parser.add_argument("--frames", type=int, default=64, help="video length in frames")
     parser.add_argument("--frame-size", type=int, default=128, help="video frame side in pixels")
     parser.add_argument("--whole-max-tokens", type=int, default=65536,
                         help="most patch tokens of a whole Mamba forward (linear memory)")
     parser.add_argument("--quadratic-max-tokens", type=int, default=4096,
-                        help="most patch tokens of a whole RetNet / ViT forward ([H, L, L] memory)")
+                        help="most patch tokens of a whole RetNet forward ([H, L, L] memory)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 avoids thread barriers on a loaded machine")
     parser.add_argument("--vit-max-tokens", type=int, default=4096,
-                        help="most patch tokens of a streamed ViT run (its attention cost grows with the stream)")
+                        help="most patch tokens of a whole or streamed ViT run (O(L^2) attention time)")
     args = parser.parse_args()
 
     if args.threads:
@@ -113,56 +118,66 @@ def main() -> None:
     if args.quick:
         args.image_sizes, args.frames, args.frame_size, patch = [32, 64], 4, 16, 8
     peak = PeakMemory("cpu")
+    chunking = f"~{args.tokens_per_chunk} tokens" if args.tokens_per_chunk else f"{args.rows_per_chunk} patch rows"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, "
-          f"{args.rows_per_chunk} patch rows per chunk, video {args.frames} x {args.frame_size}^2")
-    header = f"{'model':9s} {'input':>16s} {'tokens':>7s} {'mode':>12s} {'time s':>8s} {'peak MiB':>9s} {'state MiB':>10s}"
+          f"{chunking} per chunk, video {args.frames} x {args.frame_size}^2")
+    header = (f"{'model':9s} {'input':>16s} {'tokens':>7s} {'mode':>12s} {'per chunk':>9s} {'time s':>8s} "
+              f"{'peak MiB':>9s} {'state MiB':>10s}")
     print(header)
     print("-" * len(header))
 
     def row(name: str, what: str, tokens: int, mode: str, seconds: Optional[float], mib: Optional[float],
-            state: Optional[int], note: str = "") -> None:
+            state: Optional[int], note: str = "", per_chunk: Optional[int] = None) -> None:
+        c = f"{per_chunk:9d}" if per_chunk is not None else f"{'-':>9s}"
         t = f"{seconds:8.2f}" if seconds is not None else f"{'-':>8s}"
         m = f"{mib:9.0f}" if mib is not None else f"{'-':>9s}"
         s = f"{state / MiB:10.2f}" if state is not None else f"{'-':>10s}"
-        print(f"{name:9s} {what:>16s} {tokens:7d} {mode:>12s} {t} {m} {s} {note}".rstrip(), flush=True)
+        print(f"{name:9s} {what:>16s} {tokens:7d} {mode:>12s} {c} {t} {m} {s} {note}".rstrip(), flush=True)
 
     for name in args.models:
         preset, overrides = models[name]
         torch.manual_seed(0)
         model = build(preset, overrides, patch)
         p = model.config.patch_size
-        quadratic = model.config.mixer in ("attention", "retention")
+        attention = model.config.mixer == "attention"
+        quadratic = model.config.mixer == "retention"  # whole forward's memory; the ViT's is linear (per-tile bias)
         for side in args.image_sizes:
             pixels = torch.randn(1, 3, side, side)
-            tokens = (side // p) ** 2 + 1
+            grid = side // p
+            tokens = grid ** 2 + 1
             what = f"image {side}^2"
-            limit = args.quadratic_max_tokens if quadratic else args.whole_max_tokens
-            if tokens - 1 <= limit:
-                row(name, what, tokens, "whole", *measure(whole(model, pixels), peak)[:2], None)
+            rows = max(1, args.tokens_per_chunk // grid) if args.tokens_per_chunk else args.rows_per_chunk
+            mode = f"rows x{rows}"
+            if attention and tokens - 1 > args.vit_max_tokens:
+                row(name, what, tokens, "whole", None, None, None, "(skipped: over --vit-max-tokens; O(L^2) time)")
+            elif quadratic and tokens - 1 > args.quadratic_max_tokens:
+                row(name, what, tokens, "whole", None, None, None,
+                    f"(skipped: [H, L, L] fp32 is {quadratic_bytes(model, tokens) / 2**30:.0f} GiB)")
+            elif tokens - 1 > args.whole_max_tokens:
+                row(name, what, tokens, "whole", None, None, None, "(skipped: over --whole-max-tokens)")
             else:
-                need = f"(skipped: [H, L, L] fp32 is {quadratic_bytes(model, tokens) / 2**30:.0f} GiB)" if quadratic \
-                    else "(skipped: over --whole-max-tokens)"
-                row(name, what, tokens, "whole", None, None, None, need)
-            if model.config.mixer == "attention" and tokens - 1 > args.vit_max_tokens:
-                row(name, what, tokens, f"rows x{args.rows_per_chunk}", None, None, None,
+                row(name, what, tokens, "whole", *measure(whole(model, pixels), peak)[:2], None)
+            if attention and tokens - 1 > args.vit_max_tokens:
+                row(name, what, tokens, mode, None, None, None,
                     "(skipped: over --vit-max-tokens; attention cost grows with the stream)")
                 continue
-            step = args.rows_per_chunk * p
+            step = rows * p
             chunks = [pixels[:, :, top:top + step] for top in range(0, side, step)]
             result = {}
             seconds, mib, count = measure(streamed(model, chunks, result), peak)
-            row(name, what, count, f"rows x{args.rows_per_chunk}", seconds, mib, result["state_bytes"])
+            row(name, what, count, mode, seconds, mib, result["state_bytes"], per_chunk=rows * grid)
         video = torch.randn(1, args.frames, 3, args.frame_size, args.frame_size)
         tokens = args.frames * (args.frame_size // p) ** 2 + 1
         what = f"video {args.frames}x{args.frame_size}^2"
-        limit = args.quadratic_max_tokens if quadratic else args.whole_max_tokens
+        limit = args.quadratic_max_tokens if quadratic else args.vit_max_tokens if attention else args.whole_max_tokens
         if tokens - 1 <= limit:
             row(name, what, tokens, "whole", *measure(whole(model, video), peak)[:2], None)
         else:
             row(name, what, tokens, "whole", None, None, None, "(skipped: over the whole-forward cap)")
         result = {}
         seconds, mib, count = measure(streamed(model, list(video.split(1, dim=1)), result), peak)
-        row(name, what, count, "frame x1", seconds, mib, result["state_bytes"])
+        row(name, what, count, "frame x1", seconds, mib, result["state_bytes"],
+            per_chunk=(args.frame_size // p) ** 2)
     print("\nwhole: one forward over all tokens; rows xN / frame x1: streamed with past_state, N patch rows or one "
           "frame per chunk, chunk outputs dropped; state: the carried past_state at the end (Mamba / RetNet: fixed "
           "size; ViT: its key/value cache, which grows). Whole runs are the reference the streams equal (vs the "

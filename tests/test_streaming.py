@@ -222,12 +222,16 @@ def test_the_streaming_benchmark_runs_quick():
 
     repo = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_streaming.py"), "--quick",
-                           "--models", "Mamba-S", "RetNet-S"], cwd=repo, capture_output=True, text=True, timeout=600)
+                           "--models", "Mamba-S", "RetNet-S", "--tokens-per-chunk", "8"], cwd=repo,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     for model in ("Mamba-S", "RetNet-S"):
         modes = [line.split()[4] for line in lines if line.startswith(model)]
         assert modes == ["whole", "rows", "whole", "rows", "whole", "frame"], proc.stdout
-    # the state column of the streamed rows is the same at both image sizes (32^2 and 64^2)
-    states = [line.split()[-1] for line in lines if line.startswith("Mamba-S") and " rows " in line]
-    assert len(states) == 2 and states[0] == states[1], proc.stdout
+    # --tokens-per-chunk: 2 rows of the 4-patch-wide image, 1 row of the 8-wide one, 8 tokens per chunk at both
+    rows = [line.split() for line in lines if line.startswith("Mamba-S") and " rows " in line]
+    assert [r[5] for r in rows] == ["x2", "x1"] and [r[6] for r in rows] == ["8", "8"], proc.stdout
+    # the state column (MiB, last) of the streamed rows is the same at both image sizes (32^2 and 64^2)
+    states = [float(r[-1]) for r in rows]
+    assert len(states) == 2 and states[0] == states[1] > 0, proc.stdout

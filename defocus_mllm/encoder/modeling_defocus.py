@@ -29,7 +29,12 @@ class DefocusRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused pass instead of five elementwise ones
+            if self.weight.dtype == torch.float32:
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            x = F.rms_norm(x, (x.shape[-1],), None, self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(self.weight.dtype)
 
 
