@@ -27,6 +27,7 @@ from defocus_mllm.data.image_classification import (
     HFImageClassificationDataset,
     ImageClassificationCollator,
     ImageFolderDataset,
+    PreprocessedImageDataset,
     RepeatedAugmentationSampler,
 )
 from defocus_mllm.training.encoder_trainer import encoder_param_groups, layer_id, top_k_accuracy
@@ -149,6 +150,24 @@ def test_image_folder_dataset(shapes_folder, tmp_path):
     (tmp_path / "bad" / "circle" / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg"):
         ImageFolderDataset(tmp_path / "bad", tf)[0]
+
+
+def test_preprocessed_dataset_gives_what_the_lazy_one_gives(shapes_folder, tmp_path):
+    lazy = ImageFolderDataset(shapes_folder / "train", ImageClassificationTransform(32, train=False))
+    once = PreprocessedImageDataset(lazy)
+    assert len(once) == len(lazy) and once.classes == lazy.classes and once.targets == lazy.targets
+    assert PreprocessedImageDataset.num_bytes(lazy) == 36 * 3 * 32 * 32 * 4
+    for index in (0, 17, 35):
+        assert torch.equal(once[index]["pixel_values"], lazy[index]["pixel_values"])
+        assert once[index]["labels"] == lazy[index]["labels"]
+    batch = ImageClassificationCollator()([once[0], once[35]])
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["labels"].tolist() == [0, 2]
+    # a corrupt file is named while preprocessing, before any training step
+    (tmp_path / "bad" / "circle").mkdir(parents=True)
+    draw_shape("circle", random.Random(0)).save(tmp_path / "bad" / "circle" / "a.png")
+    (tmp_path / "bad" / "circle" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        PreprocessedImageDataset(ImageFolderDataset(tmp_path / "bad", ImageClassificationTransform(32, train=False)))
 
 
 def test_hf_dataset_columns_are_checked():
