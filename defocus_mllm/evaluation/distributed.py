@@ -49,6 +49,7 @@ def split_between(state, items: list) -> list:
 
 
 def gather(state, obj: list) -> list:
+    """Every process's list, concatenated, on every process."""
     if state.num_processes == 1:
         return obj
     from accelerate.utils import gather_object

@@ -8,7 +8,7 @@ Files in ``output_dir``:
 * ``predictions.jsonl`` - all answers (``question_id``, ``prompt``, ``image``, ``answer``) in question
   order, written by the main process at the end; the rank files are then removed. A question whose
   image could not be used (only with ``skip_bad_images``) has ``answer`` null and an ``error``.
-* ``run.json`` - what determines the answers (:func:`run_key`: the model's weights and config, the
+* ``run.json`` - what determines the answers (:func:`~defocus_mllm.evaluation.fingerprints.run_key`: the model's weights and config, the
   processor, the benchmark and split, the generation settings), written before the first answer. A
   run over a folder whose ``run.json`` differs stops with :class:`ResumeMismatchError` (or, with
   ``overwrite``, discards the old outputs): answers of another model or other settings are never reused.
@@ -133,6 +133,7 @@ def _check_prediction(rec: Mapping[str, Any], path: Path, lineno: int) -> None:
 
 
 def prediction_files(output_dir: Path) -> list[Path]:
+    """The merged prediction file and the rank files an interrupted run left, in the order they are read."""
     return [output_dir / PREDICTIONS, *sorted(output_dir.glob("predictions.rank*.jsonl"))]
 
 
@@ -166,12 +167,14 @@ def _outputs_present(out_dir: Path) -> bool:
 
 
 def clear_outputs(out_dir: Path) -> None:
+    """Delete what a run wrote to ``out_dir`` (``overwrite``: the answers of another run)."""
     for path in [*prediction_files(out_dir), out_dir / METRICS, out_dir / RESULTS, out_dir / SUBMISSION,
                  out_dir / RUN_INFO]:
         path.unlink(missing_ok=True)
 
 
 def read_run_info(out_dir: Path) -> dict[str, Any] | None:
+    """``run.json`` of ``out_dir`` (an empty key when it is unreadable), or None when there is none."""
     path = out_dir / RUN_INFO
     if not path.is_file():
         return None
@@ -183,7 +186,7 @@ def read_run_info(out_dir: Path) -> dict[str, Any] | None:
 
 
 def resume_problems(out_dir: Path, key: Mapping[str, Any], samples: Sequence[Sample],
-                     done: Mapping[Any, Mapping[str, Any]]) -> list[str]:
+                    done: Mapping[Any, Mapping[str, Any]]) -> list[str]:
     """Why the answers in ``out_dir`` may not be reused for this run (empty when they may)."""
     info = read_run_info(out_dir)
     if info is None:
@@ -209,6 +212,7 @@ def resume_problems(out_dir: Path, key: Mapping[str, Any], samples: Sequence[Sam
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temporary file, so an interrupted write never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
