@@ -1,5 +1,7 @@
 """The one image loader: training, evaluation, chat, encoder pretraining and the diagnostics all read images through
-`load_image` (files, bytes, URLs) or `to_rgb` (PIL images), so a model is scored on the pixels it was trained on.
+`load_image` (a file path, a PIL image, bytes or a URL: wherever a caller may hold either a path or an image) or
+`to_rgb` (PIL images), so a model is scored on the pixels it was trained on. `to_model` hands a processor's output to a
+model (its device, and its dtype for the pixel values).
 
 The rule, for every mode Pillow opens:
 
@@ -69,6 +71,16 @@ def load_image(source: ImageSource, name: Optional[str] = None, timeout: float =
         raise ValueError(f"Cannot read image file {name}: {err}") from err
 
 
+def to_model(inputs: Any, model: Any) -> Any:
+    """A processor's output (a `BatchFeature`) on `model`'s device with `pixel_values` in the model's dtype: the
+    processor makes float32 pixels, a bf16 model needs bf16 ones, while token ids and masks stay integer."""
+    parameter = next(model.parameters())
+    inputs = inputs.to(parameter.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
+    return inputs
+
+
 def _load_url(url: str, timeout: float) -> Image.Image:
     from huggingface_hub.utils import httpx  # the HTTP client (and call) of `transformers.image_utils.load_image`
 
@@ -128,4 +140,4 @@ def _gray_to_rgb(image: Image.Image, name: Optional[str]) -> Image.Image:
     return Image.fromarray(gray).convert("RGB")
 
 
-__all__ = ["ImageModeError", "ImageSource", "is_url", "load_image", "to_rgb"]
+__all__ = ["ImageModeError", "ImageSource", "is_url", "load_image", "to_model", "to_rgb"]

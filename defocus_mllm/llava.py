@@ -29,69 +29,22 @@ from transformers import (
 
 from .encoder.configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
 from .encoder.image_processing import DefocusImageProcessor
-from .images import load_image, to_rgb
+from .images import load_image, to_model
 from .encoder.modeling_defocus import DefocusForImageClassification, DefocusVisionModel
 from .files import naming_corrupt_files
+from .prompts import (  # re-exported: these names have always been importable from here
+    FLATTEN_CONTENT_PRELUDE,
+    IMAGE_TOKEN,
+    LETTER_ANSWER_INSTRUCTION,
+    LLAVA_V1_CHAT_TEMPLATE,
+    LLAVA_V1_SYSTEM,
+    SHORT_ANSWER_INSTRUCTION,
+    UNANSWERABLE_INSTRUCTION,
+    build_prompt,
+    with_instruction,
+)
 
 logger = logging.getLogger(__name__)
-
-IMAGE_TOKEN = "<image>"
-
-# LLaVA-1.5's answer-format instructions, appended to a question on a new line (its `llava/eval` question files).
-SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
-LETTER_ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-UNANSWERABLE_INSTRUCTION = "When the provided information is insufficient, respond with 'Unanswerable'."
-
-
-def with_instruction(question: str, instruction: str) -> str:
-    """`question + "\\n" + instruction` unless the question already ends with it (LLaVA's files)."""
-    question = question.rstrip()
-    if not instruction or question.endswith(instruction):
-        return question
-    return f"{question}\n{instruction}"
-
-# LLaVA-v1 ("vicuna_v1") conversation format, used when the tokenizer brings no chat template of its own:
-#   "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."
-# Message contents may be strings or lists of {"type": "image"} / {"type": "text", "text": ...} parts; images are
-# placed before the text of their turn, as LLaVA-1.5 does. The `generation` markers let
-# `apply_chat_template(..., return_assistant_tokens_mask=True)` find the assistant tokens.
-LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-LLAVA_V1_CHAT_TEMPLATE = (
-    '{%- set ns = namespace(system="' + LLAVA_V1_SYSTEM + '") -%}'
-    "{%- for m in messages if m['role'] == 'system' -%}"
-    "{%- set ns.system = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join(' ') -%}"
-    "{%- endfor -%}"
-    "{{ ns.system }}"
-    "{%- for m in messages if m['role'] != 'system' -%}"
-    "{%- if m['content'] is string -%}{%- set text = m['content'] -%}{%- set n_images = 0 -%}"
-    "{%- else -%}"
-    "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
-    "{%- set n_images = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- endif -%}"
-    "{%- if m['role'] == 'user' -%}"
-    "{{ ' USER: ' }}{{ '<image>\\n' * n_images }}{{ text }}"
-    "{%- else -%}"
-    "{{ ' ASSISTANT: ' }}{% generation %}{{ text }}{{ eos_token }}{% endgeneration %}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
-)
-
-# Prepended to a tokenizer's own chat template for the processor: most text templates print `content` as a string,
-# while processors pass lists of typed parts. This turns each list into "<image>\n" per image + the joined text.
-FLATTEN_CONTENT_PRELUDE = (
-    "{%- set flat = namespace(messages=[]) -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['content'] is string -%}{%- set flat.messages = flat.messages + [m] -%}"
-    "{%- else -%}"
-    "{%- set n_images = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
-    "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') -%}"
-    "{%- set flat.messages = flat.messages + [{'role': m['role'], 'content': '<image>\\n' * n_images ~ text}] -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set messages = flat.messages -%}"
-)
 
 PathLike = Union[str, os.PathLike]
 
@@ -289,16 +242,9 @@ def chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
     unless `generate_kwargs` say otherwise. A prompt that does not fit the language model's positions
     (`position_limit`) is refused with a `ValueError`; an answer that would run past them is cut short (warned).
     """
-    content = [{"type": "text", "text": question}]
-    images = None
-    if image is not None:
-        images = [to_rgb(image) if isinstance(image, Image.Image) else load_image(image)]
-        content.insert(0, {"type": "image"})
-    messages = [{"role": "user", "content": content}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=images, text=[prompt], return_tensors="pt").to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    images = None if image is None else [load_image(image)]
+    prompt = build_prompt(processor, question, image=image is not None)
+    inputs = to_model(processor(images=images, text=[prompt], return_tensors="pt"), model)
     generate_kwargs.setdefault("max_new_tokens", 64)
     generate_kwargs.setdefault("do_sample", False)
     limit, length = position_limit(model, processor.tokenizer), inputs["input_ids"].shape[1]

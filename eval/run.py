@@ -22,8 +22,15 @@ import sys
 from pathlib import Path
 
 # the library does the work; this script only parses arguments and loads the model
-from defocus_mllm.evaluation import BENCHMARKS, is_main_process, results_row, run_benchmark, summarize_dirs
-from defocus_mllm.evaluation.generation import load_model, model_fingerprint
+from defocus_mllm.evaluation import (
+    BENCHMARKS,
+    is_main_process,
+    load_model,
+    model_fingerprint,
+    results_row,
+    run_benchmark,
+    summarize_dirs,
+)
 from defocus_mllm.training import distributed_exit
 
 

@@ -5,6 +5,7 @@ Plain helper functions and constants are in `helpers.py`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -20,3 +21,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny De-focus LLaVA saved to disk (`helpers.build_saved_tiny_llava`), once per test module that asks for it."""
+    from helpers import build_saved_tiny_llava  # here, so that collecting a test module costs no model imports
+
+    path = tmp_path_factory.mktemp("tiny_llava")
+    build_saved_tiny_llava(path)
+    return path

@@ -1,5 +1,5 @@
 """End to end: every benchmark name through eval/run.py's main() on the fixture datasets of
-tests/test_evaluation_loaders.py, with a tiny De-focus LLaVA saved to disk (no hub access). The
+`helpers.make_fixture`, with a tiny De-focus LLaVA saved to disk (no hub access). The
 model is untrained: the tests check files, counts, resuming, process splitting and metric plumbing,
 not accuracy."""
 
@@ -13,22 +13,14 @@ from pathlib import Path
 import pytest
 
 from defocus_mllm.evaluation import BenchmarkDataError, generate_answers, get_benchmark, run_benchmark
-from test_evaluation_loaders import FIXTURES, make_fixture
-from helpers import accelerate_launch_command, eval_run_script, record_asked_questions
-from helpers import benchmark_cli_args as _cli_args, build_saved_tiny_llava as _build_tiny_llava, read_jsonl as _lines
+from helpers import FIXTURES, accelerate_launch_command, eval_run_script, make_fixture, record_asked_questions
+from helpers import benchmark_cli_args as _cli_args, read_jsonl as _lines
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "eval" / "run.py"
 
 
 run = eval_run_script()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llava")
-    _build_tiny_llava(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -36,15 +36,15 @@ from defocus_mllm.evaluation import (
     vqa_accuracy,
 )
 from defocus_mllm.evaluation.sources import PathImage
-from test_evaluation_loaders import (
-    _hf_image,
-    _parquet,
-    _png_bytes,
+from helpers import (
     gqa_llava,
+    hf_image,
     mme_hf,
     mme_llava,
+    png_bytes,
     vizwiz_llava,
     vqav2_llava,
+    write_parquet,
 )
 
 NO_IMAGE = PathImage(Path("unused.png"))
@@ -154,8 +154,8 @@ def test_vqav2_submission_follows_convert_vqav2_for_submission(tmp_path):
 
 def test_vqav2_lmms_lab_submission_has_no_padding(tmp_path):
     d = tmp_path / "VQAv2"
-    _parquet(d / "data" / "test-00000-of-00001.parquet",
-             [{"question_id": 7 + i, "question": "What?", "image": _hf_image(i), "answers": None} for i in range(2)])
+    write_parquet(d / "data" / "test-00000-of-00001.parquet",
+             [{"question_id": 7 + i, "question": "What?", "image": hf_image(i), "answers": None} for i in range(2)])
     bench = get_benchmark("vqav2")
     samples = bench.load(data=d)
     assert bench.split == "test"
@@ -178,8 +178,8 @@ def test_vizwiz_llava_submission_follows_convert_vizwiz_for_submission(tmp_path)
 def test_vizwiz_lmms_lab_submission_names_images_with_jpg(tmp_path):
     # lmms-eval vizwiz_vqa_process_results: "image": f"{doc['question_id']}.jpg"
     d = tmp_path / "VizWiz-VQA"
-    _parquet(d / "data" / "test-00000-of-00001.parquet",
-             [{"question_id": f"VizWiz_test_{i:08d}", "question": "What is this?", "image": _hf_image(i),
+    write_parquet(d / "data" / "test-00000-of-00001.parquet",
+             [{"question_id": f"VizWiz_test_{i:08d}", "question": "What is this?", "image": hf_image(i),
                "answers": None, "category": None} for i in range(2)])
     bench = get_benchmark("vizwiz")
     samples = bench.load(data=d)
@@ -248,11 +248,11 @@ def test_gqa_llava_layout_reads_types(tmp_path):
 def test_gqa_lmms_lab_configurations_as_published(tmp_path):
     d = tmp_path / "GQA"
     for tier, color in (("testdev_balanced", 0), ("testdev_all", 1)):
-        _parquet(d / f"{tier}_instructions" / "testdev-00000-of-00001.parquet",
+        write_parquet(d / f"{tier}_instructions" / "testdev-00000-of-00001.parquet",
                  [{"id": f"{tier}{i}", "imageId": "n0", "question": f"Q{i}?", "answer": "yes", "isBalanced": True,
                    "types": {"structural": "verify", "semantic": "obj", "detailed": "existC"}} for i in range(2)])
         # the same image id in both image configurations, different pixels: the pairing must follow the tier
-        _parquet(d / f"{tier}_images" / "testdev-00000-of-00001.parquet", [{"id": "n0", "image": _hf_image(color)}])
+        write_parquet(d / f"{tier}_images" / "testdev-00000-of-00001.parquet", [{"id": "n0", "image": hf_image(color)}])
     with pytest.raises(BenchmarkDataError, match=r"several GQA question splits \['testdev_all_instructions/testdev', "
                                                  r"'testdev_balanced_instructions/testdev'\]"):
         get_benchmark("gqa").load(data=d)
@@ -366,10 +366,10 @@ def test_mme_llava_layout_names_a_missing_answer(tmp_path):
 def test_mme_lmms_lab_prompt_is_lmms_eval_s(tmp_path):
     # mme_doc_to_text: question.strip().replace(" Please answer yes or no.", "") + post_prompt
     d = tmp_path / "MME"
-    rows = [{"question_id": "scene/1.jpg", "image": _hf_image(0), "category": "scene", "answer": a,
+    rows = [{"question_id": "scene/1.jpg", "image": hf_image(0), "category": "scene", "answer": a,
              "question": q} for q, a in (("Is this a beach? Please answer yes or no.", "Yes"),
                                          ("Is this a forest?  Please answer yes or no.", "No"))]
-    _parquet(d / "data" / "test-00000-of-00001.parquet", rows)
+    write_parquet(d / "data" / "test-00000-of-00001.parquet", rows)
     samples = get_benchmark("mme").load(data=d)
     assert samples[0].prompt == f"Is this a beach?\n{SHORT_ANSWER}"
     assert samples[1].prompt == f"Is this a forest? \n{SHORT_ANSWER}"  # one of the two spaces stays
@@ -438,19 +438,19 @@ def _mmbench_tsv(d: Path) -> dict:
     lines = ["\t".join(MMB_HEADER)]
     for i, row in enumerate(MMB_ROWS):
         row = list(row)
-        row[9] = base64.b64encode(_png_bytes(i)).decode()
+        row[9] = base64.b64encode(png_bytes(i)).decode()
         lines.append("\t".join(str(x) for x in row))
     (d / "mmbench_dev_20230712.tsv").write_text("\n".join(lines) + "\n")
     return {"data": d}
 
 
 def _mmbench_parquet(d: Path) -> dict:
-    rows = [dict(zip(MMB_HEADER, row), image=_hf_image(i)) for i, row in enumerate(MMB_ROWS)]
+    rows = [dict(zip(MMB_HEADER, row), image=hf_image(i)) for i, row in enumerate(MMB_ROWS)]
     for r in rows:
         r["L2-category"] = r.pop("l2-category")
         for k in ("hint", "C", "D", "comment"):
             r[k] = None if r[k] == "nan" else r[k]
-    _parquet(d / "en" / "dev-00000-of-00001.parquet", rows)
+    write_parquet(d / "en" / "dev-00000-of-00001.parquet", rows)
     return {"data": d, "split": "en/dev"}
 
 
@@ -479,7 +479,7 @@ def test_mmbench_file_without_copies_is_rotated_and_scored_the_same_way(tmp_path
     lines = ["\t".join(MMB_HEADER)]
     for i, row in enumerate(MMB_ROWS[:2]):
         row = list(row)
-        row[9] = base64.b64encode(_png_bytes(i)).decode()
+        row[9] = base64.b64encode(png_bytes(i)).decode()
         lines.append("\t".join(str(x) for x in row))
     (d / "mmbench_dev_20230712.tsv").write_text("\n".join(lines) + "\n")
     bench = get_benchmark("mmbench")
@@ -501,8 +501,8 @@ def test_published_split_names_and_errors(tmp_path):
     d = tmp_path / "ScienceQA"
     for config in ("ScienceQA-IMG", "ScienceQA-FULL"):
         for split in ("test", "validation"):
-            _parquet(d / config / f"{split}-00000-of-00001.parquet",
-                     [{"image": _hf_image(0), "question": "Which?", "choices": ["x", "y"], "answer": 0, "hint": ""}])
+            write_parquet(d / config / f"{split}-00000-of-00001.parquet",
+                     [{"image": hf_image(0), "question": "Which?", "choices": ["x", "y"], "answer": 0, "hint": ""}])
     with pytest.raises(BenchmarkDataError, match=r"several splits \['ScienceQA-FULL/test', 'ScienceQA-FULL/validation', "
                                                  r"'ScienceQA-IMG/test', 'ScienceQA-IMG/validation'\]"):
         get_benchmark("scienceqa").load(data=d)

@@ -12,12 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import defocus_mllm.evaluation.generation as generation
-from defocus_mllm.evaluation import BenchmarkDataError, get_benchmark
-from helpers import build_tiny_llava, record_asked_questions
+from defocus_mllm.evaluation import BenchmarkDataError, get_benchmark, model_fingerprint
+from helpers import build_tiny_llava, make_fixture, record_asked_questions
 from helpers import benchmark_cli_args as _cli_args, build_saved_tiny_llava as _build_tiny_llava, eval_run_script
 from helpers import read_jsonl as _lines
-from test_evaluation_loaders import make_fixture
 
 run = eval_run_script()
 
@@ -56,7 +54,7 @@ def test_models_sharing_a_folder_name_get_their_own_default_output(two_models, t
     run.main(["--model", str(b), *EASY])
     folders = sorted(p.parent for p in (tmp_path / "outputs" / "eval").glob("*/easy-vqa"))
     assert len(folders) == 2 and all(f.name.startswith("final-") for f in folders)
-    fp_b = generation.model_fingerprint(run.load_model(str(b), "float32")[0])[:10]
+    fp_b = model_fingerprint(run.load_model(str(b), "float32")[0])[:10]
     out_b = tmp_path / "outputs" / "eval" / f"final-{fp_b}" / "easy-vqa"
     out_a = next(f for f in folders if f != out_b.parent) / "easy-vqa"
     assert _answers(out_a) != _answers(alone), "the two test models should answer differently"

@@ -155,7 +155,10 @@ def test_one_loader_serves_every_path():
     from defocus_mllm import llava
 
     for module in (image_processing, supervised, llava):
-        assert module.load_image is images.load_image and module.to_rgb is images.to_rgb, module.__name__
+        # a module that converts PIL images itself converts them with the one rule (llava and supervised leave that
+        # to load_image, which takes a PIL image or a path)
+        assert module.load_image is images.load_image, module.__name__
+        assert getattr(module, "to_rgb", images.to_rgb) is images.to_rgb, module.__name__
     assert image_classification.load_rgb_image is images.load_image
 
 
@@ -272,3 +275,15 @@ def test_the_bounded_image_is_what_the_unbounded_rule_gives(do_pad, tmp_path, mo
         torch.testing.assert_close(bounded[0], unbounded[0], rtol=0, atol=1e-6)
     # ordinary shapes are within the budget: processed exactly as before (LLaVA-1.5's pad, the release's crop)
     torch.testing.assert_close(bounded[1], unbounded[1], rtol=0, atol=0)
+
+
+def test_to_model_moves_inputs_and_casts_only_the_pixels():
+    from transformers import BatchFeature
+
+    from defocus_mllm.images import to_model
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    inputs = BatchFeature({"input_ids": torch.tensor([[1, 2]]), "pixel_values": torch.zeros(1, 3, 4, 4)})
+    out = to_model(inputs, model)
+    assert out["pixel_values"].dtype == torch.bfloat16 and out["input_ids"].dtype == torch.int64
+    assert to_model(BatchFeature({"input_ids": torch.tensor([[1]])}), model)["input_ids"].dtype == torch.int64

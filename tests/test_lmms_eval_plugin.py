@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from defocus_mllm.evaluation import build_prompt, generate_answers, get_benchmark, run_benchmark
-from helpers import build_saved_tiny_llava as _build_tiny_llava, eval_run_script
+from helpers import eval_run_script
 
 run = eval_run_script()
 
@@ -90,13 +90,6 @@ metric_list:
 metadata:
   version: 0.0
 """
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llava")
-    _build_tiny_llava(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from ..llava import IMAGE_TOKEN, SHORT_ANSWER_INSTRUCTION, with_instruction
+from ..prompts import IMAGE_TOKEN, SHORT_ANSWER_INSTRUCTION, with_instruction
 from .conversations import Conversation
 
 EASY_VQA_INSTRUCTION = SHORT_ANSWER_INSTRUCTION

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..images import load_image, to_rgb
+from ..images import load_image
 from .conversations import BadSampleError, Conversation, check_conversation
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels)}
         if conv.images:
             try:
-                images = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in conv.images]
+                images = [load_image(im) for im in conv.images]
                 item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
             except (OSError, ValueError) as err:
                 error = BadSampleError(f"{conv.where()}: {err}")

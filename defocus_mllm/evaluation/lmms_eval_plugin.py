@@ -28,14 +28,17 @@ import torch
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 
-from .generation import build_prompt, distributed_state, generate_answers, load_model
-from .tasks import check_count
+from ..images import to_model
+from ..prompts import IMAGE_TOKEN, build_prompt
+from .benchmarks import check_count
+from .distributed import distributed_state
+from .generation import generate_answers
+from .runner import load_model
 from .sources import ImageRef, Sample
 
 logger = logging.getLogger(__name__)
 
 MODEL_ID = "defocus_llava"
-IMAGE_TOKEN = "<image>"
 # lmms-eval generation arguments passed on to `model.generate`; the others are handled here or ignored
 _GENERATE_ARGS = ("do_sample", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty")
 
@@ -222,7 +225,6 @@ class DefocusLlava(lmms):
         model, processor, tokenizer = self._model, self._processor, self.tokenizer
         was_training = model.training
         model.eval()
-        dtype = next(model.parameters()).dtype
         out = []
         try:
             for request in requests:
@@ -230,18 +232,17 @@ class DefocusLlava(lmms):
                 doc = self.task_dict[task][split][doc_id]
                 continuation = target if isinstance(target, str) else target(doc)
                 image = Sample(doc_id, "", self._doc_image(doc_to_visual, doc_id, task, split)).load_image()
-                inputs = processor(images=[image], text=[build_prompt(processor, self._text(context))],
-                                   return_tensors="pt")
+                inputs = to_model(processor(images=[image], text=[build_prompt(processor, self._text(context))],
+                                            return_tensors="pt"), model)
                 # the continuation's own tokens (encoded apart, as lm-eval does), after the prompt's
                 cont = torch.tensor([tokenizer(continuation, add_special_tokens=False)["input_ids"]], dtype=torch.long)
                 if cont.shape[1] == 0:
                     out.append(Loglikelihood(0.0, True))
                     continue
                 n = inputs["input_ids"].shape[1]
-                input_ids = torch.cat([inputs["input_ids"], cont], dim=1).to(self.device)
+                input_ids = torch.cat([inputs["input_ids"], cont.to(self.device)], dim=1)
                 mask = torch.ones_like(input_ids)
-                logits = model(input_ids=input_ids, attention_mask=mask,
-                               pixel_values=inputs["pixel_values"].to(self.device, dtype)).logits
+                logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits
                 logprobs = torch.log_softmax(logits[0, n - 1 : -1].float(), dim=-1)
                 target_ids = cont[0].to(self.device)
                 loss = -logprobs.gather(-1, target_ids[:, None]).mean().item()

@@ -190,22 +190,27 @@ def make_ids_unique(samples: list[Sample]) -> list[Sample]:
 # ---------------------------------------------------------------------------------------------
 
 
+def nonblank_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each line of a text file that is not blank."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line number, object) for each non-empty line; malformed lines raise with file and line."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkDataError(f"question file {path} not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise BenchmarkDataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in nonblank_lines(path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BenchmarkDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise BenchmarkDataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
