@@ -1,5 +1,6 @@
 """LLaVA training data: the three sources, assistant-only labels, image token expansion, truncation, bad samples."""
 
+import copy
 import json
 
 import numpy as np
@@ -15,8 +16,16 @@ from defocus_mllm.data.easy_vqa import (
     load_easy_vqa,
     load_easy_vqa_labels,
 )
-from defocus_mllm.data.supervised import IGNORE_INDEX, SupervisedCollator, SupervisedDataset, tokenize_conversation
+from defocus_mllm.data.supervised import (
+    IGNORE_INDEX,
+    SupervisedCollator,
+    SupervisedDataset,
+    assistant_char_spans_batch,
+    tokenize_conversation,
+    tokenize_conversations,
+)
 from defocus_mllm.llava import prepare_tokenizer
+from defocus_mllm.prompts import LLAVA_V1_CHAT_TEMPLATE, render_llava_v1
 from defocus_mllm.training.tiny_lm import train_tokenizer
 
 NUM_IMAGE_TOKENS = 5
@@ -75,6 +84,45 @@ def test_labels_cover_exactly_the_assistant_replies(tokenizer):
     # the replies in the labels are exactly the tokens at those positions
     for t, l in zip(tokens.input_ids, tokens.labels):
         assert l == IGNORE_INDEX or l == t
+
+
+RENDER_CASES = [
+    [{"role": "user", "content": "<image>\nwhat color is the shape?"}, {"role": "assistant", "content": "blue"},
+     {"role": "user", "content": "describe the picture"}, {"role": "assistant", "content": "a red circle"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "yes"}, {"role": "user", "content": "and?"}],
+    [{"role": "system", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
+     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}, {"type": "image"},
+                                  {"type": "text", "text": "is it?"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+     {"role": "user", "content": []}, {"role": "assistant", "content": ""}],
+]
+
+
+@pytest.mark.parametrize("messages", RENDER_CASES)
+def test_the_python_llava_v1_rendering_is_the_templates(tokenizer, messages):
+    # the Jinja path, forced by a template that differs only by a comment, is the reference: prefix by prefix
+    jinja = copy.copy(tokenizer)
+    jinja.chat_template = LLAVA_V1_CHAT_TEMPLATE + "{# the same template #}"
+    expected = assistant_char_spans_batch(jinja, [messages])[0]
+    assert expected[0] == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert render_llava_v1(messages, tokenizer.eos_token) == expected
+    assert tokenizer.chat_template == LLAVA_V1_CHAT_TEMPLATE  # the fixture takes the fast path
+    assert assistant_char_spans_batch(tokenizer, [messages])[0] == expected
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert tokenize_conversations(tokenizer, [messages], image_id, 3) == \
+        tokenize_conversations(jinja, [messages], image_id, 3)
+
+
+def test_what_the_python_rendering_does_not_handle_goes_to_the_template(tokenizer):
+    late_system = [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}]
+    assert render_llava_v1(late_system, "</s>") is None
+    assert render_llava_v1([{"role": "tool", "content": "42"}], "</s>") is None
+    assert render_llava_v1([{"role": "user", "content": None}], "</s>") is None
+    late_system.append({"role": "assistant", "content": "ok"})
+    spans = assistant_char_spans_batch(tokenizer, [late_system])[0]  # rendered by the template itself
+    assert spans[0] == tokenizer.apply_chat_template(late_system, tokenize=False) == "Be brief. USER: hi ASSISTANT: ok</s>"
+    assert spans[1] == [(len("Be brief. USER: hi ASSISTANT:"), len(spans[0]))]
 
 
 def test_llava_json_and_jsonl_and_text_only(tokenizer, image_folder, tmp_path):
