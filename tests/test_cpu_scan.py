@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from defocus_mllm.ops import available_backends, cpu_scan, selective_scan
-from defocus_mllm.ops.selective_scan import _default_backend
+from defocus_mllm.ops.selective_scan import _REGISTRY
 
 from helpers import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
 
@@ -152,11 +152,11 @@ def test_default_dispatch_picks_the_kernel_on_cpu(kernel, monkeypatch):
     monkeypatch.delenv("DEFOCUS_SCAN_BACKEND", raising=False)
     u = torch.zeros(1, 2, 3)
     assert "cpu" in available_backends()
-    assert _default_backend(u) == "cpu"
-    assert _default_backend(u.bfloat16()) == "cpu"
-    assert _default_backend(u.double()) == "torch"  # float64 keeps float64 accumulation
+    assert _REGISTRY.default(u) == "cpu"
+    assert _REGISTRY.default(u.bfloat16()) == "cpu"
+    assert _REGISTRY.default(u.double()) == "torch"  # float64 keeps float64 accumulation
     monkeypatch.setenv("DEFOCUS_SCAN_BACKEND", "torch")
-    assert _default_backend(u) == "torch"
+    assert _REGISTRY.default(u) == "torch"
 
 
 def test_cached_build_is_reused(kernel):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from defocus_mllm.ops import causal_conv1d_silu, register_selective_scan_backend, selective_scan
-from defocus_mllm.ops.selective_scan import _AVAILABLE, _BACKENDS
+from defocus_mllm.ops.selective_scan import _REGISTRY
 from helpers import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
 
 
@@ -99,7 +99,7 @@ def test_backend_dispatch():
         y = selective_scan(*inputs, backend="counting")
         assert calls and torch.equal(y, selective_scan(*inputs, backend="torch"))
     finally:
-        _BACKENDS.pop("counting"), _AVAILABLE.pop("counting")
+        _REGISTRY.fns.pop("counting"), _REGISTRY.availability.pop("counting")
 
 
 def test_causal_conv_matches_literal_convolution():

@@ -154,8 +154,8 @@ def test_the_triton_conv_is_the_cuda_default_after_causal_conv1d_and_leaves_othe
         pytest.skip("triton is not installed (the `dev` extra installs it)")
     from defocus_mllm.ops import causal_conv, triton_conv
 
-    assert causal_conv._BACKENDS["triton"] is triton_conv._conv_triton
-    assert causal_conv._PREFERENCE["cuda"] == ("cuda", "triton")
+    assert causal_conv._REGISTRY.fns["triton"] is triton_conv._conv_triton
+    assert causal_conv._REGISTRY.preference["cuda"] == ("cuda", "triton")
     channels_last = torch.randn(2, 7, 4).transpose(1, 2)
     assert triton_conv._handles(channels_last) and not triton_conv._handles(torch.randn(2, 4, 7))
     assert not triton_conv._handles(channels_last.double())
