@@ -25,7 +25,7 @@ index of the first token, for the rotation), `initial_state` `[B, D, N]` and `re
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,24 @@ from .rotary import apply_rotary, rope_angles
 from .registry import FALLBACK, BackendRegistry, always_available
 from .selective_scan import _REGISTRY as _SCAN_REGISTRY
 from .selective_scan import available_backends as available_scan_backends
-from .selective_scan import selective_scan
+from .selective_scan import check_state_operands, selective_scan
 
 MixerResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 MixerCoreFn = Callable[..., MixerResult]
+
+
+
+class MixerOptions(NamedTuple):
+    """The keyword arguments of `mamba_mixer_core` besides `backend`, with their defaults: a kernel backend takes
+    them as `**options` and reads them through `MixerOptions(**options)` (an unknown keyword is a `TypeError`)."""
+
+    delta_scale_factor: float = 1.0
+    rope_scale_factor: float = 1.0
+    group_norm_size: int = 0
+    position_offset: int = 0
+    initial_state: Optional[torch.Tensor] = None
+    return_final_state: bool = False
+
 
 # Backends tried in order per device type when none is named; "torch" ends every list.
 _REGISTRY: BackendRegistry[MixerCoreFn] = BackendRegistry(
@@ -157,13 +171,7 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
         raise ValueError(f"mamba_mixer_core: x, z and dt must be [B, L, D] of one shape, got {tuple(x.shape)}, "
                          f"{tuple(z.shape)} and {tuple(dt.shape)}")
     batch, length, dim = x.shape
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"mamba_mixer_core: A must be [D={dim}, N], got {tuple(A.shape)}")
-    n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (batch, length, n):
-            raise ValueError(f"mamba_mixer_core: {name} must be [B={batch}, L={length}, N={n}], got "
-                             f"{tuple(t.shape)}")
+    check_state_operands("mamba_mixer_core", A, B, C, initial_state, batch, dim, length, time_major=True)
     if group_norm_size > 0 and dim % group_norm_size:
         raise ValueError(f"mamba_mixer_core: group_norm_size {group_norm_size} does not divide D={dim}")
     carrying = initial_state is not None or return_final_state or position_offset != 0

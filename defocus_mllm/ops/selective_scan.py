@@ -232,6 +232,22 @@ def _state_terms(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     return y_extra, final
 
 
+def check_state_operands(op: str, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                         initial_state: Optional[torch.Tensor], batch: int, dim: int, length: int,
+                         time_major: bool) -> None:
+    """Raise a `ValueError` naming the operand of `op` whose shape is wrong: `A [D, N]`, `B` and `C` `[B, N, L]`
+    (`[B, L, N]` when `time_major`), `initial_state [B, D, N]` when given."""
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"{op}: A must be [D={dim}, N], got {tuple(A.shape)}")
+    n = A.shape[1]
+    sizes = {"B": batch, "L": length, "N": n} if time_major else {"B": batch, "N": n, "L": length}
+    expected = {"B": sizes, "C": sizes, "initial_state": {"B": batch, "D": dim, "N": n}}
+    for name, t in (("B", B), ("C", C), ("initial_state", initial_state)):
+        if t is not None and tuple(t.shape) != tuple(expected[name].values()):
+            labels = ", ".join(f"{k}={v}" for k, v in expected[name].items())
+            raise ValueError(f"{op}: {name} must be [{labels}], got {tuple(t.shape)}")
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    backend: Optional[str] = None, *, initial_state: Optional[torch.Tensor] = None,
                    return_final_state: bool = False) -> ScanResult:
@@ -258,15 +274,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         raise ValueError(f"selective_scan: u and delta must be [B, D, L] of one shape, got {tuple(u.shape)} and "
                          f"{tuple(delta.shape)}")
     batch, dim, length = u.shape
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must be [D={dim}, N], got {tuple(A.shape)}")
-    n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (batch, n, length):
-            raise ValueError(f"selective_scan: {name} must be [B={batch}, N={n}, L={length}], got {tuple(t.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, n):
-        raise ValueError(f"selective_scan: initial_state must be [B={batch}, D={dim}, N={n}], got "
-                         f"{tuple(initial_state.shape)}")
+    check_state_operands("selective_scan", A, B, C, initial_state, batch, dim, length, time_major=False)
     carrying = initial_state is not None or return_final_state
     name = backend or _REGISTRY.default(u)
     fn = _REGISTRY.resolve(name)
