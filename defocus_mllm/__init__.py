@@ -11,6 +11,7 @@ encoder with `AutoModel`, `AutoModelForImageClassification` and `AutoBackbone`, 
 
 from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+from . import encoder
 from .encoder import (
     DEFOCUS_PRESETS,
     DefocusBackbone,
@@ -46,13 +47,7 @@ def _register() -> None:
 _register()
 
 __all__ = [
-    "DEFOCUS_PRESETS",
-    "DefocusBackbone",
-    "DefocusForImageClassification",
-    "DefocusImageProcessor",
-    "DefocusPreTrainedModel",
-    "DefocusVisionConfig",
-    "DefocusVisionModel",
+    *encoder.__all__,  # the encoder's public names, listed once in encoder/__init__.py
     "build_llava",
     "chat",
     "count_trainable_parameters",
