@@ -29,7 +29,8 @@ class DefocusVisionConfig(BackboneConfigMixin, PretrainedConfig):
 
     Args:
         mixer (`str`): `"mamba"` (the released De-focus Mamba), `"attention"` (De-focus ViT) or `"retention"`
-            (De-focus RetNet).
+            (De-focus RetNet). The mixer checks its own fields (this one included) when the model is built: the
+            configuration imports nothing of the model.
         hidden_size, num_hidden_layers: width and depth of the residual stream.
         intermediate_size (`int`): Mamba's inner width `D` (2x hidden in the release); for `mixer="retention"` the
             width of the values and the gate (2x hidden in RetNet).
