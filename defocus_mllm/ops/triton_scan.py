@@ -106,11 +106,14 @@ if triton is not None:
         return dl, v, Bt, Ct
 
     @triton.jit
-    def _step_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, x_off, dt_off, B_off, C_off, Bp_off, Cp_off, mask_d, mask_n,
-                     bias, freq, sign, pos, inv_dsf, SOFTPLUS: tl.constexpr, ROTATE: tl.constexpr):
-        """One time step's `u, delta, v, B_t, C_t` (rotated), fp32: the forward's values, recomputed exactly."""
-        u, dl, _, Bt, Ct, Bp, Cp = _load_step(x_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, x_off, x_off, dt_off, B_off, C_off,
-                                              Bp_off, Cp_off, mask_d, mask_n, ROTATE, False)
+    def _step_inputs(t, x_ptr, dt_ptr, B_ptr, C_ptr, x0, dt0, B0, C0, Bp0, Cp0, sxl, stl, sBl, sCl, mask_d, mask_n,
+                     bias, freq, sign, pos0, rope_scale, inv_dsf, SOFTPLUS: tl.constexpr, ROTATE: tl.constexpr):
+        """Time step `t`'s `u, delta, v, B_t, C_t` (rotated), fp32: the forward's values, recomputed exactly. `x0` ..
+        `Cp0` are the offsets of step 0, `sxl` .. `sCl` the time strides."""
+        pos = (pos0 + t).to(tl.float32) / rope_scale
+        u, dl, _, Bt, Ct, Bp, Cp = _load_step(x_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, x0 + t * sxl, x0 + t * sxl,
+                                              dt0 + t * stl, B0 + t * sBl, C0 + t * sCl, Bp0 + t * sBl, Cp0 + t * sCl,
+                                              mask_d, mask_n, ROTATE, False)
         dl, v, Bt, Ct = _prep_step(dl, Bt, Ct, Bp, Cp, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
         return u, dl, v, Bt, Ct
 
@@ -214,6 +217,9 @@ if triton is not None:
         ck_off = (pid_b * D + d[:, None]) * n_ckpt * N + n[None, :]
         pid = pid_b * tl.num_programs(0) + pid_d
         sc_off = pid * CKPT * BLOCK_D * N_PAD + tl.arange(0, BLOCK_D)[:, None] * N_PAD + n[None, :]
+        # the input offsets of step 0 (x, dt, B, C and the pair partners of B, C); step t adds t time strides
+        x0, dt0, B0, C0 = pid_b * sxb + d * sxd, pid_b * stb + d * std, pid_b * sBb + n * sBn, pid_b * sCb + n * sCn
+        Bp0, Cp0 = pid_b * sBb + partner * sBn, pid_b * sCb + partner * sCn
         # gc: dLoss/ds_t reaching step t from the future (through s_{t+1} or the returned final state)
         if HAS_GFINAL:
             gc = tl.load(gfinal_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
@@ -229,22 +235,16 @@ if triton is not None:
             # recompute the chunk's states from its checkpoint into the scratch tile
             state = tl.load(ckpt_ptr + ck_off + k * N, mask=mask_dn, other=0.0)
             for t in range(t0, t1):
-                pos = (pos0 + t).to(tl.float32) / rope_scale
-                u, dl, v, Bt, Ct = _step_inputs(
-                    x_ptr, dt_ptr, B_ptr, C_ptr, pid_b * sxb + t * sxl + d * sxd, pid_b * stb + t * stl + d * std,
-                    pid_b * sBb + t * sBl + n * sBn, pid_b * sCb + t * sCl + n * sCn,
-                    pid_b * sBb + t * sBl + partner * sBn, pid_b * sCb + t * sCl + partner * sCn,
-                    mask_d, mask_n, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
+                u, dl, v, Bt, Ct = _step_inputs(t, x_ptr, dt_ptr, B_ptr, C_ptr, x0, dt0, B0, C0, Bp0, Cp0, sxl, stl,
+                                                sBl, sCl, mask_d, mask_n, bias, freq, sign, pos0, rope_scale,
+                                                inv_dsf, SOFTPLUS, ROTATE)
                 state = tl.exp(dl[:, None] * A) * state + (dl * u)[:, None] * Bt[None, :]
                 tl.store(scratch_ptr + sc_off + (t - t0) * BLOCK_D * N_PAD, state)
             for j in range(0, t1 - t0):
                 t = t1 - 1 - j
-                pos = (pos0 + t).to(tl.float32) / rope_scale
-                u, dl, v, Bt, Ct = _step_inputs(
-                    x_ptr, dt_ptr, B_ptr, C_ptr, pid_b * sxb + t * sxl + d * sxd, pid_b * stb + t * stl + d * std,
-                    pid_b * sBb + t * sBl + n * sBn, pid_b * sCb + t * sCl + n * sCn,
-                    pid_b * sBb + t * sBl + partner * sBn, pid_b * sCb + t * sCl + partner * sCn,
-                    mask_d, mask_n, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
+                u, dl, v, Bt, Ct = _step_inputs(t, x_ptr, dt_ptr, B_ptr, C_ptr, x0, dt0, B0, C0, Bp0, Cp0, sxl, stl,
+                                                sBl, sCl, mask_d, mask_n, bias, freq, sign, pos0, rope_scale,
+                                                inv_dsf, SOFTPLUS, ROTATE)
                 s = tl.load(scratch_ptr + sc_off + (t - t0) * BLOCK_D * N_PAD)
                 g_off = pid_b * D * L + t * D + d  # the contiguous [B, L, D] gradient outputs
                 dy = tl.load(gout_ptr + pid_b * sgb + t * sgl + d * sgd, mask=mask_d, other=0.0).to(tl.float32)
