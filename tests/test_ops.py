@@ -10,7 +10,8 @@ import torch
 
 from defocus_mllm.ops import causal_conv1d_silu, register_selective_scan_backend, selective_scan
 from defocus_mllm.ops.selective_scan import _REGISTRY
-from helpers import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
+from helpers import (literal_scan, make_inputs, max_tensor_numel, outputs_with_and_without_grad, rel_err,
+                     vector_reference)
 
 
 def test_forward_and_gradients_match_literal_recurrence():
@@ -50,11 +51,7 @@ def test_stable_for_long_sequences_and_strongly_negative_decay():
 def test_inference_path_keeps_only_the_running_state():
     """Without gradients the PyTorch scan updates one [B, D, N] state in place: same output, no [L, B, D, N]."""
     inputs = make_inputs(batch=2, dim=4, length=64, n_state=8, seed=2)
-    with_grad = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="torch")
-    with torch.inference_mode():
-        y = selective_scan(*inputs, backend="torch")
-    with torch.no_grad():
-        y_ng = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="torch")
+    with_grad, y, y_ng = outputs_with_and_without_grad(lambda *x: selective_scan(*x, backend="torch"), inputs)
     assert y.grad_fn is None and y_ng.grad_fn is None
     assert rel_err(y, with_grad.detach()) < 1e-6 and torch.equal(y, y_ng)
     assert rel_err(y, vector_reference(*[t.double() for t in inputs])) < 1e-5

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import triton_interpreter_results
 
 MIXER_INPUTS = ("x", "z", "dt", "dt_bias", "A", "B", "C", "D", "freq")
 # name: (batch, length, dim, n_state, group_norm_size, rotate, position_offset, with state, dtype, a_scale)
@@ -116,14 +117,7 @@ def run_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def child_results() -> dict:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (the `dev` extra installs it)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("DEFOCUS_MIXER_BACKEND", None)
-    env.pop("DEFOCUS_SCAN_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return triton_interpreter_results(__file__, timeout=900)
 
 
 def test_mixer_backend_runs_in_the_interpreter(child_results):
