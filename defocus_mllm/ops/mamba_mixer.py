@@ -25,7 +25,7 @@ index of the first token, for the rotation), `initial_state` `[B, D, N]` and `re
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,6 @@ from .selective_scan import check_state_operands, selective_scan
 
 MixerResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 MixerCoreFn = Callable[..., MixerResult]
-
 
 
 class MixerOptions(NamedTuple):
@@ -181,12 +180,12 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
         raise ValueError(f"mamba_mixer_core: backend {name!r} does not carry a stream's state; backends that do: "
                          f"{sorted(_REGISTRY.carries_state)}")
     return fn(x, z, dt, dt_bias, A, B, C, D, freq, delta_scale_factor=delta_scale_factor,
-                           rope_scale_factor=rope_scale_factor, group_norm_size=group_norm_size,
-                           position_offset=position_offset, initial_state=initial_state,
-                           return_final_state=return_final_state)
+              rope_scale_factor=rope_scale_factor, group_norm_size=group_norm_size, position_offset=position_offset,
+              initial_state=initial_state, return_final_state=return_final_state)
 
 
 __all__ = [
+    "MixerOptions",
     "available_mamba_mixer_backends",
     "gate_scan_output",
     "mamba_mixer_core",

@@ -24,7 +24,13 @@ from typing import Any, Optional
 
 import torch
 
-from .mamba_mixer import MixerOptions, MixerResult, mamba_mixer_core_torch, register_mamba_mixer_backend, rotate_state_projections
+from .mamba_mixer import (
+    MixerOptions,
+    MixerResult,
+    mamba_mixer_core_torch,
+    register_mamba_mixer_backend,
+    rotate_state_projections,
+)
 from .triton_scan import _interpreted, ssm_backward, ssm_forward, triton, triton_scan_available
 
 
