@@ -161,3 +161,28 @@ def test_profile_encoder_groups_kernels_and_runs_quick():
     assert len(cases) == len(profile_encoder.QUICK_CASES), proc.stdout
     shares = [line for line in proc.stdout.splitlines() if line.strip().startswith("by kind:")]
     assert len(shares) == len(cases) and "matmul" in shares[-1], proc.stdout
+
+
+def test_a_backend_registry_registers_overrides_prefers_and_names_what_is_wrong(monkeypatch):
+    from defocus_mllm.ops.registry import BackendRegistry
+
+    registry = BackendRegistry("op", "DEFOCUS_TEST_BACKEND", {"cpu": ("fast", "native")}, unavailable_hint="; hint")
+    registry.register("torch", lambda: "torch", carries_state=True)
+    registry.register("fast", lambda: "fast", lambda: False)
+    registry.register("native", lambda: "native")
+    assert registry.available() == ["torch", "native"] and registry.carries_state == {"torch"}
+    x = torch.zeros(2)
+    monkeypatch.delenv("DEFOCUS_TEST_BACKEND", raising=False)
+    assert registry.default(x) == "native"  # the first available name of the device's list
+    assert registry.preferred(x, usable=lambda name: name in registry.carries_state) == "torch"
+    assert registry.default(x.double()) == "torch"  # float64 stays with the reference
+    monkeypatch.setenv("DEFOCUS_TEST_BACKEND", "fast")
+    assert registry.default(x) == "fast"
+    with pytest.raises(RuntimeError, match=r"op: backend 'fast' is not available here \(available: \['torch', "
+                                           r"'native'\]\); hint"):
+        registry.resolve("fast")
+    with pytest.raises(ValueError, match=r"op: unknown backend 'nope'; registered: \['fast', 'native', 'torch'\]"):
+        registry.resolve("nope")
+    assert registry.resolve("native")() == "native"
+    registry.register("torch", lambda: "torch")  # registering again replaces, state support included
+    assert registry.carries_state == set()
