@@ -12,12 +12,12 @@ encoder with `AutoModel`, `AutoModelForImageClassification` and `AutoBackbone`, 
 from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 from . import encoder
-from .encoder import (
-    DEFOCUS_PRESETS,
+from .encoder import (  # the names of encoder.__all__, re-exported (see __all__ below)
+    DEFOCUS_PRESETS,  # noqa: F401
     DefocusBackbone,
     DefocusForImageClassification,
     DefocusImageProcessor,
-    DefocusPreTrainedModel,
+    DefocusPreTrainedModel,  # noqa: F401
     DefocusVisionConfig,
     DefocusVisionModel,
 )
