@@ -11,12 +11,13 @@ encoder with `AutoModel`, `AutoModelForImageClassification` and `AutoBackbone`, 
 
 from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
-from .encoder import (
-    DEFOCUS_PRESETS,
+from . import encoder
+from .encoder import (  # the names of encoder.__all__, re-exported (see __all__ below)
+    DEFOCUS_PRESETS,  # noqa: F401
     DefocusBackbone,
     DefocusForImageClassification,
     DefocusImageProcessor,
-    DefocusPreTrainedModel,
+    DefocusPreTrainedModel,  # noqa: F401
     DefocusVisionConfig,
     DefocusVisionModel,
 )
@@ -46,13 +47,7 @@ def _register() -> None:
 _register()
 
 __all__ = [
-    "DEFOCUS_PRESETS",
-    "DefocusBackbone",
-    "DefocusForImageClassification",
-    "DefocusImageProcessor",
-    "DefocusPreTrainedModel",
-    "DefocusVisionConfig",
-    "DefocusVisionModel",
+    *encoder.__all__,  # the encoder's public names, listed once in encoder/__init__.py
     "build_llava",
     "chat",
     "count_trainable_parameters",

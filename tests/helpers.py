@@ -638,3 +638,32 @@ def make_fixture(name: str, layout: str, root: Path) -> dict:
     if name == "easy-vqa":
         return {"kwargs": {}, "count": None, "scored": True}
     return FIXTURES[(name, layout)](root)
+
+
+def outputs_with_and_without_grad(fn, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fn(*inputs)` three ways: on copies that require grad, under `inference_mode`, and under `no_grad` on copies
+    that require grad (the paths that keep no autograd state)."""
+    with_grad = fn(*[t.clone().requires_grad_() for t in inputs])
+    with torch.inference_mode():
+        y_inference = fn(*inputs)
+    with torch.no_grad():
+        y_no_grad = fn(*[t.clone().requires_grad_() for t in inputs])
+    return with_grad, y_inference, y_no_grad
+
+
+def triton_interpreter_results(script: str, timeout: int) -> dict:
+    """Run the test module `script` as a script in a fresh interpreter with `TRITON_INTERPRET=1` (Triton picks its CPU
+    interpreter when imported) and the default backends, and return the JSON of its last output line; skipped
+    without triton."""
+    import subprocess
+
+    import pytest
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the `dev` extra installs it)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("DEFOCUS_MIXER_BACKEND", None)
+    env.pop("DEFOCUS_SCAN_BACKEND", None)
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])

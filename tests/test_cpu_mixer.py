@@ -154,7 +154,8 @@ def test_inference_keeps_nothing_for_backward_and_agrees_with_training_mode():
 
 def test_the_default_dispatch_on_cpu_is_the_native_mixer(monkeypatch):
     calls = []
-    monkeypatch.setitem(mixer_ops._BACKENDS, "cpu", lambda *a, **k: calls.append(k) or mixer_ops._BACKENDS["torch"](*a, **k))
+    reference = mixer_ops._REGISTRY.fns["torch"]
+    monkeypatch.setitem(mixer_ops._REGISTRY.fns, "cpu", lambda *a, **k: calls.append(k) or reference(*a, **k))
     inputs = mixer_inputs(1, 4, 4, 4)
     mamba_mixer_core(**inputs)
     mamba_mixer_core(**inputs, position_offset=2, return_final_state=True)  # it carries a stream's state
@@ -178,8 +179,8 @@ def test_the_whole_model_with_the_native_kernels_equals_the_pytorch_path(monkeyp
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     calls = []
-    native = mixer_ops._BACKENDS["cpu"]
-    monkeypatch.setitem(mixer_ops._BACKENDS, "cpu", lambda *a, **k: calls.append(1) or native(*a, **k))
+    native = mixer_ops._REGISTRY.fns["cpu"]
+    monkeypatch.setitem(mixer_ops._REGISTRY.fns, "cpu", lambda *a, **k: calls.append(1) or native(*a, **k))
     out, grads = forward_backward()
     assert len(calls) == cfg.num_hidden_layers
     monkeypatch.setenv("DEFOCUS_MIXER_BACKEND", "torch")
@@ -235,8 +236,8 @@ def test_the_native_causal_conv_equals_the_reference_on_channels_last_input(leng
 def test_the_conv_dispatch_defaults_to_the_native_kernel_and_honours_the_override(monkeypatch):
     calls = []
     for name in ("cpu", "torch"):
-        fn = causal_conv._BACKENDS[name]
-        monkeypatch.setitem(causal_conv._BACKENDS, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
+        fn = causal_conv._REGISTRY.fns[name]
+        monkeypatch.setitem(causal_conv._REGISTRY.fns, name, lambda *a, _n=name, _f=fn: calls.append(_n) or _f(*a))
     x, w = torch.randn(1, 4, 6), torch.randn(4, 1, 4)
     causal_conv1d_silu(x, w, None)
     causal_conv1d_silu(x.double(), w.double(), None)  # float64 keeps the float64 reference

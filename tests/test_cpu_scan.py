@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from defocus_mllm.ops import available_backends, cpu_scan, selective_scan
-from defocus_mllm.ops.selective_scan import _default_backend
+from defocus_mllm.ops.selective_scan import _REGISTRY
 
-from helpers import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
+from helpers import (literal_scan, make_inputs, max_tensor_numel, outputs_with_and_without_grad, rel_err,
+                     vector_reference)
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +127,7 @@ def test_long_sequence_with_strongly_negative_decay_stays_finite(kernel):
 
 def test_inference_path_matches_and_saves_nothing(kernel):
     inputs = make_inputs(2, 4, 64, 8, seed=7)
-    with_grad = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="cpu")
-    with torch.inference_mode():
-        y_inf = selective_scan(*inputs, backend="cpu")
-    with torch.no_grad():
-        y_ng = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="cpu")
+    with_grad, y_inf, y_ng = outputs_with_and_without_grad(lambda *x: selective_scan(*x, backend="cpu"), inputs)
     assert y_inf.grad_fn is None and y_ng.grad_fn is None
     assert torch.equal(y_inf, with_grad.detach()) and torch.equal(y_ng, y_inf)
     # no tensor larger than the largest input (B, C: 1024) is created; the states would be 4096
@@ -152,11 +149,11 @@ def test_default_dispatch_picks_the_kernel_on_cpu(kernel, monkeypatch):
     monkeypatch.delenv("DEFOCUS_SCAN_BACKEND", raising=False)
     u = torch.zeros(1, 2, 3)
     assert "cpu" in available_backends()
-    assert _default_backend(u) == "cpu"
-    assert _default_backend(u.bfloat16()) == "cpu"
-    assert _default_backend(u.double()) == "torch"  # float64 keeps float64 accumulation
+    assert _REGISTRY.default(u) == "cpu"
+    assert _REGISTRY.default(u.bfloat16()) == "cpu"
+    assert _REGISTRY.default(u.double()) == "torch"  # float64 keeps float64 accumulation
     monkeypatch.setenv("DEFOCUS_SCAN_BACKEND", "torch")
-    assert _default_backend(u) == "torch"
+    assert _REGISTRY.default(u) == "torch"
 
 
 def test_cached_build_is_reused(kernel):

@@ -116,7 +116,7 @@ def test_gradcheck_through_the_initial_and_final_state():
 
 
 def test_the_scan_refuses_a_state_of_the_wrong_shape_and_continues_a_stateless_backend_by_linearity():
-    from defocus_mllm.ops.selective_scan import _AVAILABLE, _BACKENDS, register_selective_scan_backend
+    from defocus_mllm.ops.selective_scan import _REGISTRY, register_selective_scan_backend
 
     u, delta, A, B, C = make_inputs(length=9)
     with pytest.raises(ValueError, match="initial_state must be"):
@@ -136,7 +136,7 @@ def test_the_scan_refuses_a_state_of_the_wrong_shape_and_continues_a_stateless_b
         torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
         torch.testing.assert_close(s, s_ref, rtol=0, atol=1e-5)
     finally:
-        _BACKENDS.pop("stateless"), _AVAILABLE.pop("stateless")
+        _REGISTRY.fns.pop("stateless"), _REGISTRY.availability.pop("stateless")
 
 
 def test_the_dispatch_prefers_a_registered_device_backend_and_routes_streams_to_one_that_carries_state(monkeypatch):
@@ -148,9 +148,9 @@ def test_the_dispatch_prefers_a_registered_device_backend_and_routes_streams_to_
         calls.append(kwargs)
         return mixer_ops.mamba_mixer_core_torch(*args, **kwargs)
 
-    monkeypatch.setitem(mixer_ops._BACKENDS, "cpu", fake_cpu)
-    monkeypatch.setitem(mixer_ops._AVAILABLE, "cpu", lambda: True)
-    monkeypatch.setattr(mixer_ops, "_CARRIES_STATE", {"torch"})
+    monkeypatch.setitem(mixer_ops._REGISTRY.fns, "cpu", fake_cpu)
+    monkeypatch.setitem(mixer_ops._REGISTRY.availability, "cpu", lambda: True)
+    monkeypatch.setattr(mixer_ops._REGISTRY, "carries_state", {"torch"})
     inputs = core_inputs()
     out = mamba_mixer_core(**inputs)
     assert len(calls) == 1
@@ -174,7 +174,7 @@ def test_a_registered_backend_is_used_and_shapes_are_checked():
         mamba_mixer_core(**inputs, backend="recording")
         assert seen == [1]
     finally:
-        mixer_ops._BACKENDS.pop("recording"), mixer_ops._AVAILABLE.pop("recording")
+        mixer_ops._REGISTRY.fns.pop("recording"), mixer_ops._REGISTRY.availability.pop("recording")
     bad = dict(inputs, B=inputs["B"][:, :-1])
     with pytest.raises(ValueError, match="B must be"):
         mamba_mixer_core(**bad)
@@ -187,8 +187,8 @@ def test_cuda_tensors_dispatch_to_the_fused_triton_mixer_unless_mamba_ssm_or_a_f
 
     monkeypatch.delenv("DEFOCUS_MIXER_BACKEND", raising=False)
     monkeypatch.delenv("DEFOCUS_SCAN_BACKEND", raising=False)
-    monkeypatch.setitem(mixer_ops._BACKENDS, "triton", mixer_ops.mamba_mixer_core_torch)
-    monkeypatch.setitem(mixer_ops._AVAILABLE, "triton", lambda: True)
+    monkeypatch.setitem(mixer_ops._REGISTRY.fns, "triton", mixer_ops.mamba_mixer_core_torch)
+    monkeypatch.setitem(mixer_ops._REGISTRY.availability, "triton", lambda: True)
     scan_backends = ["torch", "triton"]
     monkeypatch.setattr(mixer_ops, "available_scan_backends", lambda: scan_backends)
     cuda_x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=SimpleNamespace(type="cuda"))
@@ -210,8 +210,8 @@ def test_the_triton_mixer_is_registered_as_a_state_carrying_backend():
 
     from defocus_mllm.ops.triton_scan import _interpreted
 
-    assert "triton" in mixer_ops._BACKENDS and "triton" in mixer_ops._CARRIES_STATE
-    available = mixer_ops._AVAILABLE["triton"]()
+    assert "triton" in mixer_ops._REGISTRY.fns and "triton" in mixer_ops._REGISTRY.carries_state
+    available = mixer_ops._REGISTRY.availability["triton"]()
     assert available == (torch.cuda.is_available() or _interpreted())
     if not available:  # without a GPU and without Triton's interpreter, naming it says so
         with pytest.raises(RuntimeError, match="not available here"):

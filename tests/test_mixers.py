@@ -206,7 +206,7 @@ def test_auto_backend_takes_no_flex_on_cpu_and_bad_names_are_errors():
     with pytest.raises(ValueError, match="attention_backend"):
         mixer.uses_flex(q)
     with pytest.raises(ValueError, match="attention_backend"):
-        tiny(attention_backend="xformers")
+        DefocusVisionModel(tiny(attention_backend="xformers"))
     assert tiny(attention_backend="sdpa").attention_backend == "sdpa"
 
 
@@ -247,6 +247,6 @@ def test_every_registered_mixer_fulfils_the_contract(name):
 def test_mixer_names_are_validated_against_the_registry():
     assert set(MIXER_CLASSES) == {"mamba", "attention", "retention"}
     with pytest.raises(ValueError, match="mixer='transformer' must be one of .*'retention'"):
-        tiny(mixer="transformer")
+        DefocusVisionModel(tiny(mixer="transformer"))
     with pytest.raises(ValueError, match="No token mixer registered"):
         build_mixer(type("Config", (), {"mixer": "transformer"})(), 0)

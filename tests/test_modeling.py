@@ -53,16 +53,17 @@ def test_unknown_preset_and_bad_fields_are_named():
         DefocusVisionConfig.from_preset("mamba-huge")
     with pytest.raises(ValueError, match="aux_loss_mode"):
         tiny_config(aux_loss_mode="mean")
+    # the mixer's own fields are checked by the mixer, when the model is built
     with pytest.raises(ValueError, match="group_norm_size"):
-        tiny_config(intermediate_size=100)
+        DefocusVisionModel(tiny_config(intermediate_size=100))
     with pytest.raises(ValueError, match="num_attention_heads"):
-        DefocusVisionConfig.from_preset("vit-tiny", num_attention_heads=5)
-    with pytest.raises(ValueError, match="use_rope"):
-        DefocusVisionConfig.from_preset("vit-tiny", hidden_size=60, num_attention_heads=4)  # head width 15
+        DefocusVisionModel(DefocusVisionConfig.from_preset("vit-tiny", num_attention_heads=5))
+    with pytest.raises(ValueError, match="use_rope"):  # head width 15
+        DefocusVisionModel(DefocusVisionConfig.from_preset("vit-tiny", hidden_size=60, num_attention_heads=4))
     with pytest.raises(ValueError, match="intermediate_size"):
-        DefocusVisionConfig.from_preset("retnet-tiny", intermediate_size=130)
+        DefocusVisionModel(DefocusVisionConfig.from_preset("retnet-tiny", intermediate_size=130))
     with pytest.raises(ValueError, match="causal"):
-        DefocusVisionConfig.from_preset("retnet-tiny", causal=False)
+        DefocusVisionModel(DefocusVisionConfig.from_preset("retnet-tiny", causal=False))
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (32, 48), (8, 8), (96, 64)])

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from defocus_mllm.ops import causal_conv1d_silu, register_selective_scan_backend, selective_scan
-from defocus_mllm.ops.selective_scan import _AVAILABLE, _BACKENDS
-from helpers import literal_scan, make_inputs, max_tensor_numel, rel_err, vector_reference
+from defocus_mllm.ops.selective_scan import _REGISTRY
+from helpers import (literal_scan, make_inputs, max_tensor_numel, outputs_with_and_without_grad, rel_err,
+                     vector_reference)
 
 
 def test_forward_and_gradients_match_literal_recurrence():
@@ -50,11 +51,7 @@ def test_stable_for_long_sequences_and_strongly_negative_decay():
 def test_inference_path_keeps_only_the_running_state():
     """Without gradients the PyTorch scan updates one [B, D, N] state in place: same output, no [L, B, D, N]."""
     inputs = make_inputs(batch=2, dim=4, length=64, n_state=8, seed=2)
-    with_grad = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="torch")
-    with torch.inference_mode():
-        y = selective_scan(*inputs, backend="torch")
-    with torch.no_grad():
-        y_ng = selective_scan(*[t.clone().requires_grad_() for t in inputs], backend="torch")
+    with_grad, y, y_ng = outputs_with_and_without_grad(lambda *x: selective_scan(*x, backend="torch"), inputs)
     assert y.grad_fn is None and y_ng.grad_fn is None
     assert rel_err(y, with_grad.detach()) < 1e-6 and torch.equal(y, y_ng)
     assert rel_err(y, vector_reference(*[t.double() for t in inputs])) < 1e-5
@@ -99,7 +96,7 @@ def test_backend_dispatch():
         y = selective_scan(*inputs, backend="counting")
         assert calls and torch.equal(y, selective_scan(*inputs, backend="torch"))
     finally:
-        _BACKENDS.pop("counting"), _AVAILABLE.pop("counting")
+        _REGISTRY.fns.pop("counting"), _REGISTRY.availability.pop("counting")
 
 
 def test_causal_conv_matches_literal_convolution():
@@ -164,3 +161,28 @@ def test_profile_encoder_groups_kernels_and_runs_quick():
     assert len(cases) == len(profile_encoder.QUICK_CASES), proc.stdout
     shares = [line for line in proc.stdout.splitlines() if line.strip().startswith("by kind:")]
     assert len(shares) == len(cases) and "matmul" in shares[-1], proc.stdout
+
+
+def test_a_backend_registry_registers_overrides_prefers_and_names_what_is_wrong(monkeypatch):
+    from defocus_mllm.ops.registry import BackendRegistry
+
+    registry = BackendRegistry("op", "DEFOCUS_TEST_BACKEND", {"cpu": ("fast", "native")}, unavailable_hint="; hint")
+    registry.register("torch", lambda: "torch", carries_state=True)
+    registry.register("fast", lambda: "fast", lambda: False)
+    registry.register("native", lambda: "native")
+    assert registry.available() == ["torch", "native"] and registry.carries_state == {"torch"}
+    x = torch.zeros(2)
+    monkeypatch.delenv("DEFOCUS_TEST_BACKEND", raising=False)
+    assert registry.default(x) == "native"  # the first available name of the device's list
+    assert registry.preferred(x, usable=lambda name: name in registry.carries_state) == "torch"
+    assert registry.default(x.double()) == "torch"  # float64 stays with the reference
+    monkeypatch.setenv("DEFOCUS_TEST_BACKEND", "fast")
+    assert registry.default(x) == "fast"
+    with pytest.raises(RuntimeError, match=r"op: backend 'fast' is not available here \(available: \['torch', "
+                                           r"'native'\]\); hint"):
+        registry.resolve("fast")
+    with pytest.raises(ValueError, match=r"op: unknown backend 'nope'; registered: \['fast', 'native', 'torch'\]"):
+        registry.resolve("nope")
+    assert registry.resolve("native")() == "native"
+    registry.register("torch", lambda: "torch")  # registering again replaces, state support included
+    assert registry.carries_state == set()

@@ -84,7 +84,7 @@ def test_config_sizes_must_be_positive_and_the_field_is_named(field, value):
 @pytest.mark.parametrize("preset", ["vit-tiny", "retnet-tiny"])
 def test_config_heads_must_be_positive(preset):
     with pytest.raises(ValueError, match=r"num_attention_heads=0 must be positive"):
-        DefocusVisionConfig.from_preset(preset, num_attention_heads=0)
+        DefocusVisionModel(DefocusVisionConfig.from_preset(preset, num_attention_heads=0))  # checked by the mixer
 
 
 def test_a_saved_config_with_zero_layers_does_not_load(tmp_path):

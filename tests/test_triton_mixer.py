@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import triton_interpreter_results
 
 MIXER_INPUTS = ("x", "z", "dt", "dt_bias", "A", "B", "C", "D", "freq")
 # name: (batch, length, dim, n_state, group_norm_size, rotate, position_offset, with state, dtype, a_scale)
@@ -116,14 +117,7 @@ def run_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def child_results() -> dict:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (the `dev` extra installs it)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("DEFOCUS_MIXER_BACKEND", None)
-    env.pop("DEFOCUS_SCAN_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return triton_interpreter_results(__file__, timeout=900)
 
 
 def test_mixer_backend_runs_in_the_interpreter(child_results):
@@ -154,8 +148,8 @@ def test_the_triton_conv_is_the_cuda_default_after_causal_conv1d_and_leaves_othe
         pytest.skip("triton is not installed (the `dev` extra installs it)")
     from defocus_mllm.ops import causal_conv, triton_conv
 
-    assert causal_conv._BACKENDS["triton"] is triton_conv._conv_triton
-    assert causal_conv._PREFERENCE["cuda"] == ("cuda", "triton")
+    assert causal_conv._REGISTRY.fns["triton"] is triton_conv._conv_triton
+    assert causal_conv._REGISTRY.preference["cuda"] == ("cuda", "triton")
     channels_last = torch.randn(2, 7, 4).transpose(1, 2)
     assert triton_conv._handles(channels_last) and not triton_conv._handles(torch.randn(2, 4, 7))
     assert not triton_conv._handles(channels_last.double())

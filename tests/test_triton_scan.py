@@ -10,15 +10,11 @@ asserts case by case. It skips only when triton is not installed; a broken insta
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import make_inputs, rel_err
+from helpers import make_inputs, rel_err, triton_interpreter_results
 
 # name: (batch, dim, length, n_state, dtype, launch options, A scale, with initial / final state)
 CASES = {
@@ -93,12 +89,7 @@ def run_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def child_results() -> dict:
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (the `dev` extra installs it)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return triton_interpreter_results(__file__, timeout=600)
 
 
 def test_backend_runs_in_the_interpreter(child_results):

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 
 from .configuration_defocus import DefocusVisionConfig
+from .mixers import mixer_class
 from .modeling_defocus import DefocusForImageClassification, DefocusVisionModel
 
 
@@ -182,9 +183,11 @@ def infer_config(sd: dict[str, torch.Tensor], **overrides: Any) -> DefocusVision
     kwargs["aux_loss_mode"] = "per_token" if has_aux else "none"
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return DefocusVisionConfig(**kwargs)
+        config = DefocusVisionConfig(**kwargs)
+        mixer_class(config).validate_config(config)  # the mixer's own fields (group_norm_size, ...)
     except ValueError as exc:
         raise CheckpointError(f"the inferred configuration is invalid: {exc}") from exc
+    return config
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,10 @@ from torch import nn
 from transformers import initialization as init
 
 from ..ops.rotary import apply_rotary, rope_angles, rotate_every_two
-from .configuration_defocus import FILTER_MODES
+
+# How a filter tensor is kept (`register_filter_tensor`); the rotary half has no "none" mode, `use_rope` turns it off
+FILTER_MODES = ("learnable", "fixed", "none")
+ROPE_MODES = FILTER_MODES[:2]
 
 
 # --------------------------------------------------------------------------------------------------- initial values
@@ -151,6 +154,14 @@ def register_filter_tensor(owner: nn.Module, name: str, mode: str, value: torch.
         raise ValueError(f"filter mode {mode!r} for {name} must be one of {FILTER_MODES}")
 
 
+def validate_filter_modes(config) -> None:
+    """Raise a `ValueError` naming `rope_mode` or `decay_mode` when it is not a filter mode."""
+    if config.rope_mode not in ROPE_MODES:
+        raise ValueError(f"DefocusVisionConfig: rope_mode={config.rope_mode!r} must be 'learnable' or 'fixed'")
+    if config.decay_mode not in FILTER_MODES:
+        raise ValueError(f"DefocusVisionConfig: decay_mode={config.decay_mode!r} must be one of {FILTER_MODES}")
+
+
 class BandpassFilter:
     """Mixin for the `nn.Module` that owns a filter: its `A_log` (decay) and `freq` (rotation) and their use.
 
@@ -241,6 +252,8 @@ class DefocusHeadFilter(BandpassFilter, nn.Module):
 
 
 __all__ = [
+    "FILTER_MODES",
+    "ROPE_MODES",
     "BandpassFilter",
     "DefocusHeadFilter",
     "HeadDecay",
@@ -255,4 +268,5 @@ __all__ = [
     "register_filter_tensor",
     "rope_angles",
     "rotate_every_two",
+    "validate_filter_modes",
 ]

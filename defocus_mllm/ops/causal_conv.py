@@ -15,29 +15,27 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .registry import BackendRegistry, always_available
+
 ConvFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
-_BACKENDS: dict[str, ConvFn] = {}
-_AVAILABLE: dict[str, Callable[[], bool]] = {}
-_PREFERENCE = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-_ENV = "DEFOCUS_CONV_BACKEND"
+_REGISTRY: BackendRegistry[ConvFn] = BackendRegistry(
+    "causal_conv1d_silu", "DEFOCUS_CONV_BACKEND", {"cpu": ("cpu",), "cuda": ("cuda", "triton")})
 
 
-def register_causal_conv_backend(name: str, fn: ConvFn, is_available: Callable[[], bool] = lambda: True) -> None:
+def register_causal_conv_backend(name: str, fn: ConvFn, is_available: Callable[[], bool] = always_available) -> None:
     """Register an implementation `fn(x [B, D, L], weight [D, K], bias [D] or None) -> silu(conv) [B, D, L]`."""
-    _BACKENDS[name] = fn
-    _AVAILABLE[name] = is_available
+    _REGISTRY.register(name, fn, is_available)
 
 
 def available_causal_conv_backends() -> list[str]:
     """Registered causal-conv backends that can run here."""
-    return [name for name, ok in _AVAILABLE.items() if ok()]
+    return _REGISTRY.available()
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,18 +143,6 @@ register_causal_conv_backend("cpu", _conv_cpu, _cpu_available)
 register_causal_conv_backend("cuda", _conv_cuda, lambda: _causal_conv1d_fn() is not None)
 
 
-def _default_backend(x: torch.Tensor) -> str:
-    forced = os.environ.get(_ENV)
-    if forced:
-        return forced
-    if x.dtype == torch.float64:  # the kernels compute in fp32; the reference keeps float64 (gradcheck)
-        return "torch"
-    for name in _PREFERENCE.get(x.device.type, ()):
-        if name in _BACKENDS and _AVAILABLE[name]():
-            return name
-    return "torch"
-
-
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        backend: Optional[str] = None) -> torch.Tensor:
     """`silu(conv1d(x))` with left padding `K - 1`, one filter per channel.
@@ -174,13 +160,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     weight = weight.reshape(weight.shape[0], -1)
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"causal_conv1d_silu: weight has {weight.shape[0]} filters for D={x.shape[1]} channels")
-    name = backend or _default_backend(x)
-    if name not in _BACKENDS:
-        raise ValueError(f"causal_conv1d_silu: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
-    if not _AVAILABLE[name]():
-        raise RuntimeError(f"causal_conv1d_silu: backend {name!r} is not available here (available: "
-                           f"{available_causal_conv_backends()})")
-    return _BACKENDS[name](x, weight, bias)
+    return _REGISTRY.resolve(backend or _REGISTRY.default(x))(x, weight, bias)
 
 
 __all__ = ["available_causal_conv_backends", "causal_conv1d_silu", "register_causal_conv_backend"]

@@ -19,13 +19,14 @@ unavailable and the dispatch uses the PyTorch reference (one warning, logged by 
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from . import cpu_scan
 from .cpu_scan import _check, _ptr, load_library, padded_state
-from .mamba_mixer import MixerResult, register_mamba_mixer_backend
+from .mamba_mixer import MixerOptions, MixerResult, mamba_mixer_core_torch, register_mamba_mixer_backend
+from .selective_scan import check_state_operands
 
 _LANES = 8  # the kernel's vector width in states
 
@@ -127,12 +128,10 @@ class _MambaMixerCPU(torch.autograd.Function):
 
 def mamba_mixer_core_cpu(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor,
                          A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-                         freq: Optional[torch.Tensor], *, delta_scale_factor: float = 1.0,
-                         rope_scale_factor: float = 1.0, group_norm_size: int = 0, position_offset: int = 0,
-                         initial_state: Optional[torch.Tensor] = None,
-                         return_final_state: bool = False) -> MixerResult:
-    """`mamba_mixer_core` in the native CPU kernel (arguments and results as there)."""
-    tensors = [t for t in (x, z, dt, dt_bias, A, B, C, D, freq, initial_state) if t is not None]
+                         freq: Optional[torch.Tensor], **options: Any) -> MixerResult:
+    """`mamba_mixer_core` in the native CPU kernel (arguments, `MixerOptions`, and results as there)."""
+    opt = MixerOptions(**options)
+    tensors = [t for t in (x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("mamba_mixer_core backend 'cpu' needs CPU tensors")
     if load_library() is None:
@@ -140,19 +139,13 @@ def mamba_mixer_core_cpu(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_
     if freq is not None and A.shape[1] % 2:
         raise ValueError(f"mamba_mixer_core: the rotation of B, C turns pairs of states; N={A.shape[1]} is odd")
     batch, length, dim = x.shape
-    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, A.shape[1]):
-        raise ValueError(f"mamba_mixer_core: initial_state must be [B={batch}, D={dim}, N={A.shape[1]}], got "
-                         f"{tuple(initial_state.shape)}")
+    check_state_operands("mamba_mixer_core", A, B, C, opt.initial_state, batch, dim, length, time_major=True)
     if x.numel() == 0 or A.shape[1] == 0:  # degenerate shapes: nothing worth a kernel call
-        from .mamba_mixer import mamba_mixer_core_torch
-
-        return mamba_mixer_core_torch(x, z, dt, dt_bias, A, B, C, D, freq, delta_scale_factor=delta_scale_factor,
-                                      rope_scale_factor=rope_scale_factor, group_norm_size=group_norm_size,
-                                      position_offset=position_offset, initial_state=initial_state,
-                                      return_final_state=return_final_state)
-    out, final = _MambaMixerCPU.apply(x, z, dt, dt_bias, A, B, C, D, freq, initial_state, float(delta_scale_factor),
-                                      float(rope_scale_factor), int(group_norm_size), int(position_offset))
-    return (out, final) if return_final_state else out
+        return mamba_mixer_core_torch(x, z, dt, dt_bias, A, B, C, D, freq, **options)
+    out, final = _MambaMixerCPU.apply(x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state,
+                                      float(opt.delta_scale_factor), float(opt.rope_scale_factor),
+                                      int(opt.group_norm_size), int(opt.position_offset))
+    return (out, final) if opt.return_final_state else out
 
 
 register_mamba_mixer_backend("cpu", mamba_mixer_core_cpu, cpu_scan.is_available, carries_state=True)

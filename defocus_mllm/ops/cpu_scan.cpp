@@ -517,6 +517,18 @@ inline void conv_row(const ConvShape& c, const float* x, const float* wt, const 
   }
 }
 
+// The rotary angles of time step t, theta[k] = ((offset + t) / rsf) * freq[k] in fp32 as torch forms them: their
+// cos and sin into cs[0..N), sn[0..N); returns the position (offset + t) / rsf (d theta / d freq).
+inline float rotary_angles(const float* freq, int64_t N, int64_t offset, int64_t t, float rsf, float* cs, float* sn) {
+  const float pos = static_cast<float>(offset + t) / rsf;
+  for (int64_t k = 0; k < N; ++k) {
+    const float th = pos * freq[k];
+    cs[k] = std::cos(th);
+    sn[k] = std::sin(th);
+  }
+  return pos;
+}
+
 }  // namespace
 
 extern "C" {
@@ -613,12 +625,7 @@ int defocus_mixer_rotate(const float* B, const float* C, const int64_t* bs, cons
             oc[k] = cr[k * cs[2]];
           }
         } else {
-          const float pos = static_cast<float>(offset + t) / rsf;
-          for (int64_t k = 0; k < N; ++k) {
-            const float th = pos * freq[k];
-            cs_[k] = std::cos(th);
-            sn[k] = std::sin(th);
-          }
+          rotary_angles(freq, N, offset, t, rsf, cs_.data(), sn.data());
           for (int64_t k = 0; k + 1 < N; k += 2) {
             const float b0 = br[k * bs[2]], b1 = br[(k + 1) * bs[2]];
             const float c0 = cr[k * cs[2]], c1 = cr[(k + 1) * cs[2]];
@@ -665,12 +672,7 @@ int defocus_mixer_rotate_backward(const float* B, const float* C, const int64_t*
         }
         const float* br = B + b * bs[0] + t * bs[1];
         const float* cr = C + b * cs[0] + t * cs[1];
-        const float pos = static_cast<float>(offset + t) / rsf;
-        for (int64_t k = 0; k < N; ++k) {
-          const float th = pos * freq[k];
-          cs_[k] = std::cos(th);
-          sn[k] = std::sin(th);
-        }
+        const float pos = rotary_angles(freq, N, offset, t, rsf, cs_.data(), sn.data());
         for (int64_t k = 0; k + 1 < N; k += 2) {
           const float b0 = br[k * bs[2]], b1 = br[(k + 1) * bs[2]];
           const float c0 = cr[k * cs[2]], c1 = cr[(k + 1) * cs[2]];

@@ -25,45 +25,51 @@ index of the first token, for the rotation), `initial_state` `[B, D, N]` and `re
 
 from __future__ import annotations
 
-import os
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .rotary import apply_rotary, rope_angles
+from .registry import FALLBACK, BackendRegistry, always_available
+from .selective_scan import _REGISTRY as _SCAN_REGISTRY
 from .selective_scan import available_backends as available_scan_backends
-from .selective_scan import selective_scan
+from .selective_scan import check_state_operands, selective_scan
 
 MixerResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 MixerCoreFn = Callable[..., MixerResult]
 
-_BACKENDS: dict[str, MixerCoreFn] = {}
-_AVAILABLE: dict[str, Callable[[], bool]] = {}
-_CARRIES_STATE: set[str] = set()
+
+class MixerOptions(NamedTuple):
+    """The keyword arguments of `mamba_mixer_core` besides `backend`, with their defaults: a kernel backend takes
+    them as `**options` and reads them through `MixerOptions(**options)` (an unknown keyword is a `TypeError`)."""
+
+    delta_scale_factor: float = 1.0
+    rope_scale_factor: float = 1.0
+    group_norm_size: int = 0
+    position_offset: int = 0
+    initial_state: Optional[torch.Tensor] = None
+    return_final_state: bool = False
+
+
 # Backends tried in order per device type when none is named; "torch" ends every list.
-_PREFERENCE = {"cpu": ("cpu",), "cuda": ("triton",)}
-_ENV = "DEFOCUS_MIXER_BACKEND"
+_REGISTRY: BackendRegistry[MixerCoreFn] = BackendRegistry(
+    "mamba_mixer_core", "DEFOCUS_MIXER_BACKEND", {"cpu": ("cpu",), "cuda": ("triton",)})
 
 
-def register_mamba_mixer_backend(name: str, fn: MixerCoreFn, is_available: Callable[[], bool] = lambda: True,
+def register_mamba_mixer_backend(name: str, fn: MixerCoreFn, is_available: Callable[[], bool] = always_available,
                                  carries_state: bool = False) -> None:
     """Register an implementation of `mamba_mixer_core` (same arguments, without `backend`).
 
     `carries_state=True`: it also honours `position_offset`, `initial_state` and `return_final_state`; calls that
     use them are otherwise sent to a backend that does.
     """
-    _BACKENDS[name] = fn
-    _AVAILABLE[name] = is_available
-    if carries_state:
-        _CARRIES_STATE.add(name)
-    else:
-        _CARRIES_STATE.discard(name)
+    _REGISTRY.register(name, fn, is_available, carries_state)
 
 
 def available_mamba_mixer_backends() -> list[str]:
     """Registered mixer backends that can run here."""
-    return [name for name, ok in _AVAILABLE.items() if ok()]
+    return _REGISTRY.available()
 
 
 # --------------------------------------------------------------------------------------------------- the pieces
@@ -126,26 +132,18 @@ register_mamba_mixer_backend("torch", mamba_mixer_core_torch, carries_state=True
 
 
 def _default_backend(x: torch.Tensor, carrying_state: bool) -> str:
-    forced = os.environ.get(_ENV)
+    forced = _REGISTRY.forced()
     if forced:
         return forced
     # a forced scan backend, float64 (gradcheck) and mamba-ssm's CUDA scan all go through the reference composition,
     # except a forced "triton" scan on CUDA, which means the Triton path: the fused mixer is its scan with the
     # mixer's elementwise steps folded in (DEFOCUS_MIXER_BACKEND=torch runs the Triton scan alone)
-    forced_scan = os.environ.get("DEFOCUS_SCAN_BACKEND")
-    if forced_scan == "triton" and x.is_cuda and x.dtype != torch.float64 and "triton" in _BACKENDS \
-            and _AVAILABLE["triton"]():
+    forced_scan = _SCAN_REGISTRY.forced()
+    if forced_scan == "triton" and x.is_cuda and x.dtype != torch.float64 and _REGISTRY.is_available("triton"):
         return "triton"
-    if forced_scan or x.dtype == torch.float64:
-        return "torch"
-    if x.is_cuda and "cuda" in available_scan_backends():
-        return "torch"
-    for name in _PREFERENCE.get(x.device.type, ()):
-        if carrying_state and name not in _CARRIES_STATE:
-            continue
-        if name in _BACKENDS and _AVAILABLE[name]():
-            return name
-    return "torch"
+    if forced_scan or (x.is_cuda and "cuda" in available_scan_backends()):
+        return FALLBACK
+    return _REGISTRY.preferred(x, lambda name: not carrying_state or name in _REGISTRY.carries_state)
 
 
 def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor,
@@ -172,32 +170,22 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
         raise ValueError(f"mamba_mixer_core: x, z and dt must be [B, L, D] of one shape, got {tuple(x.shape)}, "
                          f"{tuple(z.shape)} and {tuple(dt.shape)}")
     batch, length, dim = x.shape
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"mamba_mixer_core: A must be [D={dim}, N], got {tuple(A.shape)}")
-    n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (batch, length, n):
-            raise ValueError(f"mamba_mixer_core: {name} must be [B={batch}, L={length}, N={n}], got "
-                             f"{tuple(t.shape)}")
+    check_state_operands("mamba_mixer_core", A, B, C, initial_state, batch, dim, length, time_major=True)
     if group_norm_size > 0 and dim % group_norm_size:
         raise ValueError(f"mamba_mixer_core: group_norm_size {group_norm_size} does not divide D={dim}")
     carrying = initial_state is not None or return_final_state or position_offset != 0
     name = backend or _default_backend(x, carrying)
-    if name not in _BACKENDS:
-        raise ValueError(f"mamba_mixer_core: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
-    if not _AVAILABLE[name]():
-        raise RuntimeError(f"mamba_mixer_core: backend {name!r} is not available here (available: "
-                           f"{available_mamba_mixer_backends()})")
-    if carrying and name not in _CARRIES_STATE:
+    fn = _REGISTRY.resolve(name)
+    if carrying and name not in _REGISTRY.carries_state:
         raise ValueError(f"mamba_mixer_core: backend {name!r} does not carry a stream's state; backends that do: "
-                         f"{sorted(_CARRIES_STATE)}")
-    return _BACKENDS[name](x, z, dt, dt_bias, A, B, C, D, freq, delta_scale_factor=delta_scale_factor,
-                           rope_scale_factor=rope_scale_factor, group_norm_size=group_norm_size,
-                           position_offset=position_offset, initial_state=initial_state,
-                           return_final_state=return_final_state)
+                         f"{sorted(_REGISTRY.carries_state)}")
+    return fn(x, z, dt, dt_bias, A, B, C, D, freq, delta_scale_factor=delta_scale_factor,
+              rope_scale_factor=rope_scale_factor, group_norm_size=group_norm_size, position_offset=position_offset,
+              initial_state=initial_state, return_final_state=return_final_state)
 
 
 __all__ = [
+    "MixerOptions",
     "available_mamba_mixer_backends",
     "gate_scan_output",
     "mamba_mixer_core",

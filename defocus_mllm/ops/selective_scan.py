@@ -10,37 +10,35 @@ No `D` skip term, gate or `delta` bias inside the scan: the De-focus mixer appli
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Union
 
 import torch
 
+from .registry import BackendRegistry, always_available
+
 ScanFn = Callable[..., Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
 ScanResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
-_BACKENDS: dict[str, ScanFn] = {}
-_AVAILABLE: dict[str, Callable[[], bool]] = {}
-_CARRIES_STATE: set[str] = set()
+# Backends tried in order for each device type when no backend is named; "torch" runs anywhere and ends each
+# list. Backends registered by other modules (e.g. "triton") take part once registered.
+_REGISTRY: BackendRegistry[ScanFn] = BackendRegistry(
+    "selective_scan", "DEFOCUS_SCAN_BACKEND", {"cuda": ("cuda", "triton"), "cpu": ("cpu",)},
+    unavailable_hint="; install the `cuda` extra on a CUDA machine")
 
 
-def register_selective_scan_backend(name: str, fn: ScanFn, is_available: Callable[[], bool] = lambda: True,
+def register_selective_scan_backend(name: str, fn: ScanFn, is_available: Callable[[], bool] = always_available,
                                     carries_state: bool = False) -> None:
     """Register a scan implementation, e.g. a native CPU kernel: `fn(u, delta, A, B, C) -> y`.
 
     A backend registered with `carries_state=True` is also called as `fn(u, delta, A, B, C, initial_state=s0,
     return_final_state=True)` and then returns `(y, final_state)`, the states `[B, D, N]` fp32 (streaming).
     """
-    _BACKENDS[name] = fn
-    _AVAILABLE[name] = is_available
-    if carries_state:
-        _CARRIES_STATE.add(name)
-    else:
-        _CARRIES_STATE.discard(name)
+    _REGISTRY.register(name, fn, is_available, carries_state)
 
 
 def available_backends() -> list[str]:
     """Registered backends that can run here (asking about `"cpu"` compiles the CPU kernel if not cached)."""
-    return [name for name, ok in _AVAILABLE.items() if ok()]
+    return _REGISTRY.available()
 
 
 class _SelectiveScanTorch(torch.autograd.Function):
@@ -192,23 +190,6 @@ register_selective_scan_backend("torch", selective_scan_torch, carries_state=Tru
 register_selective_scan_backend("cuda", selective_scan_cuda, _mamba_ssm_available)
 # "cpu" (the native kernel) is registered by cpu_scan.py and "triton" by triton_scan.py, which the ops package imports
 
-# Backends tried in order for each device type when no backend is named; "torch" runs anywhere and ends each
-# list. Backends registered by other modules (e.g. "triton") take part once registered.
-_PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
-
-
-def _default_backend(u: torch.Tensor) -> str:
-    forced = os.environ.get("DEFOCUS_SCAN_BACKEND")
-    if forced:
-        return forced
-    if u.dtype == torch.float64:  # the kernels accumulate in fp32; the PyTorch scan keeps float64 (gradcheck)
-        return "torch"
-    for name in _PREFERENCE.get(u.device.type, ()):
-        if name in _BACKENDS and _AVAILABLE[name]():
-            return name
-    return "torch"
-
-
 # Elements of one `[B, l, D, N]` block of `_state_terms` (1 MiB in fp32): large enough for few ops, small enough
 # that its temporaries stay out of the peak of a chunk
 _STATE_BLOCK_ELEMENTS = 1 << 18
@@ -251,6 +232,22 @@ def _state_terms(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     return y_extra, final
 
 
+def check_state_operands(op: str, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                         initial_state: Optional[torch.Tensor], batch: int, dim: int, length: int,
+                         time_major: bool) -> None:
+    """Raise a `ValueError` naming the operand of `op` whose shape is wrong: `A [D, N]`, `B` and `C` `[B, N, L]`
+    (`[B, L, N]` when `time_major`), `initial_state [B, D, N]` when given."""
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"{op}: A must be [D={dim}, N], got {tuple(A.shape)}")
+    n = A.shape[1]
+    sizes = {"B": batch, "L": length, "N": n} if time_major else {"B": batch, "N": n, "L": length}
+    expected = {"B": sizes, "C": sizes, "initial_state": {"B": batch, "D": dim, "N": n}}
+    for name, t in (("B", B), ("C", C), ("initial_state", initial_state)):
+        if t is not None and tuple(t.shape) != tuple(expected[name].values()):
+            labels = ", ".join(f"{k}={v}" for k, v in expected[name].items())
+            raise ValueError(f"{op}: {name} must be [{labels}], got {tuple(t.shape)}")
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    backend: Optional[str] = None, *, initial_state: Optional[torch.Tensor] = None,
                    return_final_state: bool = False) -> ScanResult:
@@ -277,28 +274,16 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         raise ValueError(f"selective_scan: u and delta must be [B, D, L] of one shape, got {tuple(u.shape)} and "
                          f"{tuple(delta.shape)}")
     batch, dim, length = u.shape
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must be [D={dim}, N], got {tuple(A.shape)}")
-    n = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (batch, n, length):
-            raise ValueError(f"selective_scan: {name} must be [B={batch}, N={n}, L={length}], got {tuple(t.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, n):
-        raise ValueError(f"selective_scan: initial_state must be [B={batch}, D={dim}, N={n}], got "
-                         f"{tuple(initial_state.shape)}")
+    check_state_operands("selective_scan", A, B, C, initial_state, batch, dim, length, time_major=False)
     carrying = initial_state is not None or return_final_state
-    name = backend or _default_backend(u)
-    if name not in _BACKENDS:
-        raise ValueError(f"selective_scan: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
-    if not _AVAILABLE[name]():
-        raise RuntimeError(f"selective_scan: backend {name!r} is not available here (available: "
-                           f"{available_backends()}); install the `cuda` extra on a CUDA machine")
+    name = backend or _REGISTRY.default(u)
+    fn = _REGISTRY.resolve(name)
     if not carrying:
-        return _BACKENDS[name](u, delta, A, B, C)
-    if name in _CARRIES_STATE:
-        return _BACKENDS[name](u, delta, A, B, C, initial_state=initial_state, return_final_state=return_final_state)
+        return fn(u, delta, A, B, C)
+    if name in _REGISTRY.carries_state:
+        return fn(u, delta, A, B, C, initial_state=initial_state, return_final_state=return_final_state)
     # a backend without state support computes the zero-start scan; the state's part is added by linearity
-    y = _BACKENDS[name](u, delta, A, B, C)
+    y = fn(u, delta, A, B, C)
     y_extra, final = _state_terms(u, delta, A, B, C, initial_state, return_final_state)
     if y_extra is not None:
         y = (y.to(y_extra.dtype) + y_extra).to(u.dtype)

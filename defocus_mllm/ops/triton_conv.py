@@ -38,8 +38,9 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, sxb, sxl, sxd, L, D, HAS_BIAS: tl.constexpr,
-                         K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _conv_tile(b_ptr, D, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's tile of a `(L / BLOCK_L, D / BLOCK_D, B)` grid: its row block, batch index, rows, channels
+        and their mask, and the channels' fp32 bias (0 without one)."""
         pid_l = tl.program_id(0)
         pid_d = tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)
@@ -49,6 +50,12 @@ if triton is not None:
         bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        return pid_l, pid_b, rows, d, mask_d, bias
+
+    @triton.jit
+    def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, sxb, sxl, sxd, L, D, HAS_BIAS: tl.constexpr,
+                         K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_l, pid_b, rows, d, mask_d, bias = _conv_tile(b_ptr, D, HAS_BIAS, BLOCK_L, BLOCK_D)
         pre = _pre_activation(x_ptr, w_ptr, bias, rows, d, sxl, sxd, pid_b * sxb, mask_d, L, K, BLOCK_L, BLOCK_D)
         out = pre * tl.sigmoid(pre)
         m = (rows < L)[:, None] & mask_d[None, :]
@@ -57,15 +64,7 @@ if triton is not None:
     @triton.jit
     def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, sxb, sxl, sxd, sgb, sgl, sgd, L, D,
                          HAS_BIAS: tl.constexpr, K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_l = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)
-        rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = d < D
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        pid_l, pid_b, rows, d, mask_d, bias = _conv_tile(b_ptr, D, HAS_BIAS, BLOCK_L, BLOCK_D)
         dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
         dpre_here = dx
         for k in tl.static_range(K):

@@ -20,11 +20,17 @@ Group sizes that are not a power of two (Triton tiles are) go to the PyTorch com
 """
 
 # no `from __future__ import annotations`: see triton_scan.py
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from .mamba_mixer import MixerResult, mamba_mixer_core_torch, register_mamba_mixer_backend, rotate_state_projections
+from .mamba_mixer import (
+    MixerOptions,
+    MixerResult,
+    mamba_mixer_core_torch,
+    register_mamba_mixer_backend,
+    rotate_state_projections,
+)
 from .triton_scan import _interpreted, ssm_backward, ssm_forward, triton, triton_scan_available
 
 
@@ -69,23 +75,19 @@ class _MambaMixerTriton(torch.autograd.Function):
 
 def mamba_mixer_core_triton(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor,
                             A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-                            freq: Optional[torch.Tensor], *, delta_scale_factor: float = 1.0,
-                            rope_scale_factor: float = 1.0, group_norm_size: int = 0, position_offset: int = 0,
-                            initial_state: Optional[torch.Tensor] = None,
-                            return_final_state: bool = False) -> MixerResult:
-    """`mamba_mixer_core` as fused Triton kernels (arguments and shapes as there; fp32 state and epilogue).
+                            freq: Optional[torch.Tensor], **options: Any) -> MixerResult:
+    """`mamba_mixer_core` as fused Triton kernels (arguments, `MixerOptions` and shapes as there; fp32 state and
+    epilogue).
 
     `delta` stays fp32 inside the kernel where the PyTorch composition rounds it to `dt`'s dtype first, so under
     bf16 the two differ by that rounding; in fp32 they agree to float rounding.
     """
     if triton is None:
         raise RuntimeError("mamba_mixer_core_triton: triton is not installed (pip install triton)")
-    group = int(group_norm_size)
+    opt = MixerOptions(**options)
+    group = int(opt.group_norm_size)
     if x.dtype == torch.float64 or (group > 0 and group & (group - 1)):
-        return mamba_mixer_core_torch(x, z, dt, dt_bias, A, B, C, D, freq, delta_scale_factor=delta_scale_factor,
-                                      rope_scale_factor=rope_scale_factor, group_norm_size=group,
-                                      position_offset=position_offset, initial_state=initial_state,
-                                      return_final_state=return_final_state)
+        return mamba_mixer_core_torch(x, z, dt, dt_bias, A, B, C, D, freq, **options)
     if not x.is_cuda and not _interpreted():
         raise RuntimeError("mamba_mixer_core_triton: CPU tensors need TRITON_INTERPRET=1 set before defocus_mllm is "
                            "imported (Triton's interpreter); use the 'torch' backend otherwise")
@@ -94,13 +96,13 @@ def mamba_mixer_core_triton(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, 
     batch, length, dim = x.shape
     if length == 0:
         out = x.new_empty(batch, 0, dim)
-        final = (initial_state.float().clone() if initial_state is not None
+        final = (opt.initial_state.float().clone() if opt.initial_state is not None
                  else x.new_zeros(batch, dim, A.shape[1], dtype=torch.float32))
-        return (out, final) if return_final_state else out
-    out, final = _MambaMixerTriton.apply(x, z, dt, dt_bias, A, B, C, D, freq, initial_state,
-                                         float(delta_scale_factor), float(rope_scale_factor), group,
-                                         int(position_offset))
-    return (out, final) if return_final_state else out
+        return (out, final) if opt.return_final_state else out
+    out, final = _MambaMixerTriton.apply(x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state,
+                                         float(opt.delta_scale_factor), float(opt.rope_scale_factor), group,
+                                         int(opt.position_offset))
+    return (out, final) if opt.return_final_state else out
 
 
 register_mamba_mixer_backend("triton", mamba_mixer_core_triton, triton_scan_available, carries_state=True)

@@ -106,11 +106,14 @@ if triton is not None:
         return dl, v, Bt, Ct
 
     @triton.jit
-    def _step_inputs(x_ptr, dt_ptr, B_ptr, C_ptr, x_off, dt_off, B_off, C_off, Bp_off, Cp_off, mask_d, mask_n,
-                     bias, freq, sign, pos, inv_dsf, SOFTPLUS: tl.constexpr, ROTATE: tl.constexpr):
-        """One time step's `u, delta, v, B_t, C_t` (rotated), fp32: the forward's values, recomputed exactly."""
-        u, dl, _, Bt, Ct, Bp, Cp = _load_step(x_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, x_off, x_off, dt_off, B_off, C_off,
-                                              Bp_off, Cp_off, mask_d, mask_n, ROTATE, False)
+    def _step_inputs(t, x_ptr, dt_ptr, B_ptr, C_ptr, x0, dt0, B0, C0, Bp0, Cp0, sxl, stl, sBl, sCl, mask_d, mask_n,
+                     bias, freq, sign, pos0, rope_scale, inv_dsf, SOFTPLUS: tl.constexpr, ROTATE: tl.constexpr):
+        """Time step `t`'s `u, delta, v, B_t, C_t` (rotated), fp32: the forward's values, recomputed exactly. `x0` ..
+        `Cp0` are the offsets of step 0, `sxl` .. `sCl` the time strides."""
+        pos = (pos0 + t).to(tl.float32) / rope_scale
+        u, dl, _, Bt, Ct, Bp, Cp = _load_step(x_ptr, x_ptr, dt_ptr, B_ptr, C_ptr, x0 + t * sxl, x0 + t * sxl,
+                                              dt0 + t * stl, B0 + t * sBl, C0 + t * sCl, Bp0 + t * sBl, Cp0 + t * sCl,
+                                              mask_d, mask_n, ROTATE, False)
         dl, v, Bt, Ct = _prep_step(dl, Bt, Ct, Bp, Cp, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
         return u, dl, v, Bt, Ct
 
@@ -123,13 +126,14 @@ if triton is not None:
         return y * r_full, r_full
 
     @triton.jit
-    def _ssm_fwd_kernel(x_ptr, z_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, freq_ptr, s0_ptr, out_ptr,
-                        final_ptr, ckpt_ptr,
-                        sxb, sxl, sxd, szb, szl, szd, stb, stl, std, sBb, sBl, sBn, sCb, sCl, sCn, sob, sol, sod,
-                        L, D, N, n_ckpt, pos0, rope_scale, inv_dsf,
-                        BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, CKPT: tl.constexpr, SOFTPLUS: tl.constexpr,
-                        ROTATE: tl.constexpr, GATE: tl.constexpr, GROUP: tl.constexpr, HAS_S0: tl.constexpr,
-                        STORE_FINAL: tl.constexpr, STORE_CKPT: tl.constexpr):
+    def _channel_block(A_ptr, bias_ptr, freq_ptr, Dskip_ptr, D, N, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+                       SOFTPLUS: tl.constexpr, ROTATE: tl.constexpr, GATE: tl.constexpr):
+        """This program's `BLOCK_D` channels of one batch row (a `(D / BLOCK_D, B)` grid) and what stays fixed over
+        the sequence: indices and masks, `A [BLOCK_D, N_PAD]`, the `delta` bias, `freq`, the rotation's pair sign
+        and partner, the `D` skip and the offsets of a `[B, D, N]` state, all fp32.
+
+        Padded channels / states load A = 0, B = C = 0: their decay is 1 and their state stays exactly 0.
+        """
         pid_d = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
         d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -137,7 +141,6 @@ if triton is not None:
         mask_d = d < D
         mask_n = n < N
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        # padded channels / states load A = 0, B = C = 0: their decay is 1 and their state stays exactly 0
         A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
         bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         if SOFTPLUS:
@@ -151,6 +154,18 @@ if triton is not None:
         if GATE:
             Dv = tl.load(Dskip_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
         st_off = (pid_b * D + d[:, None]) * N + n[None, :]
+        return pid_d, pid_b, d, n, mask_d, mask_n, mask_dn, A, bias, freq, sign, partner, Dv, st_off
+
+    @triton.jit
+    def _ssm_fwd_kernel(x_ptr, z_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, Dskip_ptr, freq_ptr, s0_ptr, out_ptr,
+                        final_ptr, ckpt_ptr,
+                        sxb, sxl, sxd, szb, szl, szd, stb, stl, std, sBb, sBl, sBn, sCb, sCl, sCn, sob, sol, sod,
+                        L, D, N, n_ckpt, pos0, rope_scale, inv_dsf,
+                        BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, CKPT: tl.constexpr, SOFTPLUS: tl.constexpr,
+                        ROTATE: tl.constexpr, GATE: tl.constexpr, GROUP: tl.constexpr, HAS_S0: tl.constexpr,
+                        STORE_FINAL: tl.constexpr, STORE_CKPT: tl.constexpr):
+        pid_d, pid_b, d, n, mask_d, mask_n, mask_dn, A, bias, freq, sign, partner, Dv, st_off = _channel_block(
+            A_ptr, bias_ptr, freq_ptr, Dskip_ptr, D, N, BLOCK_D, N_PAD, SOFTPLUS, ROTATE, GATE)
         if HAS_S0:
             state = tl.load(s0_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
         else:
@@ -197,29 +212,14 @@ if triton is not None:
                         STORE_DS0: tl.constexpr):
         # gradient outputs dx, dz, ddt are channels-last [B, L, D] contiguous; dB, dC are [B, L, N] fp32 (the
         # gradients of the rotated B, C when ROTATE: the host turns them back, together with d freq)
-        pid_d = tl.program_id(0)
-        pid_b = tl.program_id(1).to(tl.int64)
-        d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        n = tl.arange(0, N_PAD)
-        mask_d = d < D
-        mask_n = n < N
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if SOFTPLUS:
-            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        freq = tl.zeros([N_PAD], dtype=tl.float32)
-        if ROTATE:
-            freq = tl.load(freq_ptr + n, mask=mask_n, other=0.0).to(tl.float32)
-        sign = tl.where(n % 2 == 0, -1.0, 1.0)
-        partner = n ^ 1
-        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if GATE:
-            Dv = tl.load(Dskip_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        st_off = (pid_b * D + d[:, None]) * N + n[None, :]
+        pid_d, pid_b, d, n, mask_d, mask_n, mask_dn, A, bias, freq, sign, partner, Dv, st_off = _channel_block(
+            A_ptr, bias_ptr, freq_ptr, Dskip_ptr, D, N, BLOCK_D, N_PAD, SOFTPLUS, ROTATE, GATE)
         ck_off = (pid_b * D + d[:, None]) * n_ckpt * N + n[None, :]
         pid = pid_b * tl.num_programs(0) + pid_d
         sc_off = pid * CKPT * BLOCK_D * N_PAD + tl.arange(0, BLOCK_D)[:, None] * N_PAD + n[None, :]
+        # the input offsets of step 0 (x, dt, B, C and the pair partners of B, C); step t adds t time strides
+        x0, dt0, B0, C0 = pid_b * sxb + d * sxd, pid_b * stb + d * std, pid_b * sBb + n * sBn, pid_b * sCb + n * sCn
+        Bp0, Cp0 = pid_b * sBb + partner * sBn, pid_b * sCb + partner * sCn
         # gc: dLoss/ds_t reaching step t from the future (through s_{t+1} or the returned final state)
         if HAS_GFINAL:
             gc = tl.load(gfinal_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
@@ -235,22 +235,16 @@ if triton is not None:
             # recompute the chunk's states from its checkpoint into the scratch tile
             state = tl.load(ckpt_ptr + ck_off + k * N, mask=mask_dn, other=0.0)
             for t in range(t0, t1):
-                pos = (pos0 + t).to(tl.float32) / rope_scale
-                u, dl, v, Bt, Ct = _step_inputs(
-                    x_ptr, dt_ptr, B_ptr, C_ptr, pid_b * sxb + t * sxl + d * sxd, pid_b * stb + t * stl + d * std,
-                    pid_b * sBb + t * sBl + n * sBn, pid_b * sCb + t * sCl + n * sCn,
-                    pid_b * sBb + t * sBl + partner * sBn, pid_b * sCb + t * sCl + partner * sCn,
-                    mask_d, mask_n, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
+                u, dl, v, Bt, Ct = _step_inputs(t, x_ptr, dt_ptr, B_ptr, C_ptr, x0, dt0, B0, C0, Bp0, Cp0, sxl, stl,
+                                                sBl, sCl, mask_d, mask_n, bias, freq, sign, pos0, rope_scale,
+                                                inv_dsf, SOFTPLUS, ROTATE)
                 state = tl.exp(dl[:, None] * A) * state + (dl * u)[:, None] * Bt[None, :]
                 tl.store(scratch_ptr + sc_off + (t - t0) * BLOCK_D * N_PAD, state)
             for j in range(0, t1 - t0):
                 t = t1 - 1 - j
-                pos = (pos0 + t).to(tl.float32) / rope_scale
-                u, dl, v, Bt, Ct = _step_inputs(
-                    x_ptr, dt_ptr, B_ptr, C_ptr, pid_b * sxb + t * sxl + d * sxd, pid_b * stb + t * stl + d * std,
-                    pid_b * sBb + t * sBl + n * sBn, pid_b * sCb + t * sCl + n * sCn,
-                    pid_b * sBb + t * sBl + partner * sBn, pid_b * sCb + t * sCl + partner * sCn,
-                    mask_d, mask_n, bias, freq, sign, pos, inv_dsf, SOFTPLUS, ROTATE)
+                u, dl, v, Bt, Ct = _step_inputs(t, x_ptr, dt_ptr, B_ptr, C_ptr, x0, dt0, B0, C0, Bp0, Cp0, sxl, stl,
+                                                sBl, sCl, mask_d, mask_n, bias, freq, sign, pos0, rope_scale,
+                                                inv_dsf, SOFTPLUS, ROTATE)
                 s = tl.load(scratch_ptr + sc_off + (t - t0) * BLOCK_D * N_PAD)
                 g_off = pid_b * D * L + t * D + d  # the contiguous [B, L, D] gradient outputs
                 dy = tl.load(gout_ptr + pid_b * sgb + t * sgl + d * sgd, mask=mask_d, other=0.0).to(tl.float32)

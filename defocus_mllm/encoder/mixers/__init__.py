@@ -1,7 +1,8 @@
 """Token mixers of the De-focus block, one file each; `build_mixer` picks one from the config.
 
-`MIXER_CLASSES` is the single list of mixers (the configuration validates `mixer=` against it). Every mixer
-fulfils the contract of `base.TokenMixer` (docs/method.md §3.3).
+`MIXER_CLASSES` is the single list of mixers: `build_mixer` refuses any other `mixer=` name. Every mixer fulfils the
+contract of `base.TokenMixer` (docs/method.md §3.3) and validates its own fields of the configuration when built
+(`TokenMixer.validate_config`); the configuration itself imports nothing from here.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ MIXER_CLASSES: dict[str, type[TokenMixer]] = {
 }
 
 
-def build_mixer(config, layer_idx: int) -> TokenMixer:
-    """Instantiate the token mixer named by `config.mixer` for layer `layer_idx`."""
+def mixer_class(config) -> type[TokenMixer]:
+    """The token mixer class named by `config.mixer`; a `ValueError` naming the field and the known mixers else."""
     try:
-        cls = MIXER_CLASSES[config.mixer]
+        return MIXER_CLASSES[config.mixer]
     except KeyError:
-        raise ValueError(f"No token mixer registered for mixer={config.mixer!r}; known: {sorted(MIXER_CLASSES)}") from None
-    return cls(config, layer_idx)
+        raise ValueError(f"No token mixer registered under that name: mixer={config.mixer!r} must be one of "
+                         f"{tuple(MIXER_CLASSES)}") from None
+
+
+def build_mixer(config, layer_idx: int) -> TokenMixer:
+    """Instantiate the token mixer named by `config.mixer` for layer `layer_idx` (it validates `config`)."""
+    return mixer_class(config)(config, layer_idx)
 
 
 __all__ = ["MIXER_CLASSES", "DefocusAttentionMixer", "DefocusMambaMixer", "DefocusRetentionMixer", "TokenMixer",
-           "build_mixer"]
+           "build_mixer", "mixer_class"]

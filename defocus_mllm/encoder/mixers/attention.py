@@ -23,7 +23,10 @@ from torch import nn
 
 from ...ops.decay_attention import decay_attention
 from ..filters import DefocusHeadFilter
-from .base import TokenMixer
+from .base import TokenMixer, validate_heads
+
+# How softmax attention is computed (`DefocusVisionConfig.attention_backend`; `uses_flex`, `uses_chunked`)
+ATTENTION_BACKENDS = ("auto", "sdpa", "chunked", "flex", "flex_eager")
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -71,6 +74,12 @@ def compiled_flex_decay_attention() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_decay_attention)
 
 
+def validate_attention_backend(backend: str) -> None:
+    """Raise a `ValueError` naming `attention_backend` when it is not one of `ATTENTION_BACKENDS`."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={backend!r} must be one of {ATTENTION_BACKENDS}")
+
+
 @dataclass
 class AttentionKVCache:
     """What a De-focus ViT layer carries between chunks: the keys and values of every token seen, `[B, H, n, d]`.
@@ -95,6 +104,13 @@ class DefocusAttentionMixer(TokenMixer):
     """
 
     has_feed_forward = True
+    supports_non_causal = True
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        validate_heads(config)
+        validate_attention_backend(config.attention_backend)
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__(config, layer_idx)
@@ -104,8 +120,7 @@ class DefocusAttentionMixer(TokenMixer):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.filter = DefocusHeadFilter(config, self.num_heads, self.head_dim)
-        # "auto" / "sdpa" / "chunked" / "flex" / "flex_eager" (see `uses_flex`, `uses_chunked`); a plain attribute,
-        # so it can be set per mixer
+        # one of ATTENTION_BACKENDS (see `uses_flex`, `uses_chunked`); a plain attribute, so it can be set per mixer
         self.attention_backend = config.attention_backend
 
     def init_weights(self) -> None:
@@ -126,8 +141,7 @@ class DefocusAttentionMixer(TokenMixer):
             if not flex_attention_available():
                 raise RuntimeError(f"attention_backend={backend!r} needs torch >= 2.5 (FlexAttention)")
             return True
-        if backend not in ("sdpa", "chunked"):
-            raise ValueError(f"attention_backend={backend!r} must be 'auto', 'sdpa', 'chunked', 'flex' or 'flex_eager'")
+        validate_attention_backend(backend)
         return False
 
     def uses_chunked(self, q: torch.Tensor) -> bool:

@@ -9,13 +9,35 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..filters import validate_filter_modes
+
+
+def refuse_unless(ok: bool, message: str) -> None:
+    """Raise the configuration's `ValueError` (`"DefocusVisionConfig: <message>"`) when `ok` is false."""
+    if not ok:
+        raise ValueError(f"DefocusVisionConfig: {message}")
+
+
+def validate_heads(config) -> None:
+    """The checks of a mixer that splits the hidden width into `num_attention_heads` heads."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    refuse_unless(isinstance(heads, int) and not isinstance(heads, bool) and heads > 0,
+                  f"num_attention_heads={heads!r} must be positive")
+    refuse_unless(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    refuse_unless(not config.use_rope or (hidden // heads) % 2 == 0,
+                  f"the head width hidden_size / num_attention_heads = {hidden}/{heads} must be even for the rotary "
+                  "filter (use_rope=True)")
+
 
 class TokenMixer(nn.Module, metaclass=ABCMeta):
     """A token mixer of the De-focus block: `x = x + drop_path(mixer(RMSNorm(x)))`.
 
     A mixer provides:
 
-    * `__init__(config, layer_idx)`: built from the shared `DefocusVisionConfig` for block `layer_idx`.
+    * `__init__(config, layer_idx)`: built from the shared `DefocusVisionConfig` for block `layer_idx`; it first calls
+      `validate_config(config)`, which refuses the fields this mixer cannot be built from (the configuration knows
+      nothing of its mixers, so these checks happen when the model is built).
+    * `supports_non_causal`: `True` when `config.causal=False` is defined for the mixer (attention only).
     * `forward(hidden_states)`: `[B, L, hidden] -> [B, L, hidden]`, causal unless its config says otherwise; the
       input is the block's normed residual stream, the output goes (through drop path) onto the fp32 residual.
     * `has_feed_forward`: `True` when the block should add a pre-norm GELU MLP after the mixer (attention and
@@ -35,10 +57,22 @@ class TokenMixer(nn.Module, metaclass=ABCMeta):
     """
 
     has_feed_forward: bool = False
+    supports_non_causal: bool = False
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
+        self.validate_config(config)
         self.layer_idx = layer_idx
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        """Raise a `ValueError` naming the field when `config` cannot build this mixer; subclasses extend it."""
+        refuse_unless(config.causal or cls.supports_non_causal,
+                      f"causal=False is not defined for mixer={config.mixer!r} (only for a mixer that supports it, "
+                      "e.g. 'attention')")
+        validate_filter_modes(config)
+        if cls.has_feed_forward:
+            refuse_unless(config.mlp_ratio >= 0, f"mlp_ratio={config.mlp_ratio} must be >= 0 (0: no MLP)")
 
     @abstractmethod
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -58,4 +92,4 @@ class TokenMixer(nn.Module, metaclass=ABCMeta):
         """`[B, H, L, L]` non-negative attention of each query on each key (see the class docstring)."""
 
 
-__all__ = ["TokenMixer"]
+__all__ = ["TokenMixer", "refuse_unless", "validate_heads"]

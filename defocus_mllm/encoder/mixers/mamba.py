@@ -22,7 +22,7 @@ from transformers import initialization as init
 from ...ops import causal_conv1d_silu
 from ...ops.mamba_mixer import mamba_mixer_core, rotate_state_projections, time_step
 from ..filters import BandpassFilter, PerElementRotary, ScanDecay
-from .base import TokenMixer
+from .base import TokenMixer, refuse_unless
 
 # Elements of one `[B, d, L, L]` slice of the implicit attention computed at a time (16 MiB in fp32): the peak, a few
 # such slices, stays below one layer's `[B, D, L, L]` at the released sizes (238 MiB for Base at 224px).
@@ -72,6 +72,15 @@ class MambaStreamState:
 
 class DefocusMambaMixer(BandpassFilter, TokenMixer):
     """Selective-scan token mixer with the De-focus filter; `[B, L, hidden] -> [B, L, hidden]`."""
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        group = config.group_norm_size
+        refuse_unless(group <= 0 or config.intermediate_size % group == 0,
+                      f"intermediate_size={config.intermediate_size} is not a multiple of group_norm_size={group}")
+        refuse_unless(not config.use_rope or config.state_size % 2 == 0,
+                      f"state_size={config.state_size} must be even for the rotary filter")
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__(config, layer_idx)

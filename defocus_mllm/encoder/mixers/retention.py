@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..filters import DefocusHeadFilter
-from .base import TokenMixer
+from .base import TokenMixer, refuse_unless, validate_heads
 
 
 def group_rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -44,6 +44,15 @@ class DefocusRetentionMixer(TokenMixer):
     """
 
     has_feed_forward = True
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        validate_heads(config)
+        heads = config.num_attention_heads
+        refuse_unless(config.intermediate_size % heads == 0,
+                      f"intermediate_size={config.intermediate_size} (the retention value width) is not a multiple "
+                      f"of num_attention_heads={heads}")
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__(config, layer_idx)
