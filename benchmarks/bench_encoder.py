@@ -15,8 +15,7 @@ work the best of interleaved rounds is the least disturbed estimate. Ratios are 
 the same interleaved way and prints those ratios and peaks in a second table.
 
 Peak memory is what one forward adds on top of the weights: the rise of the process's resident-set high-water
-mark during the call (Linux: reset through /proc/self/clear_refs, after glibc's `malloc_trim` has returned the
-free heap memory of earlier calls to the OS), measured after all timing rounds.
+mark during the call (`timing.PeakMemory`), measured after all timing rounds.
 """
 
 from __future__ import annotations

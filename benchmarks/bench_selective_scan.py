@@ -8,9 +8,8 @@ Two measurements per variant: training (forward + backward of `y.square().mean()
 its best time (the median in brackets): on a machine shared with other work the best of several interleaved runs
 is the least disturbed estimate. Ratios are against the per-step loop and against the "torch" backend.
 
-Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the rise of the process's resident-set high-water
-mark during one run (Linux: the mark is reset through /proc/self/clear_refs, after glibc's `malloc_trim` has
-returned the free heap memory of earlier runs to the OS). Memory runs come after all timing runs.
+Peak memory (`timing.PeakMemory`): on CUDA the allocator's peak; on CPU the rise of the process's resident-set
+high-water mark during one run. Memory runs come after all timing runs.
 """
 
 from __future__ import annotations
