@@ -19,15 +19,14 @@ Inference runs under `torch.inference_mode` in the model's dtype (fp32 by defaul
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
-from typing import Callable
 
 import torch
 
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.mixers import DefocusAttentionMixer
 from defocus_mllm.encoder.mixers.attention import flex_attention_available
+from timing import interleaved_rounds
 
 PATHS = ("sdpa", "chunked", "flex", "flex_eager")
 
@@ -36,19 +35,6 @@ def set_backend(model: torch.nn.Module, backend: str) -> None:
     for module in model.modules():
         if isinstance(module, DefocusAttentionMixer):
             module.attention_backend = backend
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def run(model: DefocusVisionModel, pixels: torch.Tensor, train: bool) -> torch.Tensor:
@@ -63,18 +49,18 @@ def run(model: DefocusVisionModel, pixels: torch.Tensor, train: bool) -> torch.T
 def bench_size(model: DefocusVisionModel, size: int, batch: int, paths: list[str], repeats: int, device: str,
                dtype: torch.dtype, train: bool) -> dict[str, dict[str, float]]:
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    results: dict[str, dict[str, float]] = {}
     outputs = {}
-    for path in paths:  # first calls: compilation, block masks, allocator warm-up
-        set_backend(model, path)
-        model.zero_grad(set_to_none=True)
-        results[path] = {"first": timed(lambda: outputs.__setitem__(path, run(model, pixels, train)), device),
-                         "times": []}
-    for _ in range(repeats):
-        for path in paths:
+
+    def call(path: str):
+        def step() -> None:
             set_backend(model, path)
             model.zero_grad(set_to_none=True)
-            results[path]["times"].append(timed(lambda: run(model, pixels, train), device))
+            outputs[path] = run(model, pixels, train)
+        return step
+
+    # the first calls (compilation, block masks, allocator warm-up) are reported apart
+    first, times = interleaved_rounds({path: call(path) for path in paths}, repeats, device)
+    results = {path: {"first": first[path], "times": times[path]} for path in paths}
     reference = outputs.get("sdpa")
     for path in paths:
         best = min(results[path]["times"])

@@ -15,22 +15,21 @@ work the best of interleaved rounds is the least disturbed estimate. Ratios are 
 the same interleaved way and prints those ratios and peaks in a second table.
 
 Peak memory is what one forward adds on top of the weights: the rise of the process's resident-set high-water
-mark during the call (Linux: reset through /proc/self/clear_refs, after glibc's `malloc_trim` has returned the
-free heap memory of earlier calls to the OS), measured after all timing rounds.
+mark during the call (`timing.PeakMemory`), measured after all timing rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from typing import Callable
 
 import torch
 from transformers import ViTConfig, ViTModel
 
-from bench_selective_scan import PeakMemory
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.ops import available_backends, available_causal_conv_backends, available_mamba_mixer_backends
+from timing import PeakMemory, interleaved_rounds
 
 BASELINE = "ViT-S/16 (transformers)"
 # images/s goals for De-focus Mamba-S relative to ViT-S/16, by resolution
@@ -51,18 +50,20 @@ def defocus(preset: str, layers: int) -> DefocusVisionModel:
     return DefocusVisionModel(DefocusVisionConfig.from_preset(preset, **overrides)).eval()
 
 
-def timed(model, pixels: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(pixel_values=pixels)
-    return time.perf_counter() - start
+def inference_call(model, pixels: torch.Tensor) -> Callable[[], None]:
+    """The timed inference call: one forward under `torch.inference_mode`."""
+    def run() -> None:
+        with torch.inference_mode():
+            model(pixel_values=pixels)
+    return run
 
 
-def timed_train(model, pixels: torch.Tensor) -> float:
-    model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    model(pixel_values=pixels).last_hidden_state.square().mean().backward()
-    return time.perf_counter() - start
+def train_call(model, pixels: torch.Tensor) -> Callable[[], None]:
+    """The timed training call, in the model's current (eval) mode: forward + backward of `mean(output^2)`."""
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        model(pixel_values=pixels).last_hidden_state.square().mean().backward()
+    return run
 
 
 def goal_note(name: str, size: int, ratio: float, peak, base_peak) -> str:
@@ -77,14 +78,11 @@ def goal_note(name: str, size: int, ratio: float, peak, base_peak) -> str:
 
 def run_rounds(run: dict, pixels: torch.Tensor, repeats: int, step) -> tuple[dict, dict]:
     """Best-of-interleaved-rounds times and peak memory of `step(model, pixels)` for every model in `run`."""
-    times: dict[str, list[float]] = {name: [] for name in run}
-    for round_ in range(repeats + 1):  # round 0 warms up (and compiles the CPU scan kernel if needed)
-        for name, model in run.items():
-            t = step(model, pixels)
-            if round_:
-                times[name].append(t)
+    # the warm-up round also compiles the CPU scan kernel if needed
+    calls = {name: step(model, pixels) for name, model in run.items()}
+    _, times = interleaved_rounds(calls, repeats)
     memory = PeakMemory("cpu")
-    peaks = {name: memory.measure(lambda m=model: step(m, pixels)) for name, model in run.items()}
+    peaks = {name: memory.measure(call) for name, call in calls.items()}
     return times, peaks
 
 
@@ -140,11 +138,11 @@ def main() -> None:
     for size, batch in zip(args.sizes, args.batches):
         run = {BASELINE: vit_small(size, layers["vit"]), **models}
         pixels = torch.randn(batch, 3, size, size)
-        times, peaks = run_rounds(run, pixels, args.repeats, timed)
+        times, peaks = run_rounds(run, pixels, args.repeats, inference_call)
         print_rows(times, peaks, size, batch, goals=True)
         ratios.append((size, {name: min(times[BASELINE]) / min(ts) for name, ts in times.items()}, None))
         if args.train:  # eval mode (no drop path or dropout) with gradients: the same work in every round
-            train_rows.append((size, batch, *run_rounds(run, pixels, args.repeats, timed_train)))
+            train_rows.append((size, batch, *run_rounds(run, pixels, args.repeats, train_call)))
             train_times = train_rows[-1][2]
             ratios[-1] = (size, ratios[-1][1], {name: min(train_times[BASELINE]) / min(ts)
                                                for name, ts in train_times.items()})

@@ -8,22 +8,20 @@ Two measurements per variant: training (forward + backward of `y.square().mean()
 its best time (the median in brackets): on a machine shared with other work the best of several interleaved runs
 is the least disturbed estimate. Ratios are against the per-step loop and against the "torch" backend.
 
-Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the rise of the process's resident-set high-water
-mark during one run (Linux: the mark is reset through /proc/self/clear_refs, after glibc's `malloc_trim` has
-returned the free heap memory of earlier runs to the OS). Memory runs come after all timing runs.
+Peak memory (`timing.PeakMemory`): on CUDA the allocator's peak; on CPU the rise of the process's resident-set
+high-water mark during one run. Memory runs come after all timing runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
-import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from defocus_mllm.ops import available_backends, selective_scan
+from timing import PeakMemory, interleaved_rounds
 
 
 def per_step_loop(u, delta, A, B, C):
@@ -34,60 +32,6 @@ def per_step_loop(u, delta, A, B, C):
         s = torch.exp(delta[:, :, t, None] * A) * s + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
         ys.append((s * C[:, None, :, t]).sum(-1))
     return torch.stack(ys, dim=-1)
-
-
-class PeakMemory:
-    """Peak memory (MiB) that one call adds: CUDA allocator peak, or the CPU resident-set high-water mark.
-
-    On CPU this needs Linux (`/proc/self/clear_refs` resets the mark); `available` is False elsewhere. Before each
-    call glibc's `malloc_trim(0)` hands the free memory of malloc's heaps back to the OS, so the call's peak is not
-    hidden by memory an earlier call left in malloc's free lists.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.available = device == "cuda" or self._reset_mark()
-        self._trim = None
-        if device != "cuda":
-            try:
-                self._trim = ctypes.CDLL(None).malloc_trim
-            except (OSError, AttributeError):  # not glibc
-                pass
-
-    @staticmethod
-    def _reset_mark() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _status_kib(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        raise KeyError(key)
-
-    def measure(self, fn: Callable[[], object]) -> Optional[float]:
-        if not self.available:
-            fn()
-            return None
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        if self._trim is not None:
-            self._trim(0)
-        self._reset_mark()
-        before = self._status_kib("VmRSS")
-        fn()
-        return (self._status_kib("VmHWM") - before) / 1024
 
 
 def make_inputs(batch: int, dim: int, length: int, state: int, device: str) -> list[torch.Tensor]:
@@ -104,22 +48,17 @@ def variant_fn(name: str):
     return lambda *x: selective_scan(*x, backend=name)
 
 
-def run_once(fn, inputs: list[torch.Tensor], mode: str, device: str) -> float:
-    """Seconds for one training (fwd + bwd) or inference (fwd) run."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    if mode == "train":
-        fn(*inputs).square().mean().backward()
-    else:
-        with torch.inference_mode():
-            fn(*inputs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    for t in inputs:
-        t.grad = None
-    return elapsed
+def step(fn, inputs: list[torch.Tensor], mode: str) -> Callable[[], None]:
+    """One training (fwd + bwd) or inference (fwd) run of `fn`, the input gradients cleared after it."""
+    def run() -> None:
+        if mode == "train":
+            fn(*inputs).square().mean().backward()
+        else:
+            with torch.inference_mode():
+                fn(*inputs)
+        for t in inputs:
+            t.grad = None
+    return run
 
 
 def main() -> None:
@@ -143,16 +82,11 @@ def main() -> None:
     print(f"selective_scan  B={args.batch} D={args.dim} L={args.length} N={args.state}  device={device}  "
           f"threads={torch.get_num_threads()}  torch {torch.__version__}")
     inputs = make_inputs(args.batch, args.dim, args.length, args.state, device)
-    times: dict[tuple[str, str], list[float]] = {(n, m): [] for n in names for m in ("train", "infer")}
-    for round_ in range(args.repeats + 1):  # round 0 warms up (and compiles the CPU kernel if needed)
-        for name in names:
-            for mode in ("train", "infer"):
-                t = run_once(variant_fn(name), inputs, mode, device)
-                if round_:
-                    times[(name, mode)].append(t)
+    # round 0 warms up (and compiles the CPU kernel if needed)
+    calls = {(n, m): step(variant_fn(n), inputs, m) for n in names for m in ("train", "infer")}
+    _, times = interleaved_rounds(calls, args.repeats, device)
     memory = PeakMemory(device)
-    peaks = {(n, m): memory.measure(lambda: run_once(variant_fn(n), inputs, m, device))
-             for n in names for m in ("train", "infer")}
+    peaks = {key: memory.measure(call) for key, call in calls.items()}
 
     def row(name: str, mode: str) -> str:
         best, med = min(times[(name, mode)]), statistics.median(times[(name, mode)])

@@ -17,20 +17,19 @@ attention costs `O(L^2)` time, as does a streamed ViT, whose key/value cache gro
 image size (the rows per chunk follow the width), the clean test that a stream's peak does not grow with its length.
 
 Peak memory is what the call adds on top of the weights (the resident-set high-water mark, as in
-bench_selective_scan.py's `PeakMemory`); on a machine shared with other work times are noisy.
+benchmarks/timing.py's `PeakMemory`); on a machine shared with other work times are noisy.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable, Optional
 
 import torch
 
-from bench_selective_scan import PeakMemory
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.modeling_defocus import DefocusStreamState
+from timing import PeakMemory, time_call
 
 MODELS = {
     "Mamba-S": ("mamba-small", {}),
@@ -80,9 +79,7 @@ def measure(fn: Callable[[], int], peak: PeakMemory) -> tuple[float, Optional[fl
     result = {}
 
     def timed() -> None:
-        start = time.perf_counter()
-        result["tokens"] = fn()
-        result["seconds"] = time.perf_counter() - start
+        result["seconds"] = time_call(lambda: result.__setitem__("tokens", fn()))
 
     with torch.inference_mode():
         mib = peak.measure(timed)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
@@ -41,6 +40,7 @@ from defocus_mllm.encoder.mixers.mamba import DefocusMambaMixer
 from defocus_mllm.ops import available_backends, causal_conv1d_silu, selective_scan
 from defocus_mllm.ops.triton_conv import causal_conv1d_silu_triton
 from defocus_mllm.ops.triton_scan import selective_scan_triton
+from timing import mean_time
 
 GPU_SHAPE = (8, 1536, 197, 16)  # Mamba-Base at 224 px: B, D, L (196 patches + class token), N
 DRY_SHAPE = (2, 6, 21, 5)
@@ -53,16 +53,6 @@ NAMES = ["y", "du", "ddelta", "dA", "dB", "dC"]
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
-def timed(fn: Callable[[], object], repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def scan_inputs(dtype: torch.dtype, shape: tuple[int, int, int, int], device: str) -> list[torch.Tensor]:
@@ -95,7 +85,7 @@ def run_scan(scan: Callable[..., torch.Tensor], dtype: torch.dtype, shape: tuple
         for t in inputs:
             t.grad = None
         scan(*inputs).float().square().mean().backward()
-    return out, grads, timed(fwd), timed(step)
+    return out, grads, mean_time(fwd), mean_time(step)
 
 
 def check_scan(failures: list[str], backends: list[str], shape: tuple[int, int, int, int], device: str,
@@ -225,7 +215,7 @@ def copy_bandwidth() -> float:
     """Bytes per second of a 2 GiB device-to-device copy (read + write): what this card's memory sustains."""
     src = torch.empty(2**29, device="cuda")
     dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), 10)
+    seconds = mean_time(lambda: dst.copy_(src), 10)
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -248,10 +238,11 @@ def check_bandwidth(quick: bool) -> None:
         vec = b * l * d * 2  # one bf16 [B, L, D] tensor
         small = 2 * b * l * n * 2 + d * n * 4
         with torch.inference_mode():
-            t_scan = timed(lambda: selective_scan_triton(x.transpose(1, 2), delta.transpose(1, 2), A,
-                                                         B.transpose(1, 2), C.transpose(1, 2)), 10)
-            t_mix = timed(lambda: mamba_mixer_core_triton(x, z, dt, dt_bias, A, B, C, D, freq, group_norm_size=64,
-                                                          rope_scale_factor=1.0, delta_scale_factor=1.0), 10)
+            t_scan = mean_time(lambda: selective_scan_triton(x.transpose(1, 2), delta.transpose(1, 2), A,
+                                                             B.transpose(1, 2), C.transpose(1, 2)), 10)
+            t_mix = mean_time(lambda: mamba_mixer_core_triton(x, z, dt, dt_bias, A, B, C, D, freq,
+                                                              group_norm_size=64, rope_scale_factor=1.0,
+                                                              delta_scale_factor=1.0), 10)
         for name, seconds, nbytes in (("scan", t_scan, 3 * vec + small), ("fused mixer", t_mix, 4 * vec + small)):
             rate = nbytes / seconds
             print(f"  triton {name:11} B={b} D={d} L={l} N={n} inference: {seconds * 1e3:.3f} ms, {nbytes / 1e6:.0f} MB "
@@ -262,7 +253,7 @@ def check_bandwidth(quick: bool) -> None:
             for t in leaves:
                 t.grad = None
             mamba_mixer_core_triton(*leaves, group_norm_size=64).float().square().mean().backward()
-        print(f"  triton fused mixer B={b} L={l} fwd+bwd: {timed(step, 5) * 1e3:.3f} ms")
+        print(f"  triton fused mixer B={b} L={l} fwd+bwd: {mean_time(step, 5) * 1e3:.3f} ms")
 
 
 def check_cuda_graphs(failures: list[str], quick: bool) -> None:
@@ -279,7 +270,7 @@ def check_cuda_graphs(failures: list[str], quick: bool) -> None:
         pixels = torch.randn(batch, 3, size, size, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode():
             eager_out = forward(pixels)
-            t_eager = timed(lambda: forward(pixels), 5)
+            t_eager = mean_time(lambda: forward(pixels), 5)
         try:
             graph = CUDAGraphInference(forward, pixels)
         except Exception as exc:  # noqa: BLE001 - reported, the rest of the checks go on
@@ -287,7 +278,7 @@ def check_cuda_graphs(failures: list[str], quick: bool) -> None:
             print(f"mamba-base {size}px: CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         err = rel(graph(pixels), eager_out)
-        t_graph = timed(lambda g=graph: g(pixels), 5)
+        t_graph = mean_time(lambda g=graph: g(pixels), 5)
         print(f"mamba-base {size}px B={batch} bf16 inference: eager {batch / t_eager:.0f} img/s, CUDA graph "
               f"{batch / t_graph:.0f} img/s ({t_eager / t_graph:.2f}x); graph vs eager rel error {err:.1e}")
         if err > 1e-2:
@@ -322,7 +313,7 @@ def check_model(failures: list[str], backends: list[str]) -> None:
             def step():
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     model(pixels, labels=labels).loss.backward()
-            results[backend, autocast] = (out.logits.detach(), out.aux_logits.detach(), grad, timed(step, 3))
+            results[backend, autocast] = (out.logits.detach(), out.aux_logits.detach(), grad, mean_time(step, 3))
     os.environ.pop("DEFOCUS_SCAN_BACKEND")
     for backend in backends:
         for autocast in (False, True):
@@ -406,7 +397,7 @@ def check_flex_attention(failures: list[str]) -> None:
                     model.zero_grad(set_to_none=True)
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                         model(pixels).last_hidden_state.float().square().mean().backward()
-                times[backend] = (timed(fwd, 3), timed(step, 3))
+                times[backend] = (mean_time(fwd, 3), mean_time(step, 3))
             mode = "bf16 autocast" if autocast else "fp32"
             s_f, s_s = times["sdpa"]
             f_f, f_s = times["flex"]

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
-from typing import Callable
 
 import torch
 
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
+from timing import encoder_step, mean_time, synchronize
 
 GPU_CASES = ["mamba-base:224:64:inference", "mamba-base:1024:4:inference", "mamba-base:224:64:train",
              "vit-b16:224:64:inference", "vit-b16:1024:4:inference"]
@@ -61,20 +60,6 @@ def build(model_name: str, size: int, device: str, dtype: torch.dtype, layers: i
     return model.to(device=device, dtype=dtype)
 
 
-def step_fn(model: torch.nn.Module, pixels: torch.Tensor, mode: str) -> Callable[[], None]:
-    model.train(mode == "train")
-
-    def infer() -> None:
-        with torch.inference_mode():
-            model(pixel_values=pixels)
-
-    def train() -> None:
-        model.zero_grad(set_to_none=True)
-        model(pixel_values=pixels).last_hidden_state.float().mean().backward()
-
-    return infer if mode == "inference" else train
-
-
 def profile_case(case: str, device: str, dtype: torch.dtype, rows: int, layers: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -82,19 +67,12 @@ def profile_case(case: str, device: str, dtype: torch.dtype, rows: int, layers: 
     size, batch = int(size), int(batch)
     model = build(model_name, size, device, dtype, layers)
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    fn = step_fn(model, pixels, mode)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    wall = time.perf_counter() - start
+    fn = encoder_step(model, pixels, mode)
+    wall = mean_time(fn, repeats=1, device=device, warmup=2)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
-        sync()
+        synchronize(device)
     events = prof.key_averages()
     # on CUDA the kernels (device time); on the CPU the leaf operators (self CPU time)
     if device == "cuda":
@@ -143,15 +121,7 @@ def scan_configs(shapes: list[str], dim: int, n_state: int) -> None:
                 leaves = [t.detach().requires_grad_() for t in (u, delta, A, B, C)]
                 selective_scan_triton(*leaves, **kw).float().sum().backward()
 
-            times = []
-            for fn in (fwd, fwd_bwd):
-                fn()
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - start) / 5 * 1e3)
+            times = [mean_time(fn, repeats=5, device="cuda") * 1e3 for fn in (fwd, fwd_bwd)]
             name = "default" if block_d is None else f"block_d={block_d} checkpoint={checkpoint} warps={warps}"
             print(f"  {name:32} inference {times[0]:7.3f} ms  fwd+bwd {times[1]:7.3f} ms")
 

@@ -111,7 +111,13 @@ def accelerate_launch_command(*launch_args: str) -> list[str]:
 
 
 def load_script(path: str | os.PathLike, name: str) -> ModuleType:
-    """Import a script that is not part of the package (a recipe, an `eval/` command) as module `name`."""
+    """Import a script that is not part of the package (a recipe, an `eval/` command) as module `name`.
+
+    As when the script runs, its folder is on `sys.path`, so that it finds its sibling modules (`benchmarks/`'s
+    scripts import `timing`)."""
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules

@@ -136,9 +136,10 @@ def test_transparent_pixels_are_white_on_every_path(path_name, tmp_path):
 
 def test_diagnostics_read_images_with_the_same_loader(tmp_path, monkeypatch):
     from defocus_mllm.encoder import diagnostics
+    from defocus_mllm.encoder.diagnostics import cli
 
     seen = []
-    monkeypatch.setattr(diagnostics, "load_diagnostic_model", lambda *a, **k: (_ for _ in ()).throw(_Stopped()))
+    monkeypatch.setattr(cli, "load_diagnostic_model", lambda *a, **k: (_ for _ in ()).throw(_Stopped()))
     import defocus_mllm.images as images
 
     real = images.load_image

@@ -1,6 +1,5 @@
 """The selective scan and causal conv against literal implementations written here; the benchmark scripts run."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import torch
 
 from defocus_mllm.ops import causal_conv1d_silu, register_selective_scan_backend, selective_scan
 from defocus_mllm.ops.selective_scan import _REGISTRY
-from helpers import (literal_scan, make_inputs, max_tensor_numel, outputs_with_and_without_grad, rel_err,
+from helpers import (literal_scan, load_script, make_inputs, max_tensor_numel, outputs_with_and_without_grad, rel_err,
                      vector_reference)
 
 
@@ -140,9 +139,7 @@ def test_benchmark_scripts_run_quick(script):
 
 
 def test_profile_encoder_groups_kernels_and_runs_quick():
-    spec = importlib.util.spec_from_file_location("profile_encoder", REPO / "benchmarks" / "profile_encoder.py")
-    profile_encoder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_encoder)
+    profile_encoder = load_script(REPO / "benchmarks" / "profile_encoder.py", "profile_encoder")
     # kernel names as torch.profiler reported them on an H100 (docs/gpu.md)
     assert profile_encoder.kind_of("_scan_fwd_kernel") == "scan"
     assert profile_encoder.kind_of("_ssm_bwd_kernel") == "scan"  # the sequential scan / fused mixer kernels
