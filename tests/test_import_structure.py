@@ -22,8 +22,10 @@ NEEDS = {"defocus_mllm.evaluation.lmms_eval_plugin": "lmms_eval"}
 
 
 def package_modules() -> list[str]:
-    """Every module and subpackage of `defocus_mllm`, the package itself first."""
-    return [PACKAGE] + sorted(m.name for m in pkgutil.walk_packages([str(ROOT)], prefix=f"{PACKAGE}."))
+    """Every module and subpackage of `defocus_mllm`, the package itself first; not the `__main__` modules, which
+    `python -m` runs as scripts and nothing imports."""
+    return [PACKAGE] + sorted(m.name for m in pkgutil.walk_packages([str(ROOT)], prefix=f"{PACKAGE}.")
+                              if not m.name.endswith(".__main__"))
 
 
 # Run in a fresh interpreter: before each import, every `defocus_mllm` module is dropped from `sys.modules`, so that
