@@ -75,7 +75,7 @@ def diagnose(models: Sequence[Union[str, nn.Module, tuple[str, nn.Module, Any]]]
 
     Models are put in `eval()` mode. Returns the JSON-ready dictionary written to `diagnostics.json`.
     """
-    from ...images import load_image
+    from ...images import load_image, to_model
 
     if figures and out_dir is not None:
         require_matplotlib()  # fail before any model runs
@@ -84,7 +84,7 @@ def diagnose(models: Sequence[Union[str, nn.Module, tuple[str, nn.Module, Any]]]
     for option, fraction in (("top_key_fraction", top_key_fraction), ("top_gradient_fraction", top_gradient_fraction)):
         if not 0 < fraction <= 1:  # also refuses NaN
             raise ValueError(f"{option}={fraction!r} must be in (0, 1]")
-    pil_image = load_image(image) if isinstance(image, (str, os.PathLike)) else image
+    pil_image = load_image(image)  # a path, or a PIL image read by the same rule
     # rows of the figures and records of diagnostics.json are told apart by name: a folder name shared by several
     # models (`run1/final`, `run2/final`) gives way to the path as given
     folder_names = [Path(e).name if isinstance(e, str) and os.path.isdir(e) else None for e in models]
@@ -104,7 +104,7 @@ def diagnose(models: Sequence[Union[str, nn.Module, tuple[str, nn.Module, Any]]]
             processor.set_image_size(image_size)
         model.eval()
         model_device = find_encoder(model).patch_embed.proj.weight.device
-        pixel_values = processor(images=pil_image, return_tensors="pt")["pixel_values"].to(model_device)
+        pixel_values = to_model(processor(images=pil_image, return_tensors="pt"), model)["pixel_values"]
         encoder = find_encoder(model)
         maps = attention_maps(model, pixel_values, layers)
         labels = None if label is None else torch.tensor([label], device=model_device)
