@@ -12,40 +12,21 @@ Every field of `defocus_mllm.training.{EncoderModelArguments, EncoderDataArgumen
 
 from typing import Any, Optional
 
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments
 
 from defocus_mllm.data.augment import MixupCutmix
 from defocus_mllm.data.image_classification import ImageClassificationCollator
-from defocus_mllm.training import (
-    EncoderDataArguments,
-    EncoderModelArguments,
-    EncoderPretrainingTrainer,
-    ScheduledDropPathCallback,
-    StopOnSignal,
-    distributed_exit,
-    parse_recipe_args,
-    resolve_resume_checkpoint,
-    setup_logging,
-    use_cpu_threads,
-)
-from defocus_mllm.training.encoder_setup import (
-    build_classification_datasets,
-    build_classification_transforms,
-    build_classifier,
-    encoder_image_size,
-    scale_learning_rate,
-)
+from defocus_mllm.training import (EncoderDataArguments, EncoderModelArguments, EncoderPretrainingTrainer,
+                                   ScheduledDropPathCallback, distributed_exit, run_training, start_recipe)
+from defocus_mllm.training.encoder_setup import (build_classification_datasets, build_classification_transforms,
+                                                 build_classifier, encoder_image_size, scale_learning_rate)
 from defocus_mllm.training.encoder_trainer import keep_main_logits, top_k_accuracy
 
 
 def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None) -> dict[str, Any]:
-    model_args, data_args, args = parse_recipe_args((EncoderModelArguments, EncoderDataArguments, TrainingArguments),
-                                                    argv)
-    setup_logging(args)
-    use_cpu_threads(args)
-    set_seed(args.seed)
+    model_args, data_args, args, resume = start_recipe((EncoderModelArguments, EncoderDataArguments,
+                                                        TrainingArguments), argv)
 
-    resume = resolve_resume_checkpoint(args)  # first: a wrong name fails before any data preparation
     # Data at the training resolution, and the model (a fresh preset or a saved directory) with one class per label.
     train_tf, eval_tf = build_classification_transforms(data_args, encoder_image_size(model_args))
     train_dataset, eval_dataset, classes = build_classification_datasets(data_args, train_tf, eval_tf)
@@ -56,8 +37,7 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
     # The release's training strategies: scheduled drop path, mixup / cutmix, repeated augmentation, layer decay.
     config = model.config
-    stop = StopOnSignal()  # SIGTERM: a checkpoint at the next step, then exit
-    callbacks = [*(callbacks or []), stop]
+    callbacks = list(callbacks or [])
     if config.use_scheduled_drop_path:
         callbacks.append(ScheduledDropPathCallback(config.min_drop_path_rate, config.drop_path_rate))
     mixup = MixupCutmix(len(classes), data_args.mixup_alpha, data_args.cutmix_alpha, data_args.mixup_prob,
@@ -68,9 +48,9 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         preprocess_logits_for_metrics=keep_main_logits, callbacks=callbacks, mixup=mixup,
         layer_decay=model_args.layer_decay, repeated_aug=data_args.repeated_aug)
 
-    metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
-    if stop.interrupted:
-        return stop.report(trainer, metrics)
+    metrics = run_training(trainer, resume)  # SIGTERM: a checkpoint at the next step, then exit
+    if "interrupted_at_step" in metrics:
+        return metrics
     trainer.save_model()
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())

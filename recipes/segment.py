@@ -16,39 +16,21 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from defocus_mllm.training import (
-    SegmentationDataArguments,
-    SegmentationModelArguments,
-    StopOnSignal,
-    distributed_exit,
-    parse_recipe_args,
-    resolve_resume_checkpoint,
-    setup_logging,
-    use_cpu_threads,
-)
-from defocus_mllm.training.segmentation import (
-    SegmentationMetrics,
-    argmax_logits,
-    build_segmentation_datasets,
-    build_segmentation_model,
-    save_prediction_figure,
-)
+from defocus_mllm.training import (SegmentationDataArguments, SegmentationModelArguments, distributed_exit,
+                                   run_training, start_recipe)
+from defocus_mllm.training.segmentation import (SegmentationMetrics, argmax_logits, build_segmentation_datasets,
+                                                build_segmentation_model, save_prediction_figure)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "segment_easy_vqa.yaml"
 
 
 def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None) -> dict[str, Any]:
     started, cpu_started = time.time(), time.process_time()
-    model_args, data_args, args = parse_recipe_args(
-        (SegmentationModelArguments, SegmentationDataArguments, TrainingArguments), argv,
-        default_config=str(DEFAULT_CONFIG))
-    setup_logging(args)
-    use_cpu_threads(args)
-    set_seed(args.seed)
+    model_args, data_args, args, resume = start_recipe(
+        (SegmentationModelArguments, SegmentationDataArguments, TrainingArguments), argv, DEFAULT_CONFIG)
 
-    resume = resolve_resume_checkpoint(args)  # first: a wrong name fails before any data preparation
     # Data (images with their masks) and the model: UperNet on a De-focus backbone, built from configs.
     train_dataset, eval_dataset, labels = build_segmentation_datasets(data_args)
     model = build_segmentation_model(model_args, labels)
@@ -59,13 +41,12 @@ def main(argv: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
 
     # Train (SIGTERM: a checkpoint at the next step, then exit), save, and score on the test images: per-class IoU
     # and their mean.
-    stop = StopOnSignal()
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       compute_metrics=SegmentationMetrics(labels), preprocess_logits_for_metrics=argmax_logits,
-                      callbacks=[*(callbacks or []), stop])
-    metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
-    if stop.interrupted:
-        return stop.report(trainer, metrics)
+                      callbacks=callbacks)
+    metrics = run_training(trainer, resume)
+    if "interrupted_at_step" in metrics:
+        return metrics
     trainer.save_model()
     metrics.update(trainer.evaluate())
     if data_args.figure_images and trainer.is_world_process_zero():

@@ -437,13 +437,17 @@ def _traced_forward(how: str, model: torch.nn.Module) -> Callable[[torch.Tensor]
     return torch.export.export(model, (example,)).module()
 
 
-@pytest.mark.parametrize("how", ["compile", "export"])
-def test_the_forward_traces_and_matches_eager(mixer, how, monkeypatch):
-    for key, value in _tracing_env(mixer, default=False).items():
+def _model_to_trace(mixer: str, monkeypatch, default: bool) -> tuple[DefocusModelTester, torch.nn.Module, torch.Tensor]:
+    """A one-block encoder of `mixer` and one image, under the backends `_tracing_env` picks."""
+    for key, value in _tracing_env(mixer, default=default).items():
         monkeypatch.setenv(key, value)
     tester = DefocusModelTester(mixer, DefocusVisionModel, num_hidden_layers=1)
-    model = tester.create_model()
-    pixels = tester.pixel_values(batch_size=1)
+    return tester, tester.create_model(), tester.pixel_values(batch_size=1)
+
+
+@pytest.mark.parametrize("how", ["compile", "export"])
+def test_the_forward_traces_and_matches_eager(mixer, how, monkeypatch):
+    tester, model, pixels = _model_to_trace(mixer, monkeypatch, default=False)
     with torch.no_grad():
         eager = model(pixels)
         traced = _traced_forward(how, model)(pixels)
@@ -454,11 +458,7 @@ def test_the_forward_traces_and_matches_eager(mixer, how, monkeypatch):
 @pytest.mark.parametrize("mixer_name", sorted(UNTRACEABLE_BY_DEFAULT))
 def test_an_untraceable_default_forward_fails_as_documented(mixer_name, how, monkeypatch):
     entry = UNTRACEABLE_BY_DEFAULT[mixer_name]
-    for key, value in _tracing_env(mixer_name, default=True).items():
-        monkeypatch.setenv(key, value)
-    tester = DefocusModelTester(mixer_name, DefocusVisionModel, num_hidden_layers=1)
-    model = tester.create_model()
-    pixels = tester.pixel_values(batch_size=1)
+    _, model, pixels = _model_to_trace(mixer_name, monkeypatch, default=True)
     with torch.no_grad():
         model(pixels)  # the default path itself runs
         with pytest.raises(entry[f"{how}_error"], match=entry.get(f"{how}_match")):

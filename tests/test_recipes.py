@@ -228,3 +228,54 @@ def test_resuming_the_offline_run_on_other_data_keeps_the_checkpoint_tokenizer(t
     # the embeddings of checkpoint-2 keep the meaning of their ids: the tokenizer is the checkpoint's, not retrained
     assert AutoTokenizer.from_pretrained(out).get_vocab() == trained_with
     assert AutoTokenizer.from_pretrained(out / "checkpoint-4").get_vocab() == trained_with
+
+
+# ------------------------------------------------------------------ issue 23: one preamble, the stage, the lrs
+
+
+@pytest.mark.parametrize("recipe, other", [("pretrain", "finetune"), ("finetune", "pretrain")])
+def test_a_llava_recipe_refuses_another_stage_naming_the_field(recipe, other, tmp_path):
+    with pytest.raises(ValueError, match=rf"stage='{other}': this recipe fixes stage='{recipe}'"):
+        _recipe(recipe).main(["--output_dir", str(tmp_path), "--stage", other, "--use_cpu", "true",
+                              "--report_to", "none"])
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "finetune"])
+def test_both_llava_stages_give_the_projector_and_the_vision_tower_their_learning_rates(recipe, tmp_path,
+                                                                                        monkeypatch):
+    from defocus_mllm.llava import model_parts
+
+    module, built = _recipe(recipe), []
+
+    def build_only(trainer, resume):  # the recipe's trainer, not trained: the recipe returns at once
+        built.append(trainer)
+        return {"interrupted_at_step": 0}
+
+    monkeypatch.setattr(module, "run_training", build_only)
+    module.main([*TINY, "--output_dir", str(tmp_path), "--stage", recipe, "--max_train_samples", "8",
+                 "--train_vision_tower", "true", "--learning_rate", "1e-3", "--projector_lr", "2e-3",
+                 "--vision_tower_lr", "3e-4"])
+    trainer = built[0]
+    lr_of = {id(p): group["lr"] for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    parts = {name: [p for module in modules for p in module.parameters()]
+             for name, modules in model_parts(trainer.model).items()}
+    assert {lr_of[id(p)] for p in parts["projector"]} == {2e-3}
+    assert {lr_of[id(p)] for p in parts["vision_tower"]} == {3e-4}
+    # stage 1 keeps the language model frozen (out of the optimizer); stage 2 trains it at learning_rate
+    assert {lr_of.get(id(p)) for p in parts["language_model"]} == ({None} if recipe == "pretrain" else {1e-3})
+
+
+def test_configure_trainable_needs_a_stage_and_refuses_lora_in_stage_1(tmp_path):
+    from defocus_mllm.training import configure_trainable
+
+    model, _ = build_tiny_llava()
+
+    def args(**kw):
+        return LlavaTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+
+    with pytest.raises(ValueError, match=r"stage=None must be 'pretrain' or 'finetune'"):
+        configure_trainable(model, args())
+    with pytest.raises(ValueError, match=r"lora_enable=True: LoRA adapts the language model, which stage 1"):
+        configure_trainable(model, args(stage="pretrain", lora_enable=True))
+    with pytest.raises(ValueError, match=r"stage='align' must be one of None, 'pretrain', 'finetune'"):
+        args(stage="align")

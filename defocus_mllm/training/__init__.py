@@ -1,9 +1,10 @@
 """Training: LLaVA's two stages, encoder pretraining and semantic segmentation on the Hugging Face `Trainer`.
 
-One module per idea: `arguments` (the recipes' dataclasses and YAML parsing), `runtime` (logging, resume, stop on SIGTERM),
-`llava_setup` / `encoder_setup` / `segmentation` (the steps of each recipe), `llava_trainer` / `encoder_trainer`
-(the `Trainer` subclasses), `callbacks` (scheduled drop path), `warmup` (the offline vision warm-up) and `tiny_lm` (the offline
-default's tiny Llama and tokenizer). The recipes in `recipes/` call these steps in order.
+One module per idea: `arguments` (the recipes' dataclasses and YAML parsing), `recipe` (the preamble every recipe
+starts with, and its training run), `runtime` (logging, resume, stop on SIGTERM), `llava_setup` / `encoder_setup` /
+`segmentation` (the steps of each recipe), `llava_trainer` / `encoder_trainer` (the `Trainer` subclasses), `callbacks`
+(scheduled drop path), `warmup` (the offline vision warm-up) and `tiny_lm` (the offline default's tiny Llama and
+tokenizer). The recipes in `recipes/` call these steps in order.
 """
 
 from .arguments import (
@@ -11,6 +12,7 @@ from .arguments import (
     DataArguments,
     EncoderDataArguments,
     EncoderModelArguments,
+    LLAVA_ARGUMENTS,
     LlavaTrainingArguments,
     ModelArguments,
     SegmentationDataArguments,
@@ -22,6 +24,7 @@ from .callbacks import ScheduledDropPathCallback
 from .encoder_trainer import EncoderPretrainingTrainer
 from .llava_setup import (
     build_llava_model,
+    build_llava_trainer,
     build_supervised_dataset,
     configure_trainable,
     load_conversations,
@@ -29,8 +32,10 @@ from .llava_setup import (
     save_llava,
     save_projector,
     wants_vision_warmup,
+    warm_up_fresh_vision_tower,
 )
 from .llava_trainer import LlavaTrainer
+from .recipe import fix_fields, run_training, start_recipe
 from .runtime import StopOnSignal, distributed_exit, resolve_resume_checkpoint, setup_logging, use_cpu_threads
 from .warmup import warm_up_vision_tower
 
@@ -40,6 +45,7 @@ __all__ = [
     "EncoderDataArguments",
     "EncoderModelArguments",
     "EncoderPretrainingTrainer",
+    "LLAVA_ARGUMENTS",
     "LlavaTrainer",
     "LlavaTrainingArguments",
     "ModelArguments",
@@ -48,18 +54,23 @@ __all__ = [
     "SegmentationDataArguments",
     "SegmentationModelArguments",
     "build_llava_model",
+    "build_llava_trainer",
     "build_supervised_dataset",
     "configure_trainable",
     "distributed_exit",
+    "fix_fields",
     "load_conversations",
     "load_projector",
     "parse_overrides",
     "parse_recipe_args",
     "resolve_resume_checkpoint",
+    "run_training",
     "save_llava",
     "save_projector",
     "setup_logging",
+    "start_recipe",
     "use_cpu_threads",
     "wants_vision_warmup",
+    "warm_up_fresh_vision_tower",
     "warm_up_vision_tower",
 ]

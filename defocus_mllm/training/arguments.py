@@ -111,7 +111,10 @@ class DataArguments:
 
 @dataclass
 class LlavaTrainingArguments(TrainingArguments):
-    stage: str = field(default="finetune", metadata={"help": "'pretrain' (projector only) or 'finetune'"})
+    stage: Optional[str] = field(default=None, metadata={
+        "help": "'pretrain' (stage 1: the projector, and the vision tower with train_vision_tower) or 'finetune' "
+                "(stage 2); each LLaVA recipe fixes its own (pretrain.py: 'pretrain', finetune.py: 'finetune') and "
+                "refuses another value, so there is no need to set it"})
     projector_lr: Optional[float] = field(default=None, metadata={"help": "learning rate of the projector "
                                                                           "(default: learning_rate)"})
     vision_tower_lr: Optional[float] = field(default=None, metadata={"help": "learning rate of an unfrozen encoder"})
@@ -130,8 +133,12 @@ class LlavaTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         _check_fields(self, {"eval_limit": 1, "eval_batch_size": 1, "cpu_threads": 1, "lora_r": 1},
-                      {"stage": ("pretrain", "finetune")})
+                      {"stage": (None, "pretrain", "finetune")})
         super().__post_init__()
+
+
+# What both LLaVA recipes parse, in the order `parse_recipe_args` / `start_recipe` return them.
+LLAVA_ARGUMENTS = (ModelArguments, DataArguments, LlavaTrainingArguments)
 
 
 # ------------------------------------------------------------------------------------------- encoder pretraining
@@ -318,6 +325,7 @@ __all__ = [
     "DataArguments",
     "EncoderDataArguments",
     "EncoderModelArguments",
+    "LLAVA_ARGUMENTS",
     "LlavaTrainingArguments",
     "ModelArguments",
     "PROJECTOR_FILE",

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Trainer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, Trainer, TrainerCallback
 
 from ..data.conversations import Conversation, load_hf_dataset, load_llava_json
 from ..data.easy_vqa import load_easy_vqa
@@ -19,7 +19,9 @@ from ..encoder.configuration_defocus import DEFOCUS_PRESETS, DefocusVisionConfig
 from ..files import naming_corrupt_files
 from ..llava import LLAVA_V1_SYSTEM, apply_lora, build_llava, model_parts, position_limit, set_trainable
 from .arguments import PROJECTOR_FILE, DataArguments, LlavaTrainingArguments, ModelArguments, parse_overrides
+from .llava_trainer import LlavaTrainer
 from .tiny_lm import tiny_llama_config, train_tokenizer
+from .warmup import warm_up_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +152,16 @@ def load_projector(model: nn.Module, source: str | os.PathLike) -> None:
 
 
 def configure_trainable(model: nn.Module, args: LlavaTrainingArguments) -> nn.Module:
-    """Stage 1: the projector alone. Stage 2: projector + LM (full, or LoRA adapters), encoder when asked."""
+    """Stage 1 (`stage='pretrain'`): the projector, and the encoder when asked (`train_vision_tower`). Stage 2
+    (`'finetune'`): projector + LM (full, or LoRA adapters), and the encoder when asked."""
+    if args.stage not in ("pretrain", "finetune"):
+        raise ValueError(f"stage={args.stage!r} must be 'pretrain' or 'finetune' (the LLaVA recipes set it)")
     if args.stage == "pretrain":
-        set_trainable(model, vision_tower=False, projector=True, language_model=False)
+        if args.lora_enable:  # would otherwise be ignored: stage 1 never trains the language model
+            raise ValueError("lora_enable=True: LoRA adapts the language model, which stage 1 (stage='pretrain') "
+                             "keeps frozen; use it with stage 2 (recipes/finetune.py)")
+        set_trainable(model, vision_tower=args.train_vision_tower, projector=True, language_model=False)
         return model
-    if args.stage != "finetune":
-        raise ValueError(f"stage={args.stage!r} must be 'pretrain' or 'finetune'")
     if args.lora_enable:
         return apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           train_vision_tower=args.train_vision_tower)
@@ -173,6 +179,15 @@ def wants_vision_warmup(model_args: ModelArguments, resume: Optional[str]) -> bo
     return True
 
 
+def warm_up_fresh_vision_tower(model: nn.Module, processor: Any, model_args: ModelArguments,
+                               args: LlavaTrainingArguments, resume: Optional[str] = None) -> dict[str, float]:
+    """The LLaVA recipes' warm-up step: :func:`warm_up_vision_tower` when :func:`wants_vision_warmup` says so.
+    Returns the warm-up's metrics, or an empty dict when it was skipped."""
+    if not wants_vision_warmup(model_args, resume):
+        return {}
+    return warm_up_vision_tower(model, processor.image_processor, model_args, args)
+
+
 def build_supervised_dataset(conversations: Sequence[Conversation], model: nn.Module, processor: Any,
                              data_args: DataArguments, args: LlavaTrainingArguments) -> SupervisedDataset:
     """Tokenised conversations with their images, as many `<image>` placeholders per image as the tower has tokens.
@@ -188,6 +203,18 @@ def build_supervised_dataset(conversations: Sequence[Conversation], model: nn.Mo
     return SupervisedDataset(conversations, processor.tokenizer, image_processor, model.config.image_token_id,
                              num_image_tokens, model_max_length=max_length,
                              skip_bad_samples=data_args.skip_bad_samples, show_progress=args.process_index == 0)
+
+
+def build_llava_trainer(model: nn.Module, processor: Any, dataset: SupervisedDataset, args: LlavaTrainingArguments,
+                        callbacks: Optional[list[TrainerCallback]] = None) -> LlavaTrainer:
+    """The `LlavaTrainer` of both stages: it trains the parts `args.stage` trains (:func:`configure_trainable`, LoRA
+    applied there), at the per-part learning rates of `args` (`projector_lr`, `vision_tower_lr`; unset:
+    `learning_rate`), with the dataset's collator and the processor saved with every checkpoint. `trainer.model` is
+    the model to count and save."""
+    model = configure_trainable(model, args)
+    return LlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=dataset.collator(),
+                        processing_class=processor, projector_lr=args.projector_lr,
+                        vision_tower_lr=args.vision_tower_lr, callbacks=callbacks)
 
 
 def save_llava(trainer: Trainer, processor: Any, dataset: SupervisedDataset, args: LlavaTrainingArguments) -> nn.Module:
@@ -215,6 +242,7 @@ def save_llava(trainer: Trainer, processor: Any, dataset: SupervisedDataset, arg
 
 __all__ = [
     "build_llava_model",
+    "build_llava_trainer",
     "build_supervised_dataset",
     "check_resume_tokenizer",
     "checkpoint_tokenizer",
@@ -225,4 +253,5 @@ __all__ = [
     "save_llava",
     "save_projector",
     "wants_vision_warmup",
+    "warm_up_fresh_vision_tower",
 ]
