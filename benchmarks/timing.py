@@ -133,13 +133,22 @@ class PeakMemory:
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            before = self._before = torch.cuda.memory_allocated()
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - before) / 2**20
         if self._trim is not None:
             self._trim(0)
         self._reset_mark()
-        before = self._status_kib("VmRSS")
+        before = self._before = self._status_kib("VmRSS")
         fn()
         return (self._status_kib("VmHWM") - before) / 1024
+
+    def so_far(self) -> Optional[float]:
+        """Inside the call `measure` runs: the MiB it has added at its peak until now (e.g. after the first part of a
+        stream, to compare with the whole stream's peak)."""
+        if not self.available:
+            return None
+        if self.device == "cuda":
+            return (torch.cuda.max_memory_allocated() - self._before) / 2**20
+        return (self._status_kib("VmHWM") - self._before) / 1024

@@ -235,3 +235,5 @@ def test_the_streaming_benchmark_runs_quick():
     # the state column (MiB, last) of the streamed rows is the same at both image sizes (32^2 and 64^2)
     states = [float(r[-1]) for r in rows]
     assert len(states) == 2 and states[0] == states[1] > 0, proc.stdout
+    # the peak after the first quarter of a stream (next to last) is a high-water mark: never above the whole peak
+    assert all(0 <= float(r[-2]) <= float(r[-3]) for r in rows), proc.stdout
