@@ -156,7 +156,7 @@ def main() -> None:
                 row(name, what, tokens, "whole", None, None, None, "(skipped: over --vit-max-tokens; O(L^2) time)")
             elif quadratic and tokens - 1 > args.quadratic_max_tokens:
                 row(name, what, tokens, "whole", None, None, None,
-                    f"(skipped: [H, L, L] fp32 is {quadratic_bytes(model, tokens) / 2**30:.0f} GiB)")
+                    f"(skipped: [H, L, L] fp32 is {quadratic_bytes(model, tokens) / 2**30:.1f} GiB)")
             elif tokens - 1 > args.whole_max_tokens:
                 row(name, what, tokens, "whole", None, None, None, "(skipped: over --whole-max-tokens)")
             else:

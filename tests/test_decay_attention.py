@@ -87,6 +87,33 @@ def test_op_in_bf16_is_as_close_to_fp32_as_dense_sdpa_in_bf16(causal):
         assert err_ours <= 0.05 * scale, (name, err_ours, scale)
 
 
+@pytest.mark.parametrize("offset", [1, 20, 36])
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_queries_at_an_offset_are_the_last_rows_of_the_dense_op(offset, chunk_size):
+    # a chunk of a stream: its queries at positions offset.., the keys of the whole sequence so far
+    q, k, v, a_log = op_inputs()
+    tail = q.detach()[:, :, offset:].clone().requires_grad_()
+    out = decay_attention(tail, k, v, -torch.exp(a_log), chunk_size=chunk_size, query_offset=offset)
+    expected_out = dense_reference(q, k, v, -torch.exp(a_log), True)[:, :, offset:]
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    weight = torch.linspace(-1.0, 1.0, out.numel()).view_as(out)
+    grads = torch.autograd.grad((out * weight).sum(), (tail, k, v, a_log))
+    expected = torch.autograd.grad((expected_out * weight).sum(), (q, k, v, a_log))
+    for name, got, want in zip(["q", "k", "v", "A_log"], grads, (expected[0][:, :, offset:], *expected[1:])):
+        assert got.abs().max() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_an_offset_needs_causal_queries_and_keys_that_cover_it():
+    q = torch.randn(1, 2, 5, 4)
+    k = torch.randn(1, 2, 8, 4)
+    assert decay_attention(q, k, k, None, query_offset=3).shape == q.shape
+    with pytest.raises(ValueError, match="query_offset=2 needs causal=True"):
+        decay_attention(q, k, k, None, causal=False, query_offset=2)
+    with pytest.raises(ValueError, match=r"k, v: \[B, H, query_offset \+ L"):
+        decay_attention(q, k, k, None, query_offset=2)
+
+
 def test_op_rejects_bad_shapes_and_tile_sizes():
     q = torch.randn(1, 2, 5, 4)
     with pytest.raises(ValueError, match=r"decay_attention: q, k, v must be \[B, H, L, d\]"):

@@ -57,6 +57,21 @@ def test_an_image_encoded_in_row_chunks_equals_the_whole_forward(name, rows):
     assert streamed.past_state.position_offset == 21 and streamed.past_state.finalized
 
 
+@pytest.mark.parametrize("attention_backend", ["chunked", "sdpa"])
+@torch.no_grad()
+def test_a_vit_stream_equals_the_whole_forward_on_each_attention_path(attention_backend):
+    # "chunked" (the CPU default): each chunk's queries at their offset in ops.decay_attention's tiles; "sdpa": one
+    # call with the chunk's [H, l, n + l] bias
+    model = tiny_model("vit-tiny")
+    for block in model.blocks:
+        block.mixer.attention_backend = attention_backend
+    image = torch.randn(2, 3, 32, 40)
+    whole = model(image)
+    for rows in (1, 3):
+        streamed = model.encode_rows(image, rows_per_chunk=rows)
+        torch.testing.assert_close(streamed.last_hidden_state, whole.last_hidden_state, **TOL)
+
+
 @pytest.mark.parametrize("name", ["mamba-tiny", "retnet-tiny", "vit-tiny", "vit-small", "mamba-large-384"])
 @pytest.mark.parametrize("frames_per_chunk", [1, 2])
 @torch.no_grad()

@@ -29,23 +29,24 @@ import torch.nn.functional as F
 DEFAULT_CHUNK_SIZE = 512
 
 
-def _tiles(length: int, chunk_size: int, causal: bool):
+def _tiles(length: int, chunk_size: int, causal: bool, offset: int = 0):
     """`(first, last, keys)` of each tile of the *reversed* queries: rows `first .. last - 1` of `q.flip(2)`, i.e.
-    the queries `i = L - 1 - row`, which see the keys `0 .. keys - 1` (`j <= i` when causal)."""
+    the queries at positions `i = offset + L - 1 - row`, which see the keys `0 .. keys - 1` (`j <= i` when
+    causal)."""
     for first in range(0, length, chunk_size):
-        yield first, min(first + chunk_size, length), length - first if causal else length
+        yield first, min(first + chunk_size, length), offset + length - first if causal else length
 
 
-def _tile_distance(length: int, first: int, last: int, keys: int, causal: bool,
-                   device: torch.device) -> torch.Tensor:
+def _tile_distance(length: int, first: int, last: int, keys: int, causal: bool, device: torch.device,
+                   offset: int = 0) -> torch.Tensor:
     """`i - j` of a tile, `[rows, keys]` fp32, as a strided view of a vector of `rows + keys - 1` entries.
 
-    With the queries reversed, row `r` of the tile is query `i = L - 1 - first - r`, so `i - j = top - (r + j)`
+    With the queries reversed, row `r` of the tile is query `i = offset + L - 1 - first - r`, so `i - j = top - (r + j)`
     depends on `r + j` only: the tile is the vector `top - m` read with strides `(1, 1)`, and building a tile's bias
     costs `H (rows + keys)` numbers instead of `H rows keys`. Causal: `+inf` where `j > i` (times `A_h < 0` that is
     the `-inf` of the mask, so one multiply gives bias and mask); otherwise `|i - j|`.
     """
-    rows, top = last - first, length - 1 - first
+    rows, top = last - first, offset + length - 1 - first
     distance = top - torch.arange(rows + keys - 1, device=device, dtype=torch.float32)
     distance = distance.masked_fill_(distance < 0, float("inf")) if causal else distance.abs_()
     return distance
@@ -75,19 +76,19 @@ def _tile_bias(distance: torch.Tensor, log_decay: Optional[torch.Tensor], causal
 class _DecayAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
-                causal: bool, chunk_size: int) -> torch.Tensor:
+                causal: bool, chunk_size: int, offset: int) -> torch.Tensor:
         batch, heads, length, _ = q.shape
         # reversed queries make every tile's bias a strided view of a vector (`_tile_distance`); one flip of `q`
         # and one of the output per call, against `L^2` work in the tiles
         q_rev = q.flip(2)
         out_rev = q.new_empty(batch, heads, length, v.shape[-1])
-        for first, last, keys in _tiles(length, chunk_size, causal):
-            distance = _tile_distance(length, first, last, keys, causal, q.device)
+        for first, last, keys in _tiles(length, chunk_size, causal, offset):
+            distance = _tile_distance(length, first, last, keys, causal, q.device, offset)
             out_rev[:, :, first:last] = F.scaled_dot_product_attention(
                 q_rev[:, :, first:last], k[:, :, :keys], v[:, :, :keys],
                 attn_mask=_tile_bias(distance, log_decay, causal, last - first, keys, q.dtype))
         ctx.save_for_backward(q_rev, k, v, out_rev, log_decay)
-        ctx.causal, ctx.chunk_size = causal, chunk_size
+        ctx.causal, ctx.chunk_size, ctx.offset = causal, chunk_size, offset
         # written in `[B, L, H, d]` memory order: the mixer's `transpose(1, 2).reshape` of it is then free
         out = q.new_empty(batch, length, heads, v.shape[-1]).transpose(1, 2)
         return out.copy_(out_rev.flip(2))
@@ -95,7 +96,7 @@ class _DecayAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         q_rev, k, v, out_rev, log_decay = ctx.saved_tensors
-        causal, chunk_size = ctx.causal, ctx.chunk_size
+        causal, chunk_size, offset = ctx.causal, ctx.chunk_size, ctx.offset
         need_q, need_k, need_v, need_decay = ctx.needs_input_grad[:4]
         length, scale = q_rev.shape[-2], q_rev.shape[-1] ** -0.5
         grad_rev = grad_out.flip(2)
@@ -107,12 +108,12 @@ class _DecayAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=device) if need_v else None
         d_decay = torch.zeros(log_decay.shape, dtype=torch.float32, device=device) if need_decay else None
         with torch.autocast(device.type, enabled=False):
-            for first, last, keys in _tiles(length, chunk_size, causal):
+            for first, last, keys in _tiles(length, chunk_size, causal, offset):
                 rows = last - first
                 q_t = q_rev[:, :, first:last].float()
                 k_t, v_t = k[:, :, :keys].float(), v[:, :, :keys].float()
                 do_t, o_t = grad_rev[:, :, first:last].float(), out_rev[:, :, first:last].float()
-                distance = _tile_distance(length, first, last, keys, causal, device)
+                distance = _tile_distance(length, first, last, keys, causal, device, offset)
                 # the bias as the forward added it (in the inputs' dtype), then in fp32
                 bias = _tile_bias(distance, log_decay, causal, rows, keys, q_rev.dtype)
                 scores = torch.matmul(q_t, k_t.transpose(-1, -2)).mul_(scale)
@@ -136,11 +137,11 @@ class _DecayAttention(torch.autograd.Function):
                     dk[:, :, :keys] += torch.matmul(d_scores.transpose(-1, -2), q_t).mul_(scale)
         return (None if dq_rev is None else dq_rev.flip(2).to(q_rev.dtype), None if dk is None else dk.to(k.dtype),
                 None if dv is None else dv.to(v.dtype), None if d_decay is None else d_decay.to(log_decay.dtype),
-                None, None)
+                None, None, None)
 
 
 def decay_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
-                    causal: bool = True, chunk_size: Optional[int] = None) -> torch.Tensor:
+                    causal: bool = True, chunk_size: Optional[int] = None, query_offset: int = 0) -> torch.Tensor:
     """`softmax(q k^T / sqrt(d) + distance * A_h) v`, one tile of `chunk_size` queries at a time; `[B, H, L, d]`.
 
     Args:
@@ -149,19 +150,26 @@ def decay_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay
         causal: the distance is `i - j` with keys `j <= i` only; `False`: `|i - j|` over all keys.
         chunk_size: queries per tile (default `DEFAULT_CHUNK_SIZE`); memory is a few `[B, H, chunk_size, L]` tiles
             in the forward and backward.
+        query_offset: causal only: the queries are the last `L` of `query_offset + L` keys (`k, v: [B, H,
+            query_offset + L, d]`), at positions `query_offset ..`: a chunk of a stream attending to the cached
+            keys and its own, with the same tiles (no `[H, L, query_offset + L]` bias).
 
     Returns:
         `[B, H, L, d]` in `q`'s dtype, a transposed view of `[B, L, H, d]` memory.
     """
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"decay_attention: q, k, v must be [B, H, L, d] of one shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if query_offset < 0 or (query_offset and not causal):
+        raise ValueError(f"decay_attention: query_offset={query_offset} needs causal=True and must not be negative")
+    keys = q.shape[2] + query_offset if q.dim() == 4 else None
+    if q.dim() != 4 or k.shape != (*q.shape[:2], keys, q.shape[3]) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"decay_attention: q, k, v must be [B, H, L, d] of one shape (k, v: [B, H, query_offset + "
+                         f"L, .]), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} "
+                         f"(query_offset={query_offset})")
     if log_decay is not None and log_decay.shape != (q.shape[1],):
         raise ValueError(f"decay_attention: log_decay must be [H] = [{q.shape[1]}], got {tuple(log_decay.shape)}")
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"decay_attention: chunk_size={chunk_size} must be positive")
-    return _DecayAttention.apply(q, k, v, log_decay, causal, chunk_size)
+    return _DecayAttention.apply(q, k, v, log_decay, causal, chunk_size, query_offset)
 
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "decay_attention"]

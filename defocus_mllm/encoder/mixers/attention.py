@@ -196,8 +196,10 @@ class DefocusAttentionMixer(TokenMixer):
 
     def forward_stream(self, hidden_states: torch.Tensor, state: Optional[AttentionKVCache], position_offset: int
                        ) -> tuple[torch.Tensor, AttentionKVCache]:
-        """Attention of the next tokens of a stream over the cached keys and values and their own (SDPA with the
-        decay and the causal mask as a `[H, l, n + l]` bias; the FlexAttention path is not used here)."""
+        """Attention of the next tokens of a stream over the cached keys and values and their own: where `forward`
+        takes the chunked path (`uses_chunked`, the CPU default), `ops.decay_attention` with the chunk's queries at
+        their offset, one tile of queries at a time; otherwise SDPA with the decay and the causal mask as a
+        `[H, l, n + l]` bias. The FlexAttention path is not used here."""
         if not self.causal:
             raise ValueError("causal=False: a non-causal attention mixer cannot encode a stream in chunks (every "
                              "token attends to later ones); use a causal configuration")
@@ -209,6 +211,10 @@ class DefocusAttentionMixer(TokenMixer):
                                  f"{position_offset}")
             k = torch.cat([state.keys, k], dim=2)
             v = torch.cat([state.values, v], dim=2)
+        if self.uses_chunked(q):
+            out = decay_attention(q, k, v, self.filter.log_decay(), causal=True, query_offset=position_offset)
+            out = self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
+            return out, AttentionKVCache(keys=k, values=v)
         query_pos = torch.arange(position_offset, position_offset + length, device=q.device, dtype=torch.float32)
         key_pos = torch.arange(k.shape[2], device=q.device, dtype=torch.float32)
         distance = query_pos[:, None] - key_pos[None, :]  # [l, n + l]
