@@ -46,6 +46,9 @@ class GpuMemoryPoller:
             self._thread.join(timeout=6)
 
 
+RUNNING: list[subprocess.Popen] = []  # the part in flight, whose process group a SIGTERM to this script ends too
+
+
 def run_streamed(cmd: list[str], timeout: float, env: dict[str, str], log) -> tuple[Any, list[tuple[float, str]]]:
     """Run `cmd` in its own process group, stream its output (time-stamped) into `log`, kill the whole group at
     `timeout`. Returns `(returncode or "timeout", [(time, line), ...])`."""
@@ -84,10 +87,8 @@ def run_streamed(cmd: list[str], timeout: float, env: dict[str, str], log) -> tu
     return rc, lines
 
 
-RUNNING: list[subprocess.Popen] = []  # the part in flight, whose process group a SIGTERM to this script ends too
-
-
-def _terminate(signum, frame) -> None:
+def terminate_running(signum: int, frame: Any) -> None:
+    """SIGTERM handler of the runner: kill the part in flight with its whole process group, then exit."""
     for proc in RUNNING:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

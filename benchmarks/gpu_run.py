@@ -55,11 +55,13 @@ from typing import Any, Optional
 from gpu_launch import free_port, launch_command, recipe_value  # noqa: F401
 from gpu_plan import (CONFIGS, DRY_VISION, LM_SHAPES, ROOT, STAGE_CONFIGS, ZERO_CONFIGS, Plan,  # noqa: F401
                       build_lm_dir, dry_plan, lm_parameter_count, qwen2_lm_config, real_plan)
-from gpu_process import RUNNING, GpuMemoryPoller, _terminate, run_streamed  # noqa: F401
+from gpu_process import RUNNING, GpuMemoryPoller, run_streamed, terminate_running  # noqa: F401
 from gpu_reload import run_reload
 from gpu_report import (ENCODER_LABELS, ENCODERS, GRAPHED, error_lines, fused_path_goals, goal_line,  # noqa: F401
                         parse_train_logs, render_markdown, summarize_training, trainer_memory)
 from gpu_throughput import build_encoder, encoder_specs, measure_encoder, run_throughput, tokens_per_image  # noqa: F401
+
+_terminate = terminate_running  # its name when it lived here
 
 PACKAGES = ["torch", "transformers", "accelerate", "deepspeed", "peft", "triton", "tokenizers", "safetensors",
             "huggingface-hub", "mamba-ssm", "causal-conv1d", "pydantic", "easy-vqa"]
@@ -319,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             run_reload(plan, [Path(p) for p in args.model_dirs], work / "reload.json")
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate_running)
     return Run(plan, args).run(args.parts.split(","))
 
 
