@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# queries per tile: fewer, longer SDPA calls beat the diagonal tiles' wasted half (T / L of the work) up to ~512
-# at 896 px on the 2-core CPU (docs/kernels.md)
+# queries per tile: fewer, longer SDPA calls against the diagonal tiles' wasted half (T / L of the work); the sizes
+# compared are in docs/kernels.md ("Chunked decay attention on CPU")
 DEFAULT_CHUNK_SIZE = 512
 
 

@@ -44,9 +44,9 @@ def use_cpu_threads(args: TrainingArguments, threads: Optional[int] = None) -> i
     """Set torch's intra-op threads for a CPU run and return them; a GPU run is left alone.
 
     `threads` wins when given. Otherwise a single-process run takes every core it may use when `OMP_NUM_THREADS` is
-    unset or 1: `accelerate launch` without a config starts its one CPU process with OMP_NUM_THREADS=1, which ran the
-    offline easy-VQA recipe 1.2x (warm-up) to 1.7x (LLaVA steps) slower than two threads on a 2-core machine. Any
-    other OMP_NUM_THREADS is respected, and several processes keep what the launcher gave each.
+    unset or 1: `accelerate launch` without a config starts its one CPU process with OMP_NUM_THREADS=1, which would
+    leave every other core idle (docs/easy_vqa.md has the slowdown). Any other OMP_NUM_THREADS is respected, and
+    several processes keep what the launcher gave each.
     """
     if args.device.type != "cpu":
         return torch.get_num_threads()
@@ -272,7 +272,7 @@ def distributed_exit() -> Iterator[None]:
 
     A process that exits with its gloo process group alive can abort at interpreter shutdown ("terminate called
     without an active exception", SIGABRT): the group's worker threads still hold work objects when the C++ runtime
-    is torn down. It happened in about one exit of three for two CPU ranks on a loaded 2-core machine, and the
+    is torn down. It happens at random (how often: docs/evaluation.md, "Several processes"), and the
     aborting rank makes the launcher kill its peer, possibly in the middle of the peer's last checkpoint save. The
     barrier first lets every rank finish what it writes (the final save) before any group goes away.
 

@@ -51,7 +51,7 @@ def warm_up_vision_tower(model: nn.Module, image_processor: Any, model_args: Mod
     else:
         dataset = ImageFolderDataset(model_args.vision_warmup_data, transform)
     # The processor is deterministic, so each image is decoded and preprocessed once rather than once per epoch
-    # (for the offline default that was about a third of the warm-up's time), when the tensor fits the budget.
+    # (decoding is a large share of a tiny encoder's step: docs/easy_vqa.md), when the tensor fits the budget.
     if model_args.vision_warmup_epochs > 1 and PreprocessedImageDataset.num_bytes(dataset) <= PREPROCESS_ONCE_MAX_BYTES:
         dataset = PreprocessedImageDataset(dataset, show_progress=not args.disable_tqdm and args.process_index == 0)
     tower = model_parts(model)["vision_tower"][0]
