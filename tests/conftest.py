@@ -1,6 +1,6 @@
 """Fixtures shared by every test module (pytest finds them here; nothing imports this file).
 
-Plain helper functions and constants are in `helpers.py`.
+Plain helper functions and constants are in `helpers.py` and the helper modules it lists.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny De-focus LLaVA saved to disk (`helpers.build_saved_tiny_llava`), once per test module that asks for it."""
-    from helpers import build_saved_tiny_llava  # here, so that collecting a test module costs no model imports
+    """A tiny De-focus LLaVA saved to disk (`evaluation_helpers.build_saved_tiny_llava`), once per test module that
+    asks for it."""
+    # imported here, so that collecting a test module costs no model imports
+    from evaluation_helpers import build_saved_tiny_llava
 
     path = tmp_path_factory.mktemp("tiny_llava")
     build_saved_tiny_llava(path)

@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForImageClassification
 import defocus_mllm  # noqa: F401
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.convert import CheckpointError, convert_checkpoint, load_checkpoint
-from helpers import CLASSES, DEPTH, GROUP, HIDDEN, INNER, PATCH, RANK, STATE, release_state_dict
+from release_checkpoint import CLASSES, DEPTH, GROUP, HIDDEN, INNER, PATCH, RANK, STATE, release_state_dict
 
 
 def release_forward(sd, pixels, delta_scale=1.0, rope_scale=1.0, head="linear"):

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from defocus_mllm.evaluation import BenchmarkDataError, get_benchmark, model_fingerprint
-from helpers import build_tiny_llava, make_fixture, record_asked_questions
-from helpers import benchmark_cli_args as _cli_args, build_saved_tiny_llava as _build_tiny_llava, eval_run_script
-from helpers import read_jsonl as _lines
+from evaluation_fixtures import make_fixture
+from evaluation_helpers import benchmark_cli_args as _cli_args, build_saved_tiny_llava as _build_tiny_llava
+from evaluation_helpers import eval_run_script, read_jsonl as _lines, record_asked_questions
+from helpers import build_tiny_llava
 
 run = eval_run_script()
 

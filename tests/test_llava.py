@@ -198,7 +198,7 @@ def test_non_rgb_images_are_converted(tiny, mode):
 
 
 def test_converted_release_encoder_serves_as_vision_tower(tmp_path):
-    from helpers import release_state_dict
+    from release_checkpoint import release_state_dict
 
     torch.save({"model": release_state_dict(seed=1)}, tmp_path / "release.pth")
     convert_checkpoint(tmp_path / "release.pth", tmp_path / "converted", image_size=32)

@@ -126,7 +126,7 @@ def test_the_projector_reads_the_encoder_final_layernorm_output_by_default():
 
 def test_the_converter_strips_the_module_prefix_of_ddp_checkpoints(tmp_path):
     from defocus_mllm.encoder.convert import convert_checkpoint
-    from helpers import GROUP, release_state_dict
+    from release_checkpoint import GROUP, release_state_dict
 
     sd = release_state_dict()
     torch.save({"model": sd}, tmp_path / "plain.pth")

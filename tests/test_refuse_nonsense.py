@@ -14,7 +14,7 @@ import defocus_mllm  # noqa: F401
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.convert import CheckpointError, convert_checkpoint
 from defocus_mllm.encoder.convert import main as convert_main
-from helpers import GROUP, release_state_dict
+from release_checkpoint import GROUP, release_state_dict
 
 
 def _convert_cli(*args, capsys=None):
