@@ -298,3 +298,28 @@ def test_corrupt_image_found_while_training_is_named_or_skipped(tokenizer, image
                        skip_bad_samples=True)
     batch = SupervisedCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 1 and len(dataset.skipped) == 1
+
+
+def test_a_sample_whose_image_would_be_cut_by_truncation_is_dropped():
+    """An image must never be cut: truncating inside its placeholder block leaves the model fewer image tokens than
+    the encoder produces. The image starts before the limit and ends after it, so the first image token fits and
+    the last does not."""
+    from defocus_mllm.data.conversations import Conversation
+    from defocus_mllm.data.supervised import SupervisedDataset, tokenize_conversation
+    from defocus_mllm.llava import prepare_tokenizer
+    from defocus_mllm.training.tiny_lm import train_tokenizer
+
+    tokenizer = prepare_tokenizer(train_tokenizer(["hi", "red", "what color?", "blue", "USER: ASSISTANT:"],
+                                                  vocab_size=120))
+    image_id, n_image = tokenizer.convert_tokens_to_ids("<image>"), 6
+    straddling = Conversation("s0", [Image.new("RGB", (8, 8))], [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"},  # a reply before the image
+        {"role": "user", "content": "<image>\nwhat color?"}, {"role": "assistant", "content": "blue"}])
+    short = Conversation("s1", [], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}])
+    ids = tokenize_conversation(tokenizer, straddling.messages, image_id, n_image).input_ids
+    first = ids.index(image_id)
+    limit = first + n_image // 2  # inside the image block
+    assert ids[limit - 1] == image_id and ids[limit] == image_id
+    dataset = SupervisedDataset([straddling, short], tokenizer, None, image_id, n_image, model_max_length=limit,
+                                show_progress=False)
+    assert dataset.dropped_too_long == 1 and dataset.truncated == 0 and len(dataset) == 1
