@@ -154,3 +154,33 @@ def truncate_file(path: Path) -> None:
     """Cut a file to half its length, as a copy or a download that stopped early leaves it."""
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+# A LLaVA-json sample, an image folder with readable and cut-short PNGs, and a JSON-lines file whose lines may be
+# malformed on purpose (the bad-sample tests of test_training_data and test_recipes).
+GOOD_TURNS = [{"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "blue"}]
+
+
+def image_folder_with(folder: Path, good: Iterable[str] = ("ok.png",), corrupt: Iterable[str] = ()) -> Path:
+    """`folder` holding a blue 16x16 PNG per name in `good` and a cut-short PNG per name in `corrupt`."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in good:
+        Image.new("RGB", (16, 16), (0, 0, 200)).save(folder / name)
+    for name in corrupt:
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    return folder
+
+
+def llava_record(i: int, image: str = "ok.png", turns: list = GOOD_TURNS) -> dict:
+    """Sample `s<i>` in LLaVA's JSON layout."""
+    return {"id": f"s{i}", "image": image, "conversations": turns}
+
+
+def write_json_lines(path: Path, lines: list) -> Path:
+    """One line per item: a string as it is (so that a line can be malformed), anything else as JSON."""
+    import json
+
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path

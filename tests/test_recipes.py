@@ -16,6 +16,7 @@ import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
 from helpers import TINY_RECIPE_ARGS as TINY, accelerate_launch_command, build_tiny_llava, load_script
+from helpers import GOOD_TURNS, image_folder_with as _images, llava_record as _record, write_json_lines as _jsonl
 from helpers import colour_folder as _colour_folder
 from defocus_mllm.training import LlavaTrainingArguments, ModelArguments, warm_up_vision_tower
 
@@ -334,3 +335,24 @@ def test_deepspeed_recipes_ask_for_bf16_themselves(name):
 
     config = yaml.safe_load((ROOT / "recipes" / "configs" / f"{name}.yaml").read_text())
     assert config.get("bf16") is True
+
+
+def test_recipe_lists_skips_from_dataloader_workers_once_and_survives_an_all_bad_batch(tmp_path):
+    """4 unreadable images first (sequential order, batch 4: the first batch is all bad), 4 good samples, a malformed
+    line and an unknown speaker; 2 epochs on 2 dataloader workers."""
+    folder = _images(tmp_path / "images", corrupt=[f"bad{i}.png" for i in range(4)])
+    lines = [_record(i, image=f"bad{i}.png") for i in range(4)] + [_record(4 + i) for i in range(4)]
+    lines += ["{not json", _record(9, turns=[{"from": "robot", "value": "<image>\nhi"}, GOOD_TURNS[1]])]
+    data = _jsonl(tmp_path / "data.jsonl", lines)
+    out = tmp_path / "out"
+    recipe = load_script(ROOT / "recipes" / "finetune.py", "recipe_finetune_bad_samples")
+    metrics = recipe.main([*TINY, "--data_path", str(data), "--image_folder", str(folder), "--output_dir", str(out),
+                           "--skip_bad_samples", "true", "--dataloader_num_workers", "2", "--num_train_epochs", "2",
+                           "--per_device_train_batch_size", "4", "--train_sampling_strategy", "sequential",
+                           "--dataloader_persistent_workers", "false"])
+    listed = (out / "skipped_samples.txt").read_text().splitlines()
+    assert metrics["skipped_samples"] == 6 and len(listed) == 6 and len(set(listed)) == 6
+    for i in range(4):
+        assert sum(f"(sample 's{i}')" in line for line in listed) == 1
+    assert any("data.jsonl:9: malformed JSON line" in line for line in listed)
+    assert any("unknown speaker 'robot'" in line for line in listed)
