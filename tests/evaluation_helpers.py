@@ -99,3 +99,12 @@ def record_asked_questions(monkeypatch) -> list:
 
     monkeypatch.setattr(runner, "generate_answers", counting)
     return asked
+
+
+# A short easy-VQA run of eval/run.py (the package's own questions: no files to build).
+EASY_VQA_ARGS = ["--benchmark", "easy-vqa", "--limit", "4", "--batch-size", "4", "--quiet"]
+
+
+def answers(out: Path) -> list[str]:
+    """The answers of a finished run's `predictions.jsonl`, in file order."""
+    return [r["answer"] for r in read_jsonl(out / "predictions.jsonl")]

@@ -1,5 +1,5 @@
 """Helpers shared by the tests: tiny configurations and models, script imports, `accelerate launch` command lines,
-the tiny recipe arguments and small file helpers.
+the tiny recipe arguments and LLaVA-json samples, and small file helpers.
 
 Plain functions and constants only; fixtures (the module-wide `one_thread` among them) live in `conftest.py`. The other
 helper modules hold one concern each: `scan_reference.py` (float64 selective-scan references and inputs),
