@@ -1,4 +1,5 @@
-"""Release checkpoints -> Hugging Face directories: layouts, safe loading, and the numerics of docs/method.md §2.3.
+"""Release checkpoints -> Hugging Face directories: layouts, safe loading, the numerics of docs/method.md §2.3, and
+what the converter refuses by name (a wrong shape, non-finite weights, non-positive factors, a truncated file).
 
 `release_forward` below is an independent functional implementation of the released network, written from the
 specification and run directly on a release-layout state dict; the converted model must reproduce it.

@@ -1,5 +1,6 @@
 """One image loader for every path (training, evaluation, chat, encoder pretraining, diagnostics), and its rule for
-modes: transparency onto white, 16-bit and float scaled to 8 bits, anything else converted or refused by name."""
+modes: transparency onto white, 16-bit and float scaled to 8 bits, anything else converted or refused by name; the
+image processor's ImageNet normalisation."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,5 @@
-"""The De-focus encoder inside the stock Llava classes: training signal, generation, save/load, PEFT, bad input."""
+"""The De-focus encoder inside the stock Llava classes: training signal, generation, save/load, PEFT, bad input,
+the projector's feature layer, bf16 and ZeRO-3 builds, and no pre-training drop path in the tower."""
 
 import os
 import subprocess

@@ -1,5 +1,6 @@
 """The De-focus encoder with every mixer: shapes, causality, presets and their parameter counts, heads and losses,
-drop path, bf16, save / load. The mixers alone: tests/test_mixers.py; the filter: tests/test_filters.py."""
+drop path, bf16, save / load, config sizes that must be positive. The mixers alone: tests/test_mixers.py; the
+filter: tests/test_filters.py."""
 
 from functools import partial
 

@@ -1,5 +1,6 @@
 """The LLaVA recipes end to end on small easy-VQA subsets: in process, resumed, and under `accelerate launch` with
-DeepSpeed ZeRO-2 (stage 1 -> stage 2) and ZeRO-3 (stage 2) on two CPU processes."""
+DeepSpeed ZeRO-2 (stage 1 -> stage 2) and ZeRO-3 (stage 2) on two CPU processes; per-part learning rates, bad
+samples skipped from dataloader workers, and the shipped accelerate / DeepSpeed configs."""
 
 import json
 import os
