@@ -7,7 +7,8 @@ from transformers import AutoBackbone, AutoConfig
 import defocus_mllm  # noqa: F401  (registers the Auto classes)
 from defocus_mllm import DefocusBackbone, DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.convert import convert_checkpoint
-from helpers import GROUP, TINY_PRESETS as PRESETS, release_state_dict, tiny_encoder_config as tiny
+from helpers import TINY_PRESETS as PRESETS, tiny_encoder_config as tiny
+from release_checkpoint import GROUP, release_state_dict
 
 def to_map(tokens, height, width, patch=8):
     """`[B, L, C]` encoder tokens (CLS last) -> `[B, C, H/p, W/p]`."""

@@ -1,9 +1,11 @@
-"""Release checkpoints -> Hugging Face directories: layouts, safe loading, and the numerics of docs/method.md §2.3.
+"""Release checkpoints -> Hugging Face directories: layouts, safe loading, the numerics of docs/method.md §2.3, and
+what the converter refuses by name (a wrong shape, non-finite weights, non-positive factors, a truncated file).
 
 `release_forward` below is an independent functional implementation of the released network, written from the
 specification and run directly on a release-layout state dict; the converted model must reproduce it.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -11,12 +13,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForImageClassification
 
 import defocus_mllm  # noqa: F401
 from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.convert import CheckpointError, convert_checkpoint, load_checkpoint
-from helpers import CLASSES, DEPTH, GROUP, HIDDEN, INNER, PATCH, RANK, STATE, release_state_dict
+from defocus_mllm.encoder.convert import main as convert_main
+from helpers import truncate_file as _truncate
+from release_checkpoint import CLASSES, DEPTH, GROUP, HIDDEN, INNER, PATCH, RANK, STATE, release_state_dict
 
 
 def release_forward(sd, pixels, delta_scale=1.0, rope_scale=1.0, head="linear"):
@@ -170,3 +175,79 @@ def test_release_initialisation_values():
     bound = config.time_step_rank ** -0.5
     assert mixer.dt_proj.weight.abs().max() <= bound and mixer.dt_proj.weight.std() > bound / 3
     assert mixer.in_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)
+
+
+def _convert_cli(*args, capsys=None):
+    """`defocus-convert ARGS`: in a fresh process, or in this one (faster) when `capsys` is given; a traceback
+    escaping `main` fails the in-process call."""
+    if capsys is None:
+        cmd = [sys.executable, "-m", "defocus_mllm.encoder.convert", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    capsys.readouterr()
+    returncode = convert_main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, returncode, captured.out, captured.err)
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path):
+    sd = release_state_dict()
+    sd["blocks.1.mixer.D"] = torch.ones(7)  # the inner width is 64
+    torch.save({"model": sd}, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mixer\.D.*\(7,\).*\(64,\)"):
+        convert_checkpoint(tmp_path / "wrong.pth", group_norm_size=GROUP)
+    result = _convert_cli(tmp_path / "wrong.pth", tmp_path / "out", "--group-norm-size", GROUP)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "blocks.1.mixer.D" in result.stderr and "(7,)" in result.stderr and "(64,)" in result.stderr
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_weights_are_refused_unless_asked_for(tmp_path, bad, capsys):
+    sd = release_state_dict()
+    sd["blocks.0.mixer.out_proj.weight"][3, 5] = bad
+    torch.save(sd, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.mixer\.out_proj\.weight.*(NaN|infinite)"):
+        convert_checkpoint(tmp_path / "nan.pth", group_norm_size=GROUP)
+    result = _convert_cli(tmp_path / "nan.pth", tmp_path / "out", "--group-norm-size", GROUP, capsys=capsys)
+    assert result.returncode == 2 and "blocks.0.mixer.out_proj.weight" in result.stderr
+    assert "--allow-non-finite" in result.stderr
+    kept = convert_checkpoint(tmp_path / "nan.pth", group_norm_size=GROUP, allow_non_finite=True)
+    assert not torch.isfinite(kept.defocus.blocks[0].mixer.out_proj.weight).all()
+    result = _convert_cli(tmp_path / "nan.pth", tmp_path / "out", "--group-norm-size", GROUP, "--allow-non-finite",
+                          capsys=capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag", ["--delta-scale-factor", "--rope-scale-factor"])
+@pytest.mark.parametrize("value", ["0", "-2", "nan"])
+def test_non_positive_scale_factors_are_refused(tmp_path, flag, value, capsys):
+    torch.save(release_state_dict(), tmp_path / "ckpt.pth")
+    result = _convert_cli(tmp_path / "ckpt.pth", tmp_path / "out", "--group-norm-size", GROUP, flag, value,
+                          capsys=capsys)
+    field = flag[2:].replace("-", "_")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{field}=" in result.stderr and "positive" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_safetensors_checkpoint_is_named_by_the_converter(tmp_path, capsys):
+    save_file(release_state_dict(), str(tmp_path / "release.safetensors"))
+    _truncate(tmp_path / "release.safetensors")
+    with pytest.raises(CheckpointError, match="release.safetensors"):
+        convert_checkpoint(tmp_path / "release.safetensors", group_norm_size=GROUP)
+    result = _convert_cli(tmp_path / "release.safetensors", tmp_path / "out", "--group-norm-size", GROUP,
+                          capsys=capsys)
+    assert result.returncode == 2 and "release.safetensors" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_converter_strips_the_module_prefix_of_ddp_checkpoints(tmp_path):
+    from defocus_mllm.encoder.convert import convert_checkpoint
+    from release_checkpoint import GROUP, release_state_dict
+
+    sd = release_state_dict()
+    torch.save({"model": sd}, tmp_path / "plain.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pth")  # saved from a DDP wrap
+    plain = convert_checkpoint(tmp_path / "plain.pth", group_norm_size=GROUP).state_dict()
+    ddp = convert_checkpoint(tmp_path / "ddp.pth", group_norm_size=GROUP).state_dict()
+    assert plain.keys() == ddp.keys()
+    assert all(torch.equal(plain[k], ddp[k]) for k in plain)
+    assert torch.equal(ddp["defocus.cls_token"], sd["cls_token"])

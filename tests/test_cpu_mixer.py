@@ -19,7 +19,8 @@ from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.ops import causal_conv, cpu_scan, mamba_mixer_core, selective_scan
 from defocus_mllm.ops import mamba_mixer as mixer_ops
 from defocus_mllm.ops.causal_conv import causal_conv1d_silu
-from helpers import make_inputs, rel_err
+from op_checks import rel_err
+from scan_reference import make_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ("x", "z", "dt", "dt_bias", "A", "B", "C", "D", "freq")

@@ -13,8 +13,8 @@ import torch
 from defocus_mllm.ops import available_backends, cpu_scan, selective_scan
 from defocus_mllm.ops.selective_scan import _REGISTRY
 
-from helpers import (literal_scan, make_inputs, max_tensor_numel, outputs_with_and_without_grad, rel_err,
-                     vector_reference)
+from op_checks import max_tensor_numel, outputs_with_and_without_grad, rel_err
+from scan_reference import literal_scan, make_inputs, vector_reference
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import defocus_mllm.ops.decay_attention as decay_module
 from defocus_mllm import DefocusVisionConfig
 from defocus_mllm.encoder.mixers import DefocusAttentionMixer
 from defocus_mllm.ops.decay_attention import decay_attention
-from helpers import max_tensor_numel, scramble_filter
+from helpers import scramble_filter
+from op_checks import max_tensor_numel
 
 MIXER_VARIANTS = [
     {},                                                       # causal, learnable decay and rotation

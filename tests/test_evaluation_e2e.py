@@ -1,5 +1,5 @@
 """End to end: every benchmark name through eval/run.py's main() on the fixture datasets of
-`helpers.make_fixture`, with a tiny De-focus LLaVA saved to disk (no hub access). The
+`evaluation_fixtures.make_fixture`, with a tiny De-focus LLaVA saved to disk (no hub access). The
 model is untrained: the tests check files, counts, resuming, process splitting and metric plumbing,
 not accuracy."""
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from defocus_mllm.evaluation import BenchmarkDataError, generate_answers, get_benchmark, run_benchmark
-from helpers import FIXTURES, accelerate_launch_command, eval_run_script, make_fixture, record_asked_questions
-from helpers import benchmark_cli_args as _cli_args, read_jsonl as _lines
+from evaluation_fixtures import FIXTURES, make_fixture
+from evaluation_helpers import benchmark_cli_args as _cli_args, eval_run_script, read_jsonl as _lines
+from evaluation_helpers import record_asked_questions
+from helpers import accelerate_launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "eval" / "run.py"

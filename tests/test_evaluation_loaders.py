@@ -1,5 +1,5 @@
 """Benchmark loaders on tiny fixture datasets in both input layouts (LLaVA-1.5's eval folders and
-lmms-lab parquet files), built by `helpers.make_fixture` with real small images."""
+lmms-lab parquet files), built by `evaluation_fixtures.make_fixture` with real small images."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from defocus_mllm.evaluation import BENCHMARKS, BenchmarkDataError, get_benchmark
 from defocus_mllm.evaluation.benchmarks.pope import pope_metrics
 from defocus_mllm.prompts import SHORT_ANSWER_INSTRUCTION as SHORT_ANSWER
-from helpers import (
+from evaluation_fixtures import (
     COLORS,
     FIXTURES,
     gqa_hf,

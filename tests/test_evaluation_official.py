@@ -36,7 +36,7 @@ from defocus_mllm.evaluation import (
     vqa_accuracy,
 )
 from defocus_mllm.evaluation.sources import PathImage
-from helpers import (
+from evaluation_fixtures import (
     gqa_llava,
     hf_image,
     mme_hf,

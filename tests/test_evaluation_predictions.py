@@ -1,9 +1,12 @@
-"""Prediction files (evaluation/predictions.py): reading them back, appending after an interrupted write, and the
-merged file a run leaves."""
+"""Prediction files (evaluation/predictions.py): reading them back, appending after an interrupted write, the
+merged file a run leaves, and an edited prediction of the wrong type named when a run resumes over it."""
 
 import json
 from pathlib import Path
 
+import pytest
+
+from defocus_mllm.evaluation import BenchmarkDataError
 from defocus_mllm.evaluation.predictions import (
     PREDICTIONS,
     append_safe,
@@ -12,6 +15,9 @@ from defocus_mllm.evaluation.predictions import (
     write_predictions,
 )
 from defocus_mllm.evaluation.sources import PathImage, Sample
+from evaluation_helpers import EASY_VQA_ARGS as EASY, eval_run_script, read_jsonl as _lines
+
+run = eval_run_script()
 
 
 def test_read_predictions_skips_broken_lines_and_keeps_first(tmp_path):
@@ -46,3 +52,20 @@ def test_write_predictions_keeps_question_order_errors_and_older_answers(tmp_pat
     assert lines == [prediction_record(samples[0], "two"), prediction_record(samples[1], None, "bad image"), older[9]]
     assert lines[1]["answer"] is None and lines[1]["error"] == "bad image" and "error" not in lines[0]
     assert not list(tmp_path.glob("predictions.rank*.jsonl"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda rec: {**rec, "answer": 5}, r"predictions\.jsonl:1: 'answer' of question 0 must be a string \(or null\), "
+                                       r"not int"),
+    (lambda rec: {**rec, "question_id": [0]}, r"predictions\.jsonl:1: 'question_id' must be a string or an integer, "
+                                              r"not list"),
+])
+def test_an_edited_prediction_of_the_wrong_type_is_named(edit, message, two_models, tmp_path):
+    a, _ = two_models
+    out = tmp_path / "out"
+    run.main(["--model", str(a), *EASY, "--output", str(out)])
+    lines = _lines(out / "predictions.jsonl")
+    lines[0] = edit(lines[0])
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(BenchmarkDataError, match=message):
+        run.main(["--model", str(a), *EASY, "--output", str(out)])

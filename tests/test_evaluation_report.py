@@ -1,10 +1,14 @@
-"""Results rows and the side-by-side summary table (no model needed)."""
+"""Results rows and the side-by-side summary table (no model needed), and eval/run.py's `--summary` over the
+folders of two tiny saved models that share a folder name."""
 
 import json
 
 import pytest
 
 from defocus_mllm.evaluation import results_row, summarize_dirs, summary_table
+from evaluation_helpers import EASY_VQA_ARGS as EASY, eval_run_script
+
+run = eval_run_script()
 
 
 def _report(model, benchmark, headline, split="test"):
@@ -70,3 +74,21 @@ def test_two_runs_for_one_cell_are_refused_naming_both(tmp_path):
         (tmp_path / name / "metrics.json").write_text(json.dumps(_keyed("m", "gqa", {"GQA": value}, "f" * 12)))
     with pytest.raises(ValueError, match=rf"{tmp_path / 'x'} and {tmp_path / 'y'} both hold 'GQA' of model 'm'"):
         summarize_dirs([tmp_path / "x", tmp_path / "y"])
+
+
+def test_the_summary_keeps_models_of_the_same_folder_name_apart(two_models, tmp_path, capsys):
+    a, b = two_models  # run1/final and run2/final, as it were
+    run.main(["--model", str(a), *EASY, "--output", str(tmp_path / "a")])
+    run.main(["--model", str(b), *EASY, "--output", str(tmp_path / "b")])
+    capsys.readouterr()
+    assert run.main(["--summary", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    keys = [json.loads((tmp_path / d / "run.json").read_text())["key"]["model"][:10] for d in "ab"]
+    assert len(rows) == 2 and keys[0] != keys[1]
+    assert all(any(row.startswith(f"| final [{key}] |") for row in rows) for key in keys), rows
+    # the same model twice on one benchmark would fill one cell twice: refused, naming both folders
+    run.main(["--model", str(a), *EASY, "--limit", "2", "--output", str(tmp_path / "a2")])
+    capsys.readouterr()
+    assert run.main(["--summary", str(tmp_path / "a"), str(tmp_path / "a2")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "a") in err and str(tmp_path / "a2") in err and "both hold 'easy-VQA'" in err

@@ -1,5 +1,6 @@
 """One image loader for every path (training, evaluation, chat, encoder pretraining, diagnostics), and its rule for
-modes: transparency onto white, 16-bit and float scaled to 8 bits, anything else converted or refused by name."""
+modes: transparency onto white, 16-bit and float scaled to 8 bits, anything else converted or refused by name; the
+image processor's ImageNet normalisation."""
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from defocus_mllm.encoder.image_processing import DefocusImageProcessor, load_im
 # the halves are round(1000 * 255 / 65535) = 4 and round(60000 * 255 / 65535) = 233.
 DARK16, BRIGHT16 = 1000, 60000
 DARK8, BRIGHT8 = 4, 233
-# The release's (and LLaVA-1.5's CLIP-free) ImageNet normalisation, written out rather than read off the processor.
+# The release's (and LLaVA-1.5's CLIP-free) ImageNet normalisation (timm's IMAGENET_DEFAULT_MEAN / STD), written out
+# rather than read off the processor.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -288,3 +290,19 @@ def test_to_model_moves_inputs_and_casts_only_the_pixels():
     out = to_model(inputs, model)
     assert out["pixel_values"].dtype == torch.bfloat16 and out["input_ids"].dtype == torch.int64
     assert to_model(BatchFeature({"input_ids": torch.tensor([[1]])}), model)["input_ids"].dtype == torch.int64
+
+
+def test_the_image_processor_normalises_with_the_imagenet_mean_and_std():
+    from defocus_mllm import DefocusImageProcessor
+    from defocus_mllm.data.augment import ImageClassificationTransform
+
+    colour = (255, 0, 128)
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, IMAGENET_MEAN, IMAGENET_STD)])
+    # = (2.2489, -2.0357, 0.4265): a solid image stays solid through resizing and cropping
+    image = Image.new("RGB", (48, 40), colour)
+    for do_pad in (False, True):
+        processor = DefocusImageProcessor(crop_size={"height": 32, "width": 32}, patch_size=8, do_pad=do_pad)
+        pixels = processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(pixels[:, 16, 16], expected, atol=2e-3, rtol=0)
+    torch.testing.assert_close(ImageClassificationTransform(32, train=False)(image)[:, 16, 16], expected,
+                               atol=2e-3, rtol=0)

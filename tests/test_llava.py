@@ -1,8 +1,11 @@
-"""The De-focus encoder inside the stock Llava classes: training signal, generation, save/load, PEFT, bad input."""
+"""The De-focus encoder inside the stock Llava classes: training signal, generation, save/load, PEFT, bad input,
+the projector's feature layer, bf16 and ZeRO-3 builds, and no pre-training drop path in the tower."""
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +18,9 @@ from defocus_mllm import DefocusVisionConfig, build_llava, chat, count_trainable
 from defocus_mllm.llava import apply_lora
 from defocus_mllm.encoder.convert import convert_checkpoint
 from defocus_mllm.training.tiny_lm import tiny_llama_config, train_tokenizer
-from helpers import build_tiny_llava, input_dependent_tiny_llava
+from helpers import build_tiny_llava, free_port, input_dependent_tiny_llava
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["what shape is it?", "what color is the shape in this picture?", "is it red?"]
 
 
@@ -198,7 +202,7 @@ def test_non_rgb_images_are_converted(tiny, mode):
 
 
 def test_converted_release_encoder_serves_as_vision_tower(tmp_path):
-    from helpers import release_state_dict
+    from release_checkpoint import release_state_dict
 
     torch.save({"model": release_state_dict(seed=1)}, tmp_path / "release.pth")
     convert_checkpoint(tmp_path / "release.pth", tmp_path / "converted", image_size=32)
@@ -258,3 +262,125 @@ def test_a_tokenizer_with_its_own_string_only_template_gets_image_parts_flattene
     assert processor.tokenizer.chat_template == tokenizer.chat_template  # training renders strings with it directly
     inputs = processor(images=[_image(7)], text=[prompt], return_tensors="pt")
     assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_the_projector_reads_the_encoder_final_layernorm_output_by_default():
+    """`vision_feature_layer=-1`: the projector sees the encoder's last (LayerNorm) output, the well-scaled one."""
+    from defocus_mllm.training import ModelArguments
+
+    assert ModelArguments().vision_feature_layer == -1
+    torch.manual_seed(0)
+    model, processor = build_tiny_llava()
+    assert model.config.vision_feature_layer == -1
+    pixels = processor.image_processor(images=[Image.new("RGB", (32, 32), (10, 200, 30))],
+                                       return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+        tower = model.model.vision_tower(pixels, output_hidden_states=True)
+        expected = model.model.multi_modal_projector(tower.last_hidden_state)[0]
+    torch.testing.assert_close(features, expected)
+    # and the last hidden state is the final LayerNorm's output: zero mean and unit variance before its affine part
+    norm = model.model.vision_tower.norm
+    raw = (tower.last_hidden_state - norm.bias) / norm.weight
+    torch.testing.assert_close(raw.mean(-1), torch.zeros(raw.shape[:-1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(raw.var(-1, unbiased=False), torch.ones(raw.shape[:-1]), atol=1e-2, rtol=0)
+
+
+TEXTS = ["what shape is in the image?", "circle", "red", "yes", "no", "USER: ASSISTANT:"]
+
+
+def _batch(model, processor, dtype=torch.float32):
+    """One image-question pair as the processor makes it, pixel values in `dtype`."""
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    size = model.config.vision_config.image_size
+    image = torch.rand(3, size, size)
+    batch = processor(images=[image], text=[prompt], return_tensors="pt", do_rescale=False)
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
+ZERO3_BUILD = textwrap.dedent("""
+    import os, sys
+    import deepspeed, torch
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+    sys.path.insert(0, {tests!r})
+    from helpers import build_tiny_llava
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed("gloo")
+    ds = HfDeepSpeedConfig({{"zero_optimization": {{"stage": 3}}, "bf16": {{"enabled": True}},
+                             "train_micro_batch_size_per_gpu": 1}})
+    model, processor = build_tiny_llava()
+    assert is_deepspeed_zero3_enabled()  # the ZeRO-3 config is active again after build_llava
+    tower = model.model.vision_tower
+    assert not any(hasattr(p, "ds_id") for p in tower.parameters()), "the tower is the real one, not re-built"
+    assert all(p.device.type != "meta" and p.numel() > 0 for p in tower.parameters())
+    assert any(hasattr(p, "ds_id") for p in model.model.language_model.parameters()), "the LM is the ZeRO-3 one"
+    dtypes = {{p.dtype for p in model.parameters()}}
+    assert dtypes == {{torch.bfloat16}}, dtypes
+    print("ZERO3-OK")
+""")
+
+
+@pytest.mark.slow
+def test_build_llava_under_zero3_init(tmp_path):
+    """A ZeRO-3 config is alive while the recipe builds the model: the meta-device shell must not go through
+    `deepspeed.zero.Init` (it crashed in the Mamba mixer's weight init), and the tower / LM must be the real ones."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "zero3_build.py"
+    script.write_text(ZERO3_BUILD.format(tests=str(ROOT / "tests")))
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0 and "ZERO3-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_build_llava_from_bf16_checkpoint_has_one_dtype(tmp_path):
+    """A real LM checkpoint loads in bf16: the tower and projector must follow it, so no autocast is needed."""
+    tokenizer = train_tokenizer(TEXTS, vocab_size=128)
+    lm = __import__("transformers").AutoModelForCausalLM.from_config(tiny_llama_config(len(tokenizer)))
+    lm.to(torch.bfloat16).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    vision = DefocusVisionConfig.from_preset("mamba-tiny", hidden_size=32, num_hidden_layers=2,
+                                             intermediate_size=64, image_size=32)
+    model, processor = build_llava(vision, tmp_path / "lm")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = model(**_batch(model, processor, torch.bfloat16))
+    assert torch.isfinite(out.logits.float()).all()
+
+
+def test_bf16_model_with_intermediate_vision_feature_layer():
+    """`hidden_states` of intermediate layers come back in the parameters' dtype, not the fp32 residual stream."""
+    model, processor = build_tiny_llava(TEXTS, vocab_size=128)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(**_batch(model, processor, torch.bfloat16), vision_feature_layer=-2)
+        hidden = model.model.vision_tower(_batch(model, processor, torch.bfloat16)["pixel_values"],
+                                          output_hidden_states=True).hidden_states
+    assert torch.isfinite(out.logits.float()).all()
+    assert {h.dtype for h in hidden} == {torch.bfloat16}
+
+
+def test_preset_tower_has_no_drop_path_in_llava(monkeypatch):
+    """A preset's pre-training drop path (mamba-base: up to 0.75, scheduled) is off in a LLaVA tower."""
+    from defocus_mllm.encoder.configuration_defocus import DEFOCUS_PRESETS
+    from defocus_mllm.llava import load_vision_tower
+
+    # mamba-base's drop-path settings on a tiny encoder (the real one takes seconds to build)
+    base = DEFOCUS_PRESETS["mamba-base"]
+    assert base["drop_path_rate"] > 0 and base["use_scheduled_drop_path"]
+    small = dict(DEFOCUS_PRESETS["mamba-tiny"], hidden_size=32, num_hidden_layers=3, intermediate_size=64,
+                 image_size=32, **{key: base[key] for key in ("drop_path_rate", "min_drop_path_rate",
+                                                              "use_scheduled_drop_path")})
+    monkeypatch.setitem(DEFOCUS_PRESETS, "mamba-base", small)
+    tower = load_vision_tower("mamba-base")
+    assert tower.config.drop_path_rate == 0.0 and not tower.config.use_scheduled_drop_path
+    assert all(block.drop_path_rate == 0.0 for block in tower.blocks)
+    # asked for on purpose (a config): kept
+    config = DefocusVisionConfig.from_preset("mamba-tiny", hidden_size=32, num_hidden_layers=3,
+                                             intermediate_size=64, image_size=32, drop_path_rate=0.2)
+    assert load_vision_tower(config).blocks[-1].drop_path_rate == pytest.approx(0.2)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from defocus_mllm.evaluation import build_prompt, generate_answers, get_benchmark, run_benchmark
-from helpers import eval_run_script
+from evaluation_helpers import eval_run_script
 
 run = eval_run_script()
 

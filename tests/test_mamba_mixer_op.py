@@ -9,7 +9,7 @@ from defocus_mllm import DefocusVisionConfig
 from defocus_mllm.encoder.mixers.mamba import DefocusMambaMixer
 from defocus_mllm.ops import mamba_mixer_core, register_mamba_mixer_backend, selective_scan
 from defocus_mllm.ops import mamba_mixer as mixer_ops
-from helpers import make_inputs, vector_reference
+from scan_reference import make_inputs, vector_reference
 
 
 def written_out_mixer(mixer: DefocusMambaMixer, hidden: torch.Tensor) -> torch.Tensor:

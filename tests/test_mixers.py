@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from defocus_mllm import DefocusVisionModel
+from defocus_mllm import DefocusVisionConfig, DefocusVisionModel
 from defocus_mllm.encoder.mixers import (
     MIXER_CLASSES,
     DefocusAttentionMixer,
@@ -250,3 +250,9 @@ def test_mixer_names_are_validated_against_the_registry():
         DefocusVisionModel(tiny(mixer="transformer"))
     with pytest.raises(ValueError, match="No token mixer registered"):
         build_mixer(type("Config", (), {"mixer": "transformer"})(), 0)
+
+
+@pytest.mark.parametrize("preset", ["vit-tiny", "retnet-tiny"])
+def test_config_heads_must_be_positive(preset):
+    with pytest.raises(ValueError, match=r"num_attention_heads=0 must be positive"):
+        DefocusVisionModel(DefocusVisionConfig.from_preset(preset, num_attention_heads=0))  # checked by the mixer

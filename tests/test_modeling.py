@@ -1,5 +1,6 @@
 """The De-focus encoder with every mixer: shapes, causality, presets and their parameter counts, heads and losses,
-drop path, bf16, save / load. The mixers alone: tests/test_mixers.py; the filter: tests/test_filters.py."""
+drop path, bf16, save / load, config sizes that must be positive. The mixers alone: tests/test_mixers.py; the
+filter: tests/test_filters.py."""
 
 from functools import partial
 
@@ -9,6 +10,7 @@ from transformers import AutoModelForImageClassification
 
 import defocus_mllm  # noqa: F401  (registers the Auto classes)
 from defocus_mllm import DEFOCUS_PRESETS, DefocusForImageClassification, DefocusVisionConfig, DefocusVisionModel
+from defocus_mllm.encoder.modeling_defocus import drop_path
 from helpers import scramble_filter, tiny_config as _tiny_config
 
 CAUSAL_TINY = ["vit-tiny", "vit-tiny-causal", "retnet-tiny", "retnet-tiny-causal", "mamba-tiny", "mamba-tiny-causal"]
@@ -219,3 +221,36 @@ def test_every_preset_saves_loads_and_trains_on_cpu(name, tmp_path):
     assert type(loaded) is DefocusForImageClassification and loaded.config.mixer == config.mixer
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=0, atol=0)
+
+
+def test_drop_path_keeps_a_branch_with_probability_1_minus_rate_and_rescales_it_by_1_over_keep():
+    # Stochastic depth (Huang et al. 2016; timm's `drop_path`): a kept branch is divided by keep = 1 - rate so that
+    # its expectation is unchanged. rate 0.25: every value is 0 or 1 / 0.75 = 4/3.
+    torch.manual_seed(0)
+    out = drop_path(torch.ones(20000, 3, 2), rate=0.25, training=True)
+    assert out.unique().tolist() == [0.0, pytest.approx(4 / 3)]
+    per_sample = out[:, 0, 0]
+    assert (out == per_sample[:, None, None]).all()  # the whole branch of a sample is kept or dropped together
+    kept = (per_sample > 0).float().mean().item()
+    assert kept == pytest.approx(0.75, abs=4 * (0.75 * 0.25 / 20000) ** 0.5)
+    assert torch.equal(drop_path(torch.ones(4, 3), rate=0.25, training=False), torch.ones(4, 3))
+
+
+POSITIVE_FIELDS = ["hidden_size", "num_hidden_layers", "intermediate_size", "state_size", "time_step_rank",
+                   "conv_kernel", "patch_size", "image_size", "num_channels", "rope_scale_factor",
+                   "delta_scale_factor"]
+
+
+@pytest.mark.parametrize("field", POSITIVE_FIELDS)
+@pytest.mark.parametrize("value", [0, -1])
+def test_config_sizes_must_be_positive_and_the_field_is_named(field, value):
+    with pytest.raises(ValueError, match=rf"{field}={value} must be positive"):
+        DefocusVisionConfig.from_preset("mamba-tiny", **{field: value})
+
+
+def test_a_saved_config_with_zero_layers_does_not_load(tmp_path):
+    DefocusVisionModel(DefocusVisionConfig.from_preset("mamba-tiny", num_hidden_layers=1)).save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text().replace('"num_hidden_layers": 1', '"num_hidden_layers": 0')
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match="num_hidden_layers=0 must be positive"):
+        DefocusVisionModel.from_pretrained(tmp_path)

@@ -9,8 +9,9 @@ import torch
 
 from defocus_mllm.ops import causal_conv1d_silu, register_selective_scan_backend, selective_scan
 from defocus_mllm.ops.selective_scan import _REGISTRY
-from helpers import (literal_scan, load_script, make_inputs, max_tensor_numel, outputs_with_and_without_grad, rel_err,
-                     vector_reference)
+from helpers import load_script
+from op_checks import max_tensor_numel, outputs_with_and_without_grad, rel_err
+from scan_reference import literal_scan, make_inputs, vector_reference
 
 
 def test_forward_and_gradients_match_literal_recurrence():

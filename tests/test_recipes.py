@@ -1,5 +1,6 @@
 """The LLaVA recipes end to end on small easy-VQA subsets: in process, resumed, and under `accelerate launch` with
-DeepSpeed ZeRO-2 (stage 1 -> stage 2) and ZeRO-3 (stage 2) on two CPU processes."""
+DeepSpeed ZeRO-2 (stage 1 -> stage 2) and ZeRO-3 (stage 2) on two CPU processes; per-part learning rates, bad
+samples skipped from dataloader workers, and the shipped accelerate / DeepSpeed configs."""
 
 import json
 import os
@@ -16,6 +17,7 @@ import defocus_mllm  # noqa: F401
 from defocus_mllm import chat
 from defocus_mllm.data.conversations import BadSampleError
 from helpers import TINY_RECIPE_ARGS as TINY, accelerate_launch_command, build_tiny_llava, load_script
+from helpers import GOOD_TURNS, image_folder_with as _images, llava_record as _record, write_json_lines as _jsonl
 from helpers import colour_folder as _colour_folder
 from defocus_mllm.training import LlavaTrainingArguments, ModelArguments, warm_up_vision_tower
 
@@ -279,3 +281,79 @@ def test_configure_trainable_needs_a_stage_and_refuses_lora_in_stage_1(tmp_path)
         configure_trainable(model, args(stage="pretrain", lora_enable=True))
     with pytest.raises(ValueError, match=r"stage='align' must be one of None, 'pretrain', 'finetune'"):
         args(stage="align")
+
+
+class _OptimizerGroups(TrainerCallback):
+    """Records, when training begins, the learning rate the optimizer gives each named parameter."""
+
+    def __init__(self):
+        self.lr: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        self.lr = {name: by_id[id(p)] for name, p in model.named_parameters() if id(p) in by_id}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_finetune_recipe_gives_the_projector_and_the_tower_their_own_learning_rates(tmp_path, lora):
+    groups = _OptimizerGroups()
+    recipe = load_script(ROOT / "recipes" / "finetune.py", "recipe_finetune_lr")
+    extra = ["--lora_enable", "true", "--lora_r", "4", "--lora_alpha", "8"] if lora else []
+    recipe.main([*TINY, "--output_dir", str(tmp_path), "--max_steps", "1", "--learning_rate", "1e-3",
+                 "--projector_lr", "2e-5", "--vision_tower_lr", "3e-4", "--train_vision_tower", "true",
+                 "--lr_scheduler_type", "constant", *extra], callbacks=[groups])
+    parts = {"projector": [], "tower": [], "lm": []}
+    for name, lr in groups.lr.items():
+        part = "projector" if "multi_modal_projector" in name else "tower" if "vision_tower" in name else "lm"
+        parts[part].append(lr)
+    assert parts["projector"] and set(parts["projector"]) == {2e-5}
+    assert parts["tower"] and set(parts["tower"]) == {3e-4}
+    assert parts["lm"] and set(parts["lm"]) == {1e-3}
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_deepspeed_accelerate_configs_pass_accelerates_own_check(name, monkeypatch):
+    """accelerate refuses `mixed_precision` (and the other fields it lists) next to `deepspeed_config_file`; run the
+    launcher's own argument handling and the DeepSpeed plugin's check on each shipped config."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = ROOT / "recipes" / "accelerate" / f"{name}.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    args, defaults, mixed_precision_from_config = _validate_launch_command(args)
+    assert "deepspeed_config_file" in defaults.deepspeed_config
+    # what `accelerate launch` hands the training processes (accelerate/commands/launch.py, `launch_command`)
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", ",".join(fields).lower())
+    DeepSpeedPlugin._deepspeed_config_checks(None)  # raises ValueError("... will be ignored ...")
+
+
+@pytest.mark.parametrize("name", ["pretrain_vicuna7b", "finetune_vicuna7b", "finetune_vicuna7b_lora",
+                                  "pretrain_qwen2.5_7b", "finetune_qwen2.5_7b", "finetune_qwen2.5_7b_lora"])
+def test_deepspeed_recipes_ask_for_bf16_themselves(name):
+    """With no `mixed_precision` in the launch config, bf16 reaches DeepSpeed's "auto" only from the Trainer's bf16."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "recipes" / "configs" / f"{name}.yaml").read_text())
+    assert config.get("bf16") is True
+
+
+def test_recipe_lists_skips_from_dataloader_workers_once_and_survives_an_all_bad_batch(tmp_path):
+    """4 unreadable images first (sequential order, batch 4: the first batch is all bad), 4 good samples, a malformed
+    line and an unknown speaker; 2 epochs on 2 dataloader workers."""
+    folder = _images(tmp_path / "images", corrupt=[f"bad{i}.png" for i in range(4)])
+    lines = [_record(i, image=f"bad{i}.png") for i in range(4)] + [_record(4 + i) for i in range(4)]
+    lines += ["{not json", _record(9, turns=[{"from": "robot", "value": "<image>\nhi"}, GOOD_TURNS[1]])]
+    data = _jsonl(tmp_path / "data.jsonl", lines)
+    out = tmp_path / "out"
+    recipe = load_script(ROOT / "recipes" / "finetune.py", "recipe_finetune_bad_samples")
+    metrics = recipe.main([*TINY, "--data_path", str(data), "--image_folder", str(folder), "--output_dir", str(out),
+                           "--skip_bad_samples", "true", "--dataloader_num_workers", "2", "--num_train_epochs", "2",
+                           "--per_device_train_batch_size", "4", "--train_sampling_strategy", "sequential",
+                           "--dataloader_persistent_workers", "false"])
+    listed = (out / "skipped_samples.txt").read_text().splitlines()
+    assert metrics["skipped_samples"] == 6 and len(listed) == 6 and len(set(listed)) == 6
+    for i in range(4):
+        assert sum(f"(sample 's{i}')" in line for line in listed) == 1
+    assert any("data.jsonl:9: malformed JSON line" in line for line in listed)
+    assert any("unknown speaker 'robot'" in line for line in listed)

@@ -1,7 +1,9 @@
-"""LLaVA training data: the three sources, assistant-only labels, image token expansion, truncation, bad samples."""
+"""LLaVA training data: the three sources, assistant-only labels, image token expansion, truncation, bad samples
+(`--skip_bad_samples`: every kind is skipped and listed once; image paths that leave the image folder are refused)."""
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from defocus_mllm.data.supervised import (
 from defocus_mllm.llava import prepare_tokenizer
 from defocus_mllm.prompts import LLAVA_V1_CHAT_TEMPLATE, render_llava_v1
 from defocus_mllm.training.tiny_lm import train_tokenizer
+from helpers import image_folder_with as _images, llava_record as _record, write_json_lines as _jsonl
 
 NUM_IMAGE_TOKENS = 5
 
@@ -298,3 +301,98 @@ def test_corrupt_image_found_while_training_is_named_or_skipped(tokenizer, image
                        skip_bad_samples=True)
     batch = SupervisedCollator(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 1 and len(dataset.skipped) == 1
+
+
+def test_a_sample_whose_image_would_be_cut_by_truncation_is_dropped():
+    """An image must never be cut: truncating inside its placeholder block leaves the model fewer image tokens than
+    the encoder produces. The image starts before the limit and ends after it, so the first image token fits and
+    the last does not."""
+    from defocus_mllm.data.conversations import Conversation
+    from defocus_mllm.data.supervised import SupervisedDataset, tokenize_conversation
+    from defocus_mllm.llava import prepare_tokenizer
+    from defocus_mllm.training.tiny_lm import train_tokenizer
+
+    tokenizer = prepare_tokenizer(train_tokenizer(["hi", "red", "what color?", "blue", "USER: ASSISTANT:"],
+                                                  vocab_size=120))
+    image_id, n_image = tokenizer.convert_tokens_to_ids("<image>"), 6
+    straddling = Conversation("s0", [Image.new("RGB", (8, 8))], [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"},  # a reply before the image
+        {"role": "user", "content": "<image>\nwhat color?"}, {"role": "assistant", "content": "blue"}])
+    short = Conversation("s1", [], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}])
+    ids = tokenize_conversation(tokenizer, straddling.messages, image_id, n_image).input_ids
+    first = ids.index(image_id)
+    limit = first + n_image // 2  # inside the image block
+    assert ids[limit - 1] == image_id and ids[limit] == image_id
+    dataset = SupervisedDataset([straddling, short], tokenizer, None, image_id, n_image, model_max_length=limit,
+                                show_progress=False)
+    assert dataset.dropped_too_long == 1 and dataset.truncated == 0 and len(dataset) == 1
+
+
+def test_malformed_lines_and_unknown_speakers_are_skipped_and_listed(tokenizer, tmp_path):
+    folder = _images(tmp_path / "images")
+    data = _jsonl(tmp_path / "data.jsonl", [_record(0), '{"id": "s1", "conversations": [', _record(2),
+                                            _record(3, turns=[{"from": "bot", "value": "<image>\nhi"},
+                                                              {"from": "gpt", "value": "blue"}])])
+    with pytest.raises(BadSampleError, match=r"data\.jsonl:2: malformed JSON line"):
+        _dataset(load_llava_json(data, folder), tokenizer)
+    dataset = _dataset(load_llava_json(data, folder, skip_bad_samples=True), tokenizer, skip_bad_samples=True)
+    assert len(dataset) == 2 and len(dataset.skipped) == 2
+    assert "data.jsonl:2: malformed JSON line" in dataset.skipped[0]
+    assert "data.jsonl:4 (sample 's3'): turn 0 has unknown speaker 'bot'" in dataset.skipped[1]
+
+
+def test_hf_rows_with_an_unknown_role_are_skipped_and_listed(tokenizer):
+    from defocus_mllm.data.conversations import load_hf_messages
+
+    class Rows(list):
+        column_names = ["messages"]
+
+    rows = Rows([{"messages": [{"role": "user", "content": "what color is the shape?"},
+                               {"role": "assistant", "content": "blue"}]},
+                 {"messages": [{"role": "narrator", "content": "hi"}, {"role": "assistant", "content": "blue"}]}])
+    with pytest.raises(BadSampleError, match=r"chat\[1\]: message 0 needs a role"):
+        load_hf_messages(rows, name="chat")
+    dataset = _dataset(load_hf_messages(rows, name="chat", skip_bad_samples=True), tokenizer, skip_bad_samples=True)
+    assert len(dataset) == 1 and dataset.skipped == ["chat[1]: message 0 needs a role of user/assistant/system"]
+
+
+@pytest.mark.parametrize("name, why", [("/etc/hostname", "absolute"), ("../secret.png", "outside"),
+                                       ("sub/../../secret.png", "outside")])
+def test_image_paths_leaving_the_image_folder_are_refused_unless_allowed(name, why, tmp_path):
+    folder = _images(tmp_path / "images")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([_record(0, image=name), _record(1, image="sub/../ok.png")]))
+    with pytest.raises(BadSampleError, match=rf"data\.json\[0\] \(sample 's0'\): image path {name!r} .*{why}"):
+        load_llava_json(data, folder)
+    convs = load_llava_json(data, folder, skip_bad_samples=True)
+    assert convs[0].meta["error"] and convs[1].images == [folder / "sub/../ok.png"]
+    allowed = load_llava_json(data, folder, allow_images_outside_folder=True)
+    assert allowed[0].images == [Path(name) if name.startswith("/") else folder / name]
+
+
+def test_an_unreadable_image_is_listed_once_however_often_it_is_read(tokenizer, tmp_path):
+    folder = _images(tmp_path / "images", corrupt=("bad.png",))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([_record(0, image="bad.png"), _record(1)]))
+    dataset = _dataset(load_llava_json(data, folder), tokenizer, skip_bad_samples=True)
+    collate = dataset.collator()
+    for _epoch in range(3):
+        batch = collate([dataset[0], dataset[1]])
+        assert batch["input_ids"].shape[0] == 1
+    assert len(dataset.skipped) == 1 and "sample 's0'" in dataset.skipped[0]
+
+
+def test_a_batch_of_bad_samples_only_is_skipped_by_the_trainer(tokenizer, tmp_path):
+    from defocus_mllm.training import LlavaTrainer, LlavaTrainingArguments
+    from helpers import build_tiny_llava
+
+    collate = SupervisedCollator(pad_token_id=0)
+    batch = collate([None, None])
+    assert batch["labels"].eq(IGNORE_INDEX).all()  # nothing to learn from
+    model, _ = build_tiny_llava()
+    trainer = LlavaTrainer(model=model, args=LlavaTrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                    report_to="none"))
+    loss = trainer.compute_loss(model, dict(batch))
+    assert loss.item() == 0.0 and loss.requires_grad  # a zero step that every process can take together
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import triton_interpreter_results
+from triton_helpers import triton_interpreter_results
 
 MIXER_INPUTS = ("x", "z", "dt", "dt_bias", "A", "B", "C", "D", "freq")
 # name: (batch, length, dim, n_state, group_norm_size, rotate, position_offset, with state, dtype, a_scale)

@@ -14,7 +14,9 @@ import json
 
 import pytest
 import torch
-from helpers import make_inputs, rel_err, triton_interpreter_results
+from op_checks import rel_err
+from scan_reference import make_inputs
+from triton_helpers import triton_interpreter_results
 
 # name: (batch, dim, length, n_state, dtype, launch options, A scale, with initial / final state)
 CASES = {
