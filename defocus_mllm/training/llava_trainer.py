@@ -3,18 +3,32 @@ sampler."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from ..data.supervised import IGNORE_INDEX
 from ..files import naming_corrupt_files
-from ..llava import model_parts
+from ..llava import _unwrap, model_parts
 
 logger = logging.getLogger(__name__)
+
+# A shared prompt shorter than this is computed with the rest (a second forward call costs more than it saves).
+MIN_SHARED_PREFIX = 8
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether the model recomputes its layers in the backward (the name changed in transformers 5.x)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
@@ -75,8 +89,79 @@ class LlavaTrainer(Trainer):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
             loss = outputs.logits.sum() * 0.0
             return (loss, outputs) if return_outputs else loss
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        if (return_outputs or "labels" not in inputs or self.label_smoother is not None or self.compute_loss_func
+                or self.args.n_gpu > 1):  # DataParallel splits the batch the hook's positions index
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        return self.reply_token_loss(model, inputs, num_items_in_batch)
+
+    def reply_token_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+                         ) -> torch.Tensor:
+        """The stock causal-LM loss, computed with two cuts that change no number beyond float rounding.
+
+        * The LM head runs only at the positions that predict a label. A LLaVA sample learns only its replies (a few
+          percent of its tokens on easy-VQA: the prompt, the image tokens and the padding are `IGNORE_INDEX`), yet
+          the stock forward computes `[B, T, vocab]` logits; here a hook cuts the head's input to those positions for
+          one forward, so the logits are `[N, vocab]`.
+        * The prompt every row of the batch starts with (the chat template's system message) runs once, for one row,
+          and its keys and values are given to every row (:meth:`shared_prefix_length` says when).
+
+        The loss is the stock one: shifted labels, fp32 cross entropy, a mean over the label tokens or a sum over
+        `num_items_in_batch`, scaled across processes as `Trainer.compute_loss` does.
+        """
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t + 1
+        prefix = self.shared_prefix_length(model, inputs, targets)
+        if prefix:
+            inputs.update(self._prefix_cache(model, inputs, prefix))
+            targets = targets[:, prefix:]
+        rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+
+        def label_positions_only(module: nn.Module, args: tuple) -> tuple:
+            return (args[0][rows, cols],)  # [B, T, hidden] -> [N, hidden]
+
+        handle = _unwrap(model).lm_head.register_forward_pre_hook(label_positions_only)
+        try:
+            logits = model(**inputs).logits  # [N, vocab]
+        finally:
+            handle.remove()
+        by_items = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="sum" if by_items else "mean")
+        if by_items:
+            loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                           else num_items_in_batch)
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    def shared_prefix_length(self, model: nn.Module, inputs: dict[str, Any], targets: torch.Tensor) -> int:
+        """How many leading tokens every row of the batch has in common, attends to and learns nothing from (no
+        image token, no label predicted there); 0 when it is shorter than `MIN_SHARED_PREFIX` or the run's setup
+        does not take a cache in training (DeepSpeed, FSDP, gradient checkpointing, embeddings given directly)."""
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        llava = _unwrap(model)
+        if (ids is None or ids.shape[0] < 2 or "inputs_embeds" in inputs or self.is_deepspeed_enabled
+                or self.is_fsdp_enabled or self.args.gradient_checkpointing or _checkpointing(llava)):
+            return 0
+        shared = (ids == ids[:1]).all(0) & (ids[0] != llava.config.image_token_id)
+        shared &= (targets == IGNORE_INDEX).all(0)
+        if mask is not None:
+            shared &= mask.bool().all(0)
+        length = int(shared.long().cumprod(0).sum())
+        return length if length >= MIN_SHARED_PREFIX else 0
+
+    @staticmethod
+    def _prefix_cache(model: nn.Module, inputs: dict[str, Any], prefix: int) -> dict[str, Any]:
+        """The inputs of the rest of the batch: its tokens after `prefix`, and the keys and values of the shared
+        prefix, computed for one row and repeated for every row (gradients flow back through the repeat)."""
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        cache_name = "cache" if "cache" in inspect.signature(_unwrap(model).forward).parameters else "past_key_values"
+        head = model(input_ids=ids[:1, :prefix], attention_mask=None if mask is None else mask[:1, :prefix],
+                     use_cache=True, logits_to_keep=1)
+        cache = getattr(head, cache_name)
+        cache.batch_repeat_interleave(ids.shape[0])
+        return {"input_ids": ids[:, prefix:], cache_name: cache}
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         if self.optimizer is not None or (self.projector_lr is None and self.vision_tower_lr is None):
