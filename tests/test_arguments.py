@@ -53,6 +53,7 @@ def test_a_yaml_list_of_the_wrong_type_is_named(tmp_path):
     ("--easy_vqa_turns", "0", "easy_vqa_turns=0 must be at least 1"),
     ("--tiny_vocab_size", "0", "tiny_vocab_size=0 must be at least 1"),
     ("--model_max_length", "-5", "model_max_length=-5 must be at least 1"),
+    ("--image_cache_gb", "-1", "image_cache_gb=-1.0 must be at least 0"),
     ("--eval_limit", "-1", "eval_limit=-1 must be at least 1"),
     ("--eval_batch_size", "0", "eval_batch_size=0 must be at least 1"),
     ("--vision_warmup_epochs", "-1", "vision_warmup_epochs=-1.0 must be at least 0"),

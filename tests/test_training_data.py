@@ -396,3 +396,42 @@ def test_a_batch_of_bad_samples_only_is_skipped_by_the_trainer(tokenizer, tmp_pa
     assert loss.item() == 0.0 and loss.requires_grad  # a zero step that every process can take together
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+class _CountingProcessor(_Processor):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, return_tensors):
+        self.calls += len(images)
+        return super().__call__(images, return_tensors)
+
+
+def test_the_image_cache_decodes_each_file_once_within_its_budget(tokenizer, image_folder):
+    convs = [Conversation(id=str(i), images=[image_folder / name],
+                          messages=[{"role": "user", "content": "<image>\nwhat color is the shape?"},
+                                    {"role": "assistant", "content": "blue"}])
+             for i, name in enumerate(["a.png", "b.png", "a.png", "b.png"])]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    reference = SupervisedDataset(convs, tokenizer, _Processor(), image_id, NUM_IMAGE_TOKENS, show_progress=False)
+    one_image = 3 * 8 * 8 * 4  # the stand-in processor's fp32 [3, 8, 8]
+    for budget, decoded in ((0, 8), (one_image, 5), (2 * one_image, 2)):
+        processor = _CountingProcessor()
+        dataset = SupervisedDataset(convs, tokenizer, processor, image_id, NUM_IMAGE_TOKENS, show_progress=False,
+                                    image_cache_bytes=budget)
+        for _ in range(2):  # two epochs
+            for i in range(len(dataset)):
+                assert torch.equal(dataset[i]["pixel_values"], reference[i]["pixel_values"])
+        assert processor.calls == decoded, budget
+
+
+def test_in_memory_images_are_not_cached(tokenizer):
+    image = Image.new("RGB", (8, 8), (255, 0, 0))
+    conv = Conversation(id="0", images=[image], messages=[{"role": "user", "content": "<image>\ncolor?"},
+                                                          {"role": "assistant", "content": "red"}])
+    processor = _CountingProcessor()
+    dataset = SupervisedDataset([conv], tokenizer, processor, tokenizer.convert_tokens_to_ids("<image>"),
+                                NUM_IMAGE_TOKENS, show_progress=False, image_cache_bytes=2**20)
+    first = dataset[0]["pixel_values"].clone()
+    image.paste((0, 0, 255), (0, 0, 8, 8))  # the caller edits its image: the next read sees the edit
+    assert not torch.equal(dataset[0]["pixel_values"], first) and processor.calls == 2

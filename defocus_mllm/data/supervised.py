@@ -125,9 +125,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __init__(self, conversations: Sequence[Conversation], tokenizer: Any, image_processor: Any,
                  image_token_id: int, num_image_tokens: int, model_max_length: int = 2048,
-                 skip_bad_samples: bool = False, show_progress: bool = True) -> None:
+                 skip_bad_samples: bool = False, show_progress: bool = True, image_cache_bytes: int = 0) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        # Preprocessed images by file path, up to `image_cache_bytes` (per process: dataloader workers fill their own).
+        self.image_cache_bytes = image_cache_bytes
+        self._image_cache: dict[str, torch.Tensor] = {}
+        self._image_cache_used = 0
         self.skip_bad_samples = skip_bad_samples
         self._skipped: dict[str, None] = {}  # messages in the order found, each once
         self.truncated = 0
@@ -211,13 +215,26 @@ class SupervisedDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels)}
         if conv.images:
             try:
-                images = [load_image(im) for im in conv.images]
-                item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+                item["pixel_values"] = torch.stack([self._pixels(image) for image in conv.images])
             except (OSError, ValueError) as err:
                 error = BadSampleError(f"{conv.where()}: {err}")
                 self._skip(error)
                 return SkippedSample(str(error))
         return item
+
+    def _pixels(self, image: Any) -> torch.Tensor:
+        """One image through the processor, `[C, H, W]`; a file's result is kept while the cache has room (the
+        processor is deterministic, so an image seen again, in a later epoch or curriculum phase, is not decoded
+        again). In-memory images are not cached: the same object may be edited between reads."""
+        key = None if isinstance(image, Image.Image) else str(image)
+        if key is not None and key in self._image_cache:
+            return self._image_cache[key]
+        pixels = self.image_processor(images=[load_image(image)], return_tensors="pt")["pixel_values"][0]
+        size = pixels.numel() * pixels.element_size()
+        if key is not None and self._image_cache_used + size <= self.image_cache_bytes:
+            self._image_cache[key] = pixels
+            self._image_cache_used += size
+        return pixels
 
     def collator(self) -> "SupervisedCollator":
         """The collator that batches this dataset's items (padding with the tokenizer's pad token)."""

@@ -103,10 +103,13 @@ class DataArguments:
                                                                      "stopping"})
     allow_images_outside_folder: bool = field(default=False, metadata={
         "help": "accept image paths in a LLaVA JSON file that are absolute or climb out of image_folder ('..')"})
+    image_cache_gb: float = field(default=0.0, metadata={
+        "help": "keep up to this many GiB of preprocessed training images in memory (in each dataloader process), so "
+                "an image read again in a later epoch or curriculum phase is not decoded again; 0: off"})
 
     def __post_init__(self) -> None:
         _check_fields(self, {"easy_vqa_turns": 1, "easy_vqa_max_images": 1, "max_train_samples": 1,
-                             "model_max_length": 1}, {"image_aspect_ratio": ("pad", "crop")})
+                             "model_max_length": 1, "image_cache_gb": 0}, {"image_aspect_ratio": ("pad", "crop")})
 
 
 @dataclass

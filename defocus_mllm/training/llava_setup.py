@@ -202,7 +202,8 @@ def build_supervised_dataset(conversations: Sequence[Conversation], model: nn.Mo
         max_length = limit
     return SupervisedDataset(conversations, processor.tokenizer, image_processor, model.config.image_token_id,
                              num_image_tokens, model_max_length=max_length,
-                             skip_bad_samples=data_args.skip_bad_samples, show_progress=args.process_index == 0)
+                             skip_bad_samples=data_args.skip_bad_samples, show_progress=args.process_index == 0,
+                             image_cache_bytes=int(data_args.image_cache_gb * 2**30))
 
 
 def build_llava_trainer(model: nn.Module, processor: Any, dataset: SupervisedDataset, args: LlavaTrainingArguments,
