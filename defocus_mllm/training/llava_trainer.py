@@ -148,7 +148,7 @@ class LlavaTrainer(Trainer):
         shared &= (targets == IGNORE_INDEX).all(0)
         if mask is not None:
             shared &= mask.bool().all(0)
-        length = int(shared.long().cumprod(0).sum())
+        length = min(int(shared.long().cumprod(0).sum()), ids.shape[1] - 1)  # at least one token after the prefix
         return length if length >= MIN_SHARED_PREFIX else 0
 
     @staticmethod
