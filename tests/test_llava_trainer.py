@@ -47,9 +47,9 @@ def tiny():
     return model.train(), processor
 
 
-def _trainer(model, tmp_path, **kwargs):
+def _trainer(model, tmp_path):
     return LlavaTrainer(model=model, args=LlavaTrainingArguments(output_dir=str(tmp_path), use_cpu=True,
-                                                                 report_to="none", **kwargs))
+                                                                 report_to="none"))
 
 
 def _loss_and_grads(loss_fn, model):

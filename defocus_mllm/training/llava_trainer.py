@@ -3,6 +3,7 @@ sampler."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Any, Optional
@@ -21,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 # A shared prompt shorter than this is computed with the rest (a second forward call costs more than it saves).
 MIN_SHARED_PREFIX = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The name a model's forward takes its KV cache by (`past_key_values` became `cache` in transformers 5.x)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -112,16 +119,17 @@ class LlavaTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t + 1
+        llava = _unwrap(model)
         prefix = self.shared_prefix_length(model, inputs, targets)
         if prefix:
-            inputs.update(self._prefix_cache(model, inputs, prefix))
+            inputs.update(self._prefix_cache(model, llava, inputs, prefix))
             targets = targets[:, prefix:]
         rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
 
         def label_positions_only(module: nn.Module, args: tuple) -> tuple:
             return (args[0][rows, cols],)  # [B, T, hidden] -> [N, hidden]
 
-        handle = _unwrap(model).lm_head.register_forward_pre_hook(label_positions_only)
+        handle = llava.lm_head.register_forward_pre_hook(label_positions_only)
         try:
             logits = model(**inputs).logits  # [N, vocab]
         finally:
@@ -152,11 +160,12 @@ class LlavaTrainer(Trainer):
         return length if length >= MIN_SHARED_PREFIX else 0
 
     @staticmethod
-    def _prefix_cache(model: nn.Module, inputs: dict[str, Any], prefix: int) -> dict[str, Any]:
+    def _prefix_cache(model: nn.Module, llava: nn.Module, inputs: dict[str, Any], prefix: int) -> dict[str, Any]:
         """The inputs of the rest of the batch: its tokens after `prefix`, and the keys and values of the shared
-        prefix, computed for one row and repeated for every row (gradients flow back through the repeat)."""
+        prefix, computed for one row and repeated for every row (gradients flow back through the repeat). `model`
+        is what the Trainer calls (possibly wrapped), `llava` the model under the wrappers."""
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        cache_name = "cache" if "cache" in inspect.signature(_unwrap(model).forward).parameters else "past_key_values"
+        cache_name = _cache_argument(type(llava))
         head = model(input_ids=ids[:1, :prefix], attention_mask=None if mask is None else mask[:1, :prefix],
                      use_cache=True, logits_to_keep=1)
         cache = getattr(head, cache_name)
