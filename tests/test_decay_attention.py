@@ -54,10 +54,18 @@ def run_op(fn, inputs, with_decay, causal):
     return [out.detach()] + grads
 
 
+@pytest.fixture(params=["tiles", "autograd"])
+def op_path(request, monkeypatch):
+    """Each of the op's two ways: the SDPA tiles with their custom backward, and whole-matrix autograd ops (what
+    short fp32 sequences under autograd take)."""
+    monkeypatch.setattr(decay_module, "AUTOGRAD_MAX_KEYS", 0 if request.param == "tiles" else 10_000)
+    return request.param
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("with_decay", [True, False])
 @pytest.mark.parametrize("chunk_size", [5, 16, 64])  # 37 tokens: a partial tile, several tiles, one tile
-def test_op_equals_dense_sdpa_output_and_gradients(causal, with_decay, chunk_size):
+def test_op_equals_dense_sdpa_output_and_gradients(causal, with_decay, chunk_size, op_path):
     inputs = op_inputs()
     expected = run_op(dense_reference, inputs, with_decay, causal)
     ours = run_op(lambda *a: decay_attention(*a, chunk_size=chunk_size), inputs, with_decay, causal)
@@ -90,7 +98,7 @@ def test_op_in_bf16_is_as_close_to_fp32_as_dense_sdpa_in_bf16(causal):
 
 @pytest.mark.parametrize("offset", [1, 20, 36])
 @pytest.mark.parametrize("chunk_size", [5, 64])
-def test_queries_at_an_offset_are_the_last_rows_of_the_dense_op(offset, chunk_size):
+def test_queries_at_an_offset_are_the_last_rows_of_the_dense_op(offset, chunk_size, op_path):
     # a chunk of a stream: its queries at positions offset.., the keys of the whole sequence so far
     q, k, v, a_log = op_inputs()
     tail = q.detach()[:, :, offset:].clone().requires_grad_()
@@ -113,6 +121,26 @@ def test_an_offset_needs_causal_queries_and_keys_that_cover_it():
         decay_attention(q, k, k, None, causal=False, query_offset=2)
     with pytest.raises(ValueError, match=r"k, v: \[B, H, query_offset \+ L"):
         decay_attention(q, k, k, None, query_offset=2)
+
+
+def test_short_fp32_sequences_under_autograd_take_autograd_ops_and_the_rest_the_tiles(monkeypatch):
+    taken = []
+    real = decay_module._autograd_decay_attention
+    monkeypatch.setattr(decay_module, "_autograd_decay_attention", lambda *a: taken.append(a[0].shape[2]) or real(*a))
+    a_log = torch.randn(3) - 1.0
+    short, long = (torch.randn(2, 3, n, 8) for n in (decay_module.AUTOGRAD_MAX_KEYS, decay_module.AUTOGRAD_MAX_KEYS + 1))
+    for q, grad, dtype, want in [(short, True, torch.float32, [short.shape[2]]), (long, True, torch.float32, []),
+                                 (short, False, torch.float32, []), (short, True, torch.bfloat16, [])]:
+        taken.clear()
+        q = q.to(dtype).requires_grad_(grad)
+        out = decay_attention(q, q, q, -torch.exp(a_log))
+        assert taken == want, (tuple(q.shape), grad, dtype)
+        torch.testing.assert_close(out.float(), dense_reference(q, q, q, -torch.exp(a_log), True).float(),
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    with torch.no_grad():
+        taken.clear()
+        decay_attention(short.requires_grad_(), short, short, None)
+        assert taken == []
 
 
 def test_op_rejects_bad_shapes_and_tile_sizes():
@@ -146,7 +174,7 @@ def mixer_results(mixer, backend, hidden):
 
 
 @pytest.mark.parametrize("overrides", MIXER_VARIANTS)
-def test_chunked_mixer_equals_sdpa_mixer_forward_and_backward(overrides, monkeypatch):
+def test_chunked_mixer_equals_sdpa_mixer_forward_and_backward(overrides, monkeypatch, op_path):
     monkeypatch.setattr(decay_module, "DEFAULT_CHUNK_SIZE", 16)  # 41 tokens: two full tiles and a partial one
     mixer = attention_mixer(**overrides)
     hidden = torch.randn(2, 41, 64, requires_grad=True)

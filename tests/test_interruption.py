@@ -2,6 +2,7 @@
 schedulers send before preemption) makes every recipe save a checkpoint at the next step boundary and exit cleanly,
 also when it is sent to `accelerate launch`."""
 
+import ctypes
 import json
 import logging
 import os
@@ -289,6 +290,35 @@ def test_a_single_cpu_process_uses_every_core_unless_told_otherwise(monkeypatch,
             use_cpu_threads(args, 0)
     finally:
         torch.set_num_threads(before)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc >= 2.33 (mallinfo2)")
+def test_kept_freed_memory_serves_blocks_from_the_heap_and_keeps_them_after_free():
+    """What spares a CPU step its page faults (glibc's defaults mmap a block this size and unmap it at free, and
+    trim the heap's free top): after `keep_freed_memory` a 24 MB block comes from the heap and its memory stays there
+    once freed, ready for the next step's."""
+    from defocus_mllm.training.runtime import keep_freed_memory
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = _MallInfo2
+    assert keep_freed_memory()
+    size = 24 << 20
+    before = libc.mallinfo2()
+    block = libc.malloc(size)
+    assert block
+    ctypes.memset(block, 1, size)
+    held = libc.mallinfo2()
+    libc.free(block)
+    freed = libc.mallinfo2()
+    assert held.hblkhd == before.hblkhd and held.uordblks >= before.uordblks + size  # from the heap, not mmap
+    assert freed.arena == held.arena and freed.fordblks >= size  # not handed back to the kernel
 
 
 def _session_processes(session: int) -> list[int]:

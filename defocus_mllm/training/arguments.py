@@ -133,6 +133,9 @@ class LlavaTrainingArguments(TrainingArguments):
     cpu_threads: Optional[int] = field(default=None, metadata={
         "help": "intra-op threads of a CPU run (default: every core this process may use when it is the only "
                 "process and OMP_NUM_THREADS is unset or 1, which is what `accelerate launch` without a config sets)"})
+    cpu_keep_freed_memory: bool = field(default=True, metadata={
+        "help": "CPU runs on glibc: malloc keeps the memory each step frees for the next one instead of returning it "
+                "to the kernel (fewer page faults; the process's memory stays near its peak)"})
 
     def __post_init__(self) -> None:
         _check_fields(self, {"eval_limit": 1, "eval_batch_size": 1, "cpu_threads": 1, "lora_r": 1},

@@ -4,13 +4,16 @@ then its own steps, top to bottom: parse, data, model, trainer, train, save, eva
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional, Sequence
 
 from transformers import Trainer, set_seed
 
 from .arguments import parse_recipe_args
-from .runtime import StopOnSignal, resolve_resume_checkpoint, setup_logging, use_cpu_threads
+from .runtime import StopOnSignal, keep_freed_memory, resolve_resume_checkpoint, setup_logging, use_cpu_threads
+
+logger = logging.getLogger(__name__)
 
 
 def fix_fields(args: Any, fixed: dict[str, Any]) -> None:
@@ -28,8 +31,9 @@ def start_recipe(argument_types: Sequence[type], argv: Optional[list[str]] = Non
                  default_config: Optional[str | os.PathLike] = None, **fixed: Any) -> tuple:
     """A recipe's preamble. Parse `--config FILE.yaml` (else `default_config`) and the command line into
     `argument_types` (the last one a `TrainingArguments`), set the fields the recipe owns (`fixed`, see
-    :func:`fix_fields`), set up logging, the CPU threads (`cpu_threads` where the arguments have it) and the seed, and
-    find the checkpoint to resume from: before any data preparation, so that a wrong name fails at once.
+    :func:`fix_fields`), set up logging, the CPU threads and allocator (`cpu_threads`, `cpu_keep_freed_memory` where
+    the arguments have them) and the seed, and find the checkpoint to resume from: before any data preparation, so
+    that a wrong name fails at once.
 
     Returns the parsed dataclasses followed by the checkpoint to resume from (None for a fresh start)."""
     *others, args = parse_recipe_args(argument_types, argv,
@@ -37,6 +41,8 @@ def start_recipe(argument_types: Sequence[type], argv: Optional[list[str]] = Non
     fix_fields(args, fixed)
     setup_logging(args)
     use_cpu_threads(args, getattr(args, "cpu_threads", None))
+    if args.device.type == "cpu" and getattr(args, "cpu_keep_freed_memory", False) and keep_freed_memory():
+        logger.info("CPU run: freed memory kept for reuse (cpu_keep_freed_memory)")
     set_seed(args.seed)
     return (*others, args, resolve_resume_checkpoint(args))
 
