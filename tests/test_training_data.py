@@ -117,6 +117,33 @@ def test_the_python_llava_v1_rendering_is_the_templates(tokenizer, messages):
         tokenize_conversations(jinja, [messages], image_id, 3)
 
 
+def _per_token_reference(tokenizer, messages, image_id, num_image_tokens):
+    """The labelling rule token by token: learned when the token has characters and its first character lies in a
+    reply span; each image token becomes `num_image_tokens` unlearned ones."""
+    text, spans = assistant_char_spans_batch(tokenizer, [messages])[0]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids, labels = [], []
+    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+        repeat = num_image_tokens if token == image_id else 1
+        learned = token != image_id and end > start and any(a <= start < b for a, b in spans)
+        input_ids += [token] * repeat
+        labels += [token if learned else IGNORE_INDEX] * repeat
+    return input_ids, labels
+
+
+def test_a_batch_labels_each_conversation_as_the_rule_does_alone(tokenizer):
+    """Conversations tokenized together (their reply spans in one array) get exactly the labels of the per-token
+    rule applied to each alone, whatever their neighbours: long, short, no reply, image-only."""
+    batch = [*RENDER_CASES, [{"role": "user", "content": "hi"}], [{"role": "user", "content": "<image>"},
+             {"role": "assistant", "content": "a cat on a mat"}]] * 2
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    together = tokenize_conversations(tokenizer, batch, image_id, 3)
+    assert len(together) == len(batch)
+    for messages, tokens in zip(batch, together):
+        assert (tokens.input_ids, tokens.labels) == _per_token_reference(tokenizer, messages, image_id, 3)
+    assert any(label != IGNORE_INDEX for tokens in together for label in tokens.labels)
+
+
 def test_what_the_python_rendering_does_not_handle_goes_to_the_template(tokenizer):
     late_system = [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."}]
     assert render_llava_v1(late_system, "</s>") is None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -78,37 +79,57 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], image_
     return tokenize_conversations(tokenizer, [messages], image_token_id, num_image_tokens)[0]
 
 
+def _encode_with_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, no special tokens added. A fast tokenizer's backend is called
+    directly when no padding or truncation is set on it: transformers' conversion of the encodings to Python
+    dictionaries cost as much as the encoding itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.padding is None and backend.truncation is None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+
+
 def tokenize_conversations(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], image_token_id: int,
                            num_image_tokens: int) -> list[TokenizedConversation]:
-    """`tokenize_conversation` of many conversations, the template and the tokenizer called once per batch."""
+    """`tokenize_conversation` of many conversations, the template and the tokenizer called once per batch.
+
+    A token is learned when it has characters and its first character lies in an assistant reply's span. All the
+    texts' tokens are labelled in one pass of array operations: each text's characters are numbered after the
+    previous text's, so every reply span of the batch lies in one sorted array.
+    """
     if not conversations:
         return []
     rendered = assistant_char_spans_batch(tokenizer, conversations)
-    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     bos = getattr(tokenizer, "bos_token_id", None)
     # the tokenizer adds BOS by itself (its post-processor) where the template did not write it
     adds_bos = bos is not None and bool(tokenizer.bos_token) and tokenizer("a")["input_ids"][:1] == [bos]
-    out = []
-    for (text, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+    ids, offsets, span_bounds, lengths, span_counts, shifts = [], [], [], [], [], [0]
+    encoded = _encode_with_offsets(tokenizer, [text for text, _ in rendered])
+    for (text, spans), (text_ids, text_offsets) in zip(rendered, encoded):
         if adds_bos and not text.startswith(tokenizer.bos_token):
-            ids, offsets = [bos] + ids, [(0, 0)] + offsets
-        input_ids, labels, j = [], [], 0
-        for token, (start, end) in zip(ids, offsets):
-            # j: the first reply span ending after `start` (spans are in order and do not overlap); a walk, not a
-            # search of every span per token, which was most of the time spent here
-            while j < len(spans) and start >= spans[j][1]:
-                j += 1
-            while j > 0 and start < spans[j - 1][1]:
-                j -= 1
-            in_reply = end > start and j < len(spans) and spans[j][0] <= start
-            if token == image_token_id:
-                input_ids += [image_token_id] * num_image_tokens
-                labels += [IGNORE_INDEX] * num_image_tokens
-            else:
-                input_ids.append(token)
-                labels.append(token if in_reply else IGNORE_INDEX)
-        out.append(TokenizedConversation(input_ids, labels))
-    return out
+            text_ids, text_offsets = [bos, *text_ids], [(0, 0), *text_offsets]  # BOS has no characters
+        ids += text_ids
+        offsets += text_offsets
+        span_bounds += spans
+        lengths.append(len(text_ids))
+        span_counts.append(len(spans))
+        shifts.append(shifts[-1] + len(text) + 1)
+    shifts.pop()
+    ids_array = np.asarray(ids, dtype=np.int64)
+    starts, ends = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T + np.repeat(shifts, lengths)
+    span_starts, span_ends = np.asarray(span_bounds, dtype=np.int64).reshape(-1, 2).T + np.repeat(shifts, span_counts)
+    # the first reply span ending after each token's first character
+    after = np.searchsorted(span_ends, starts, side="right")
+    in_reply = (ends > starts) & (after < len(span_ends))
+    if len(span_starts):
+        in_reply &= span_starts[np.minimum(after, len(span_starts) - 1)] <= starts
+    is_image = ids_array == image_token_id
+    labels = np.where(in_reply & ~is_image, ids_array, IGNORE_INDEX)
+    repeats = np.where(is_image, num_image_tokens, 1)  # each image token becomes num_image_tokens of them
+    input_ids, labels = np.repeat(ids_array, repeats).tolist(), np.repeat(labels, repeats).tolist()
+    bounds = np.concatenate([[0], np.cumsum(repeats)])[np.cumsum([0, *lengths])].tolist()
+    return [TokenizedConversation(input_ids[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
