@@ -33,13 +33,28 @@ def model_and_processor(model_dir):
 # ------------------------------------------------------------------ the generation loop
 
 
-def test_generate_answers_is_batch_invariant_and_writes_lines(model_and_processor, tmp_path):
+def test_generate_answers_is_batch_invariant_and_writes_lines(model_and_processor, tmp_path, monkeypatch):
+    from defocus_mllm.evaluation.sources import PathImage
+    from defocus_mllm.llava import model_parts
+
     model, processor = model_and_processor
     samples = get_benchmark("easy-vqa").load(limit=7)
     out = tmp_path / "preds.jsonl"
     side = processor.tokenizer.padding_side
-    batched = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=4, output_file=out,
-                               show_progress=False)
+    opened, encoded = [], []
+    real_open = PathImage._open
+    monkeypatch.setattr(PathImage, "_open", lambda self: opened.append(self) or real_open(self))
+    tower = model_parts(model)["vision_tower"][0]
+    hook = tower.register_forward_pre_hook(lambda module, args: encoded.append(len(args[0])))
+    try:
+        batched = generate_answers(model, processor, samples, batch_size=3, max_new_tokens=4, output_file=out,
+                                   show_progress=False)
+    finally:
+        hook.remove()
+    # the questions about one image in a batch share one read and one encoding of it (easy-VQA lists them together)
+    distinct_per_batch = [len({s.image for s in samples[i:i + 3]}) for i in range(0, 7, 3)]
+    assert len(opened) == sum(distinct_per_batch) < 7
+    assert encoded == distinct_per_batch
     single = generate_answers(model, processor, samples, batch_size=1, max_new_tokens=4, show_progress=False)
     # prompts of different lengths share a batch: left padding must not change any answer
     assert batched == single

@@ -306,3 +306,23 @@ def test_the_image_processor_normalises_with_the_imagenet_mean_and_std():
         torch.testing.assert_close(pixels[:, 16, 16], expected, atol=2e-3, rtol=0)
     torch.testing.assert_close(ImageClassificationTransform(32, train=False)(image)[:, 16, 16], expected,
                                atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np", None])
+def test_an_image_passed_several_times_in_one_call_is_preprocessed_once(monkeypatch, return_tensors):
+    """Batched evaluation passes one image object per question; the pixels are those of one call per image, in
+    the order asked, and each distinct object is converted once."""
+    rng = np.random.default_rng(0)
+    first, second = (Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2))
+    processor = _processor()
+    alone = {id(im): np.asarray(processor([im], return_tensors="np")["pixel_values"][0]) for im in (first, second)}
+    converted = []
+    original = DefocusImageProcessor.process_image
+    monkeypatch.setattr(DefocusImageProcessor, "process_image",
+                        lambda self, image, *a, **k: converted.append(image) or original(self, image, *a, **k))
+    asked = [first, first, second, first, second]
+    pixels = processor(asked, return_tensors=return_tensors)["pixel_values"]
+    assert len(pixels) == len(asked)
+    assert [id(im) for im in converted] == [id(first), id(second)]
+    for image, got in zip(asked, pixels):
+        np.testing.assert_array_equal(np.asarray(got), alone[id(image)])

@@ -80,6 +80,22 @@ class DefocusImageProcessor(LlavaImageProcessorPil):
             images = [self._within_budget(image, do_pad, size, crop_size, kwargs.get("resample")) for image in images]
         return super()._preprocess(images, *args, do_pad=do_pad, size=size, crop_size=crop_size, **kwargs)
 
+    def _preprocess_image_like_inputs(self, images: Any, *args: Any, **kwargs: Any):
+        # Several questions about one image pass the same object several times (batched evaluation): each distinct
+        # object is converted and preprocessed once, and its pixels repeated in the output.
+        if not isinstance(images, (list, tuple)) or any(isinstance(image, (list, tuple)) for image in images):
+            return super()._preprocess_image_like_inputs(images, *args, **kwargs)
+        distinct = {id(image): image for image in images}
+        if len(distinct) == len(images):
+            return super()._preprocess_image_like_inputs(images, *args, **kwargs)
+        position = {key: i for i, key in enumerate(distinct)}
+        index = [position[id(image)] for image in images]
+        features = super()._preprocess_image_like_inputs(list(distinct.values()), *args, **kwargs)
+        for key, value in features.items():
+            if len(value) == len(distinct):
+                features[key] = [value[i] for i in index] if isinstance(value, list) else value[index]
+        return features
+
     def _within_budget(self, image: np.ndarray, do_pad: Optional[bool], size: Optional[SizeDict],
                        crop_size: Optional[SizeDict], resample: Any) -> np.ndarray:
         """The rule that keeps every intermediate image within `MAX_INTERMEDIATE_PIXELS` (training, evaluation and

@@ -61,6 +61,35 @@ def _unusable_images(processor: Any, batch: Sequence[Sample], images: list, prom
     return bad
 
 
+def _image_key(image: Any) -> Any:
+    """What identifies an image reference within a batch: the (frozen) reference itself, else its identity."""
+    try:
+        hash(image)
+    except TypeError:
+        return id(image)
+    return image
+
+
+def _each_image_encoded_once(model: Any, inputs: Mapping[str, Any], images: list) -> Mapping[str, Any]:
+    """The batch's inputs with the vision tower run once per distinct image (`images[i]` is question i's loaded
+    image object), handed to `generate` as pre-encoded images (`mm_encoder_outputs`), where the model takes them
+    (transformers' LLaVA); other inputs and models are left as they are."""
+    distinct: dict[int, int] = {}
+    index = [distinct.setdefault(id(image), len(distinct)) for image in images]
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    if (len(distinct) == len(images) or set(inputs) != {"input_ids", "attention_mask", "pixel_values"}
+            or supports is None or not supports() or not hasattr(model, "get_image_features")):
+        return inputs
+    first = {}
+    for question, image in enumerate(index):
+        first.setdefault(image, question)
+    encoded = model.get_image_features(pixel_values=inputs["pixel_values"][list(first.values())], return_dict=True)
+    features = encoded.pooler_output  # one [tokens, hidden] per distinct image
+    encoded.pooler_output = [features[image] for image in index]
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+            "mm_encoder_outputs": {"image": encoded}}
+
+
 def _cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
     if stop:
         cuts = [text.find(t) for t in stop if t and t in text]
@@ -124,10 +153,15 @@ def generate_answers(
         with _LeftPadding(tokenizer), tqdm(total=len(samples), desc=desc, disable=not show_progress) as bar:
             for start in range(0, len(samples), batch_size):
                 batch = list(samples[start : start + batch_size])
-                images, usable = [], []
+                images, usable, loaded = [], [], {}
                 for s in batch:
+                    # the questions about one image share one loaded object, which the image processor then
+                    # preprocesses once
+                    key = _image_key(s.image)
                     try:
-                        images.append(s.load_image())  # raises naming the file and the question
+                        if key not in loaded:
+                            loaded[key] = s.load_image()  # raises naming the file and the question
+                        images.append(loaded[key])
                         usable.append(s)
                     except BenchmarkDataError as err:
                         if not skip_bad_images:
@@ -154,7 +188,8 @@ def generate_answers(
                             inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
                 if inputs is not None:
                     inputs = to_model(inputs, model)
-                    generated = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                    generated = model.generate(**_each_image_encoded_once(model, inputs, images),
+                                               max_new_tokens=max_new_tokens,
                                                pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
                     new_tokens = generated[:, inputs["input_ids"].shape[1] :]
                     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
