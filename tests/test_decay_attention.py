@@ -128,15 +128,17 @@ def test_short_fp32_sequences_under_autograd_take_autograd_ops_and_the_rest_the_
     real = decay_module._autograd_decay_attention
     monkeypatch.setattr(decay_module, "_autograd_decay_attention", lambda *a: taken.append(a[0].shape[2]) or real(*a))
     a_log = torch.randn(3) - 1.0
-    short, long = (torch.randn(2, 3, n, 8) for n in (decay_module.AUTOGRAD_MAX_KEYS, decay_module.AUTOGRAD_MAX_KEYS + 1))
+    limit = decay_module.AUTOGRAD_MAX_KEYS
+    short, long = (torch.randn(2, 3, n, 8) for n in (limit, limit + 1))
     for q, grad, dtype, want in [(short, True, torch.float32, [short.shape[2]]), (long, True, torch.float32, []),
                                  (short, False, torch.float32, []), (short, True, torch.bfloat16, [])]:
         taken.clear()
         q = q.to(dtype).requires_grad_(grad)
         out = decay_attention(q, q, q, -torch.exp(a_log))
         assert taken == want, (tuple(q.shape), grad, dtype)
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(out.float(), dense_reference(q, q, q, -torch.exp(a_log), True).float(),
-                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+                                   rtol=tolerance, atol=tolerance)
     with torch.no_grad():
         taken.clear()
         decay_attention(short.requires_grad_(), short, short, None)

@@ -85,8 +85,7 @@ def _tile_bias(distance: torch.Tensor, log_decay: Optional[torch.Tensor], causal
 def _autograd_decay_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor],
                                causal: bool, offset: int) -> torch.Tensor:
     """The same attention as whole-matrix autograd ops, for short fp32 sequences; `[B, H, L, d]`."""
-    length, keys = q.shape[2], k.shape[2]
-    positions = torch.arange(keys, device=q.device, dtype=torch.float32)
+    positions = torch.arange(k.shape[2], device=q.device, dtype=torch.float32)
     distance = positions[offset:, None] - positions[None, :]  # i - j, [L, keys]
     future = distance < 0 if causal else None
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # [B, H, L, keys]
