@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -79,6 +79,20 @@ def to_model(inputs: Any, model: Any) -> Any:
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(parameter.dtype)
     return inputs
+
+
+def distinct_objects(items: Sequence[Any]) -> tuple[list[int], list[int]]:
+    """`(firsts, index)`: the position of each distinct object's first occurrence (by identity, in order) and, for
+    every item, which distinct object it is: `items[i] is items[firsts[index[i]]]`. Batched evaluation passes one
+    image object per question, shared by the questions about one image, so each can be processed once."""
+    seen: dict[int, int] = {}
+    firsts, index = [], []
+    for position, item in enumerate(items):
+        if id(item) not in seen:
+            seen[id(item)] = len(firsts)
+            firsts.append(position)
+        index.append(seen[id(item)])
+    return firsts, index
 
 
 def _load_url(url: str, timeout: float) -> Image.Image:
@@ -140,4 +154,4 @@ def _gray_to_rgb(image: Image.Image, name: Optional[str]) -> Image.Image:
     return Image.fromarray(gray).convert("RGB")
 
 
-__all__ = ["ImageModeError", "ImageSource", "is_url", "load_image", "to_model", "to_rgb"]
+__all__ = ["ImageModeError", "ImageSource", "distinct_objects", "is_url", "load_image", "to_model", "to_rgb"]

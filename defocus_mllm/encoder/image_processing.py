@@ -18,7 +18,7 @@ from PIL import Image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from ..images import load_image, to_rgb
+from ..images import distinct_objects, load_image, to_rgb
 
 # The release evaluates at 224 after resizing the short side to 256.
 RESIZE_RATIO = 256 / 224
@@ -85,14 +85,12 @@ class DefocusImageProcessor(LlavaImageProcessorPil):
         # object is converted and preprocessed once, and its pixels repeated in the output.
         if not isinstance(images, (list, tuple)) or any(isinstance(image, (list, tuple)) for image in images):
             return super()._preprocess_image_like_inputs(images, *args, **kwargs)
-        distinct = {id(image): image for image in images}
-        if len(distinct) == len(images):
+        firsts, index = distinct_objects(images)
+        if len(firsts) == len(images):
             return super()._preprocess_image_like_inputs(images, *args, **kwargs)
-        position = {key: i for i, key in enumerate(distinct)}
-        index = [position[id(image)] for image in images]
-        features = super()._preprocess_image_like_inputs(list(distinct.values()), *args, **kwargs)
+        features = super()._preprocess_image_like_inputs([images[i] for i in firsts], *args, **kwargs)
         for key, value in features.items():
-            if len(value) == len(distinct):
+            if len(value) == len(firsts):
                 features[key] = [value[i] for i in index] if isinstance(value, list) else value[index]
         return features
 

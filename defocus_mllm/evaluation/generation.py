@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..images import to_model
+from ..images import distinct_objects, to_model
 from ..prompts import build_prompt
 from ._compat import moved_names
 from .benchmarks.base import check_count
@@ -74,16 +74,12 @@ def _each_image_encoded_once(model: Any, inputs: Mapping[str, Any], images: list
     """The batch's inputs with the vision tower run once per distinct image (`images[i]` is question i's loaded
     image object), handed to `generate` as pre-encoded images (`mm_encoder_outputs`), where the model takes them
     (transformers' LLaVA); other inputs and models are left as they are."""
-    distinct: dict[int, int] = {}
-    index = [distinct.setdefault(id(image), len(distinct)) for image in images]
+    firsts, index = distinct_objects(images)
     supports = getattr(model, "_supports_mm_encoder_outputs", None)
-    if (len(distinct) == len(images) or set(inputs) != {"input_ids", "attention_mask", "pixel_values"}
+    if (len(firsts) == len(images) or set(inputs) != {"input_ids", "attention_mask", "pixel_values"}
             or supports is None or not supports() or not hasattr(model, "get_image_features")):
         return inputs
-    first = {}
-    for question, image in enumerate(index):
-        first.setdefault(image, question)
-    encoded = model.get_image_features(pixel_values=inputs["pixel_values"][list(first.values())], return_dict=True)
+    encoded = model.get_image_features(pixel_values=inputs["pixel_values"][firsts], return_dict=True)
     features = encoded.pooler_output  # one [tokens, hidden] per distinct image
     encoded.pooler_output = [features[image] for image in index]
     return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
