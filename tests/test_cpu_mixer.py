@@ -109,6 +109,23 @@ def test_the_initial_state_and_final_state_take_part_in_autograd():
     assert_matches_reference(inputs, 1e-5, group_norm_size=4, position_offset=7, return_final_state=True)
 
 
+# Units whose channels fill whole 8-lane vectors (a group size that is a multiple of 8, or no norm and D >= 8) take
+# the forward's lane-parallel scan: its unrolled 16-state form and the generic one (24, 72 states), several 16-step
+# blocks, a carried state in and out.
+@pytest.mark.parametrize("n", [16, 24, 72])
+def test_the_lane_parallel_forward_scan_carries_the_state_and_equals_the_reference(n):
+    inputs = mixer_inputs(2, 37, 16, n, seed=n)
+    inputs["initial_state"] = torch.randn(2, 16, n)
+    assert_matches_reference(inputs, 1e-5, group_norm_size=8, position_offset=3, return_final_state=True)
+
+
+def test_a_growing_state_takes_the_general_exponential_and_equals_the_reference():
+    # one A > 0 makes delta * A positive: the kernel may not use its exp for non-positive arguments there
+    inputs = mixer_inputs(1, 20, 16, 16, seed=5)
+    inputs["A"][3, 5] = 0.05
+    assert_matches_reference(inputs, 1e-5, group_norm_size=16)
+
+
 def test_bfloat16_activations_give_outputs_and_gradients_in_bfloat16():
     """bf16 x, z, dt, B, C with fp32 parameters, as under autocast. The kernel reads the bf16 values exactly and
     accumulates in fp32; what separates it from the float64 reference is one bf16 rounding of each output and

@@ -113,12 +113,14 @@ inline vf vmin(vf a, vf b) {
 
 // 2^x of eight lanes; the decays exp(delta A) are computed as 2^(delta * A log2(e)) with A log2(e) formed once
 // per row (libm's expf is a scalar call, and this is most of the scan's work). x = k + f with k = round(x),
-// |f| <= 1/2: adding 1.5 * 2^23 + 127 rounds x and leaves k + 127 in the low mantissa bits, so one shift builds
-// 2^k; 2^f = 1 + f q(f) with q of degree 5, fitted here for relative error (about 1e-7; exact at f = 0, so that
-// decays close to 1 carry no bias over long memories). x is clamped to [-126, 127]: decays below 2^-126 come out
-// as 2^-126 instead of 0 and products with them flush to 0 (the kernel runs with FTZ / DAZ set, see FlushDenormals).
+// |f| <= 1/2: adding 1.5 * 2^23 rounds x and leaves k (two's complement) in the low mantissa bits of t, so t << 23
+// is k << 23 modulo 2^32, and adding that to the bits of p = 2^f multiplies p by 2^k (an integer add instead of a
+// multiply, which would compete with the polynomial's FMAs). 2^f = 1 + f q(f) with q of degree 5, fitted here for
+// relative error (about 1e-7; exact at f = 0, so that decays close to 1 carry no bias over long memories). x is
+// clamped to [-126, 127]: at k = -126 a p < 1 gets an exponent field of 0, which the kernel's DAZ mode reads as 0
+// (the true value is below 2^-126; see FlushDenormals).
 inline vf vexp2(vf x) {
-  const vf magic = vf{} + 12583039.0f;  // 1.5 * 2^23 + 127
+  const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23
   x = vmin(vmax(x, vf{} - 126.0f), vf{} + 127.0f);
   const vf t = x + magic;
   const vf f = x - (t - magic);
@@ -128,7 +130,7 @@ inline vf vexp2(vf x) {
   q = q * f + 2.402224208e-1f;
   q = q * f + 6.931469778e-1f;
   const vf p = q * f + 1.0f;
-  return p * (vf)((vu)t << 23);
+  return (vf)((vu)p + ((vu)t << 23));
 }
 
 constexpr float kLog2e = 1.44269504088896341f;
@@ -442,16 +444,16 @@ inline MixerShape mixer_shape(const int64_t* shape, const int64_t* strides, floa
   return m;
 }
 
-// delta of channels d0 .. d0 + g of batch b: element (c, t) at Dl[c * cs + t * ts]; SG (optional, same layout):
-// d delta / d dt.
+// delta of channels d0 .. d0 + g of batch b at the steps t0 .. t1: element (c, t) at Dl[c * cs + (t - t0) * ts];
+// SG (optional, same layout): d delta / d dt.
 inline void gather_delta(const MixerShape& m, const float* dt, const float* dt_bias, int64_t b, int64_t d0,
-                         int64_t g, float* Dl, float* SG, int64_t cs, int64_t ts) {
-  for (int64_t t = 0; t < m.L; ++t) {
+                         int64_t g, float* Dl, float* SG, int64_t cs, int64_t ts, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
     const float* dr = dt + b * m.ds.b + t * m.ds.t + d0 * m.ds.d;
     for_lanes(g, [&](int64_t c, int n) {
       const vf v = load_n(dr + c * m.ds.d, m.ds.d, n) + load_n(dt_bias + d0 + c, 1, n);
-      store_n(Dl + c * cs + t * ts, cs, vsoftplus(v) * m.inv_dsf, n);
-      if (SG) store_n(SG + c * cs + t * ts, cs, vsigmoid(v) * m.inv_dsf, n);
+      store_n(Dl + c * cs + (t - t0) * ts, cs, vsoftplus(v) * m.inv_dsf, n);
+      if (SG) store_n(SG + c * cs + (t - t0) * ts, cs, vsigmoid(v) * m.inv_dsf, n);
     });
   }
 }
@@ -475,6 +477,50 @@ inline void scan_unit(const MixerShape& m, const float* A, const float* Bt, cons
   }
 }
 
+// The forward scan of eight channels, one per vector lane, over one block of at most kStepBlock steps t0 .. t0 + nt
+// (the lane-parallel forward, used where the norm's groups are whole vectors of channels). Each step's u (x read in
+// place: u + t * ist, lane j at j * isd), delta and y (the block's rows of the caller's buffers: Dl + j * rs,
+// Y + j * rs for step t0 + j) are vectors, so y needs no sum across lanes. The kernel first forms every decay
+// exp(delta A) of the block into `E` (kStepBlock * Np vectors of scratch), then runs the recurrence over the block
+// kPass states at a time, which stay in registers: the decays do not depend on the states, so their polynomials
+// run at the SIMD units' throughput, and the loop-carried path is one multiply-add per state and step. `an`: A log2 e
+// of the eight channels, `s`: their states, carried from block to block; Np vectors each. bt, ct: the batch's
+// rotated B, C ([L, Np]). NPC: Np when known at compile time (the loops unroll), else 0.
+constexpr int kStepBlock = 16;
+constexpr int kPass = 4;  // states per pass of the recurrence (measured: 4 beats 8 and 16, which GCC spills)
+
+template <int NPC>
+void scan_block_lanes(int64_t np, const vf* an, vf* s, vf* E, const float* u, int64_t isd, int64_t ist,
+                      const float* bt, const float* ct, int64_t t0, int64_t nt, const float* Dl, float* Y,
+                      int64_t rs) {
+  const int64_t Np = NPC ? NPC : np;
+  for (int64_t j = 0; j < nt; ++j) {
+    const vf dv = load(Dl + j * rs);
+    vf* e = E + j * Np;
+#pragma GCC unroll 16
+    for (int64_t n = 0; n < Np; ++n) e[n] = vexp2(dv * an[n]);
+  }
+  for (int64_t h = 0; h < Np; h += kPass) {
+    vf sr[kPass];
+    for (int i = 0; i < kPass; ++i) sr[i] = s[h + i];
+    for (int64_t j = 0; j < nt; ++j) {
+      const int64_t t = t0 + j;
+      const vf du = load(Dl + j * rs) * load_n(u + t * ist, isd, kLanes);
+      const vf* e = E + j * Np + h;
+      const float *bn = bt + t * Np + h, *cn = ct + t * Np + h;
+      vf y0 = h ? load(Y + j * rs) : vf{}, y1 = vf{};  // two partial sums: a shorter dependent chain
+      for (int i = 0; i < kPass; i += 2) {
+        sr[i] = e[i] * sr[i] + du * bn[i];
+        y0 += cn[i] * sr[i];
+        sr[i + 1] = e[i + 1] * sr[i + 1] + du * bn[i + 1];
+        y1 += cn[i + 1] * sr[i + 1];
+      }
+      store(Y + j * rs, y0 + y1);
+    }
+    for (int i = 0; i < kPass; ++i) s[h + i] = sr[i];
+  }
+}
+
 // rsqrt(mean(y^2) + 1e-6) over the g values y[c * st]
 inline float group_rsqrt(const float* y, int64_t st, int64_t g) {
   vf ss = vf{};
@@ -483,6 +529,25 @@ inline float group_rsqrt(const float* y, int64_t st, int64_t g) {
     ss += v * v;
   });
   return 1.0f / std::sqrt(hsum(ss) / static_cast<float>(g) + 1e-6f);
+}
+
+// The forward's epilogue for channels d0 .. d0 + g of batch b at the steps t0 .. t1, from their scan output Y
+// (time-major, row t - t0 at (t - t0) * g): the group RMS norm, the D skip and the SiLU gate,
+// out[b, t, d0 .. d0 + g) = (norm(y) + x * Dskip) * silu(z).
+inline void gate_unit(const MixerShape& m, const float* x, const float* z, const float* Dskip, const float* Y,
+                      float* out, int64_t b, int64_t d0, int64_t g, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* yr = Y + (t - t0) * g;
+    const vf r = vf{} + (m.norm ? group_rsqrt(yr, 1, g) : 1.0f);
+    const float* zr = z + b * m.zs.b + t * m.zs.t + d0 * m.zs.d;
+    const float* xr = x + b * m.xs.b + t * m.xs.t + d0 * m.xs.d;
+    float* o = out + (b * m.L + t) * m.dim + d0;
+    for_lanes(g, [&](int64_t c, int n) {
+      const vf zv = load_n(zr + c * m.zs.d, m.zs.d, n);
+      const vf pre = load_n(yr + c, 1, n) * r + load_n(xr + c * m.xs.d, m.xs.d, n) * load_n(Dskip + d0 + c, 1, n);
+      store_n(o + c, 1, pre * (zv * vsigmoid(zv)), n);
+    });
+  }
 }
 
 int64_t mixer_chunks(const MixerShape& m, int64_t units, int64_t threads) {
@@ -702,9 +767,60 @@ int defocus_mixer_rotate_backward(const float* B, const float* C, const int64_t*
   return 0;
 }
 
+// The lane-parallel forward (scan_block_lanes), for groups that are whole vectors of channels. A work unit is a span
+// of whole groups of one batch element (the whole element unless that leaves a thread idle), walked in blocks of
+// kStepBlock steps: per block and group, delta, the scan of the group's lane blocks and the epilogue, so that the
+// rows of x, z, dt and out a block touches are read and written while they are in cache, in contiguous runs.
+void mixer_forward_lanes(const MixerShape& m, const float* x, const float* z, const float* dt, const float* dt_bias,
+                         const float* A, const float* Bt, const float* Ct, const float* Dskip, const float* s0,
+                         float* out, float* sf, int64_t threads) {
+  const int64_t groups = m.dim / m.group, L = m.L, Np = m.Np;
+  const int64_t splits = std::min(groups, std::max<int64_t>(1, (2 * threads + m.batch - 1) / m.batch));
+  const int64_t units = m.batch * splits, span_max = (groups + splits - 1) / splits * m.group;
+  run_chunks(units, mixer_chunks(m, units, threads), [&](int64_t, int64_t u0, int64_t u1) {
+    std::vector<float> rows(2 * kStepBlock * m.group);
+    float *Dl = rows.data(), *Y = Dl + kStepBlock * m.group;
+    std::vector<vf> work((2 * span_max / kLanes + kStepBlock) * Np);
+    vf *an = work.data(), *s = an + span_max / kLanes * Np, *E = s + span_max / kLanes * Np;
+    for (int64_t unit = u0; unit < u1; ++unit) {
+      const int64_t b = unit / splits, k = unit % splits;
+      const int64_t c0 = groups * k / splits * m.group, c1 = groups * (k + 1) / splits * m.group;
+      for (int64_t d = c0; d < c1; ++d) {  // lane (d - c0) % 8 of vector (d - c0) / 8 * Np + n
+        for (int64_t n = 0; n < Np; ++n) {
+          const int64_t v = (d - c0) / kLanes * Np + n, lane = (d - c0) % kLanes;
+          an[v][lane] = A[d * Np + n] * kLog2e;
+          s[v][lane] = s0 ? s0[(b * m.dim + d) * Np + n] : 0.0f;
+        }
+      }
+      const float *bt = Bt + b * L * Np, *ct = Ct + b * L * Np;
+      for (int64_t t0 = 0; t0 < L; t0 += kStepBlock) {
+        const int64_t t1 = std::min(L, t0 + kStepBlock);
+        for (int64_t d0 = c0; d0 < c1; d0 += m.group) {
+          gather_delta(m, dt, dt_bias, b, d0, m.group, Dl, nullptr, 1, m.group, t0, t1);
+          for (int64_t c = 0; c < m.group; c += kLanes) {
+            const int64_t v = (d0 + c - c0) / kLanes * Np;
+            const float* u = x + b * m.xs.b + (d0 + c) * m.xs.d;
+            if (Np == 16) {
+              scan_block_lanes<16>(Np, an + v, s + v, E, u, m.xs.d, m.xs.t, bt, ct, t0, t1 - t0, Dl + c, Y + c, m.group);
+            } else {
+              scan_block_lanes<0>(Np, an + v, s + v, E, u, m.xs.d, m.xs.t, bt, ct, t0, t1 - t0, Dl + c, Y + c, m.group);
+            }
+          }
+          gate_unit(m, x, z, Dskip, Y, out, b, d0, m.group, t0, t1);
+        }
+      }
+      if (sf) {
+        for (int64_t d = c0; d < c1; ++d)
+          for (int64_t n = 0; n < Np; ++n) sf[(b * m.dim + d) * Np + n] = s[(d - c0) / kLanes * Np + n][(d - c0) % kLanes];
+      }
+    }
+  });
+}
+
 // shape = (batch, dim, L, Np, group_norm_size); strides = the (b, t, d) strides of x, z and dt. A [D, Np] and the
-// prepared Bt, Ct [batch, L, Np]; s0 / sf [batch, D, Np] or null. out [batch, L, D] contiguous. The unit's delta
-// and y buffers are time-major ([L, g]): delta is formed and the gate reads y eight channels at a time.
+// prepared Bt, Ct [batch, L, Np]; s0 / sf [batch, D, Np] or null. out [batch, L, D] contiguous. Groups that are
+// whole vectors of channels take the lane-parallel forward; others (odd group sizes, few channels) scan each
+// channel's states as vectors, one group of one batch element at a time, with time-major delta and y buffers.
 int defocus_mixer_forward(const float* x, const float* z, const float* dt, const float* dt_bias, const float* A,
                           const float* Bt, const float* Ct, const float* Dskip, const float* s0, float* out,
                           float* sf, const int64_t* shape, const int64_t* strides, float delta_scale_factor,
@@ -712,6 +828,10 @@ int defocus_mixer_forward(const float* x, const float* z, const float* dt, const
   const MixerShape m = mixer_shape(shape, strides, delta_scale_factor);
   if (m.Np % kLanes != 0 || (m.norm && m.dim % m.group != 0)) return 2;
   try {
+    if (m.group % kLanes == 0 && m.dim % m.group == 0) {
+      mixer_forward_lanes(m, x, z, dt, dt_bias, A, Bt, Ct, Dskip, s0, out, sf, threads);
+      return 0;
+    }
     const int64_t per_batch = (m.dim + m.group - 1) / m.group, units = m.batch * per_batch, L = m.L;
     run_chunks(units, mixer_chunks(m, units, threads), [&](int64_t, int64_t u0, int64_t u1) {
       std::vector<float> buf(2 * m.group * L);
@@ -719,21 +839,10 @@ int defocus_mixer_forward(const float* x, const float* z, const float* dt, const
       for (int64_t unit = u0; unit < u1; ++unit) {
         const int64_t b = unit / per_batch, d0 = (unit % per_batch) * m.group;
         const int64_t g = std::min(m.group, m.dim - d0);
-        gather_delta(m, dt, dt_bias, b, d0, g, Dl, nullptr, 1, g);
+        gather_delta(m, dt, dt_bias, b, d0, g, Dl, nullptr, 1, g, 0, L);
         const float* xu = x + b * m.xs.b + d0 * m.xs.d;  // the scan reads u = x in place
         scan_unit(m, A, Bt, Ct, s0, sf, b, d0, g, xu, m.xs.d, m.xs.t, Dl, 1, g, Y, 1, g);
-        for (int64_t t = 0; t < L; ++t) {
-          const float* yr = Y + t * g;
-          const vf r = vf{} + (m.norm ? group_rsqrt(yr, 1, g) : 1.0f);
-          const float* zr = z + b * m.zs.b + t * m.zs.t + d0 * m.zs.d;
-          const float* xr = xu + t * m.xs.t;
-          float* o = out + (b * L + t) * m.dim + d0;
-          for_lanes(g, [&](int64_t c, int n) {
-            const vf zv = load_n(zr + c * m.zs.d, m.zs.d, n);
-            const vf pre = load_n(yr + c, 1, n) * r + load_n(xr + c * m.xs.d, m.xs.d, n) * load_n(Dskip + d0 + c, 1, n);
-            store_n(o + c, 1, pre * (zv * vsigmoid(zv)), n);
-          });
-        }
+        gate_unit(m, x, z, Dskip, Y, out, b, d0, g, 0, L);
       }
     });
   } catch (...) {
@@ -778,7 +887,7 @@ int defocus_mixer_backward(const float* x, const float* z, const float* dt, cons
           const float* xr = x + b * m.xs.b + t * m.xs.t + d0 * m.xs.d;
           for (int64_t c = 0; c < g; ++c) U[c * L + t] = xr[c * m.xs.d];
         }
-        gather_delta(m, dt, dt_bias, b, d0, g, Dl, SG, L, 1);
+        gather_delta(m, dt, dt_bias, b, d0, g, Dl, SG, L, 1, 0, L);
         scan_unit(m, A, Bt, Ct, s0, nullptr, b, d0, g, U, L, 1, Dl, L, 1, Y, L, 1);
         // back through the gate, the skip and the norm: GY = d loss / d y; gz and the skip's part of gx written
         for (int64_t t = 0; t < L; ++t) {
