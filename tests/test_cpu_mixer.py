@@ -109,9 +109,9 @@ def test_the_initial_state_and_final_state_take_part_in_autograd():
     assert_matches_reference(inputs, 1e-5, group_norm_size=4, position_offset=7, return_final_state=True)
 
 
-# Units whose channels fill whole 8-lane vectors (a group size that is a multiple of 8, or no norm and D >= 8) take
-# the forward's lane-parallel scan: its unrolled 16-state form and the generic one (24, 72 states), several 16-step
-# blocks, a carried state in and out.
+# Groups that fill whole 8-lane vectors of channels (a group size that is a multiple of 8; without norm, blocks of 16
+# channels when D is a multiple of 16) take the forward's lane-parallel scan: its unrolled 16-state form and the
+# generic one (24, 72 states), several 16-step blocks, a carried state in and out.
 @pytest.mark.parametrize("n", [16, 24, 72])
 def test_the_lane_parallel_forward_scan_carries_the_state_and_equals_the_reference(n):
     inputs = mixer_inputs(2, 37, 16, n, seed=n)
@@ -119,8 +119,8 @@ def test_the_lane_parallel_forward_scan_carries_the_state_and_equals_the_referen
     assert_matches_reference(inputs, 1e-5, group_norm_size=8, position_offset=3, return_final_state=True)
 
 
-def test_a_growing_state_takes_the_general_exponential_and_equals_the_reference():
-    # one A > 0 makes delta * A positive: the kernel may not use its exp for non-positive arguments there
+def test_a_growing_state_equals_the_reference():
+    # one A > 0 makes delta * A positive: 2^x must also hold for exponents above 0 (k > 0 added to p's bits)
     inputs = mixer_inputs(1, 20, 16, 16, seed=5)
     inputs["A"][3, 5] = 0.05
     assert_matches_reference(inputs, 1e-5, group_norm_size=16)

@@ -800,18 +800,16 @@ void mixer_forward_lanes(const MixerShape& m, const float* x, const float* z, co
           for (int64_t c = 0; c < m.group; c += kLanes) {
             const int64_t v = (d0 + c - c0) / kLanes * Np;
             const float* u = x + b * m.xs.b + (d0 + c) * m.xs.d;
-            if (Np == 16) {
-              scan_block_lanes<16>(Np, an + v, s + v, E, u, m.xs.d, m.xs.t, bt, ct, t0, t1 - t0, Dl + c, Y + c, m.group);
-            } else {
-              scan_block_lanes<0>(Np, an + v, s + v, E, u, m.xs.d, m.xs.t, bt, ct, t0, t1 - t0, Dl + c, Y + c, m.group);
-            }
+            auto scan = Np == 16 ? scan_block_lanes<16> : scan_block_lanes<0>;
+            scan(Np, an + v, s + v, E, u, m.xs.d, m.xs.t, bt, ct, t0, t1 - t0, Dl + c, Y + c, m.group);
           }
           gate_unit(m, x, z, Dskip, Y, out, b, d0, m.group, t0, t1);
         }
       }
       if (sf) {
         for (int64_t d = c0; d < c1; ++d)
-          for (int64_t n = 0; n < Np; ++n) sf[(b * m.dim + d) * Np + n] = s[(d - c0) / kLanes * Np + n][(d - c0) % kLanes];
+          for (int64_t n = 0; n < Np; ++n)
+            sf[(b * m.dim + d) * Np + n] = s[(d - c0) / kLanes * Np + n][(d - c0) % kLanes];
       }
     }
   });
