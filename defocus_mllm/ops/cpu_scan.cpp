@@ -777,6 +777,7 @@ void mixer_forward_lanes(const MixerShape& m, const float* x, const float* z, co
   const int64_t groups = m.dim / m.group, L = m.L, Np = m.Np;
   const int64_t splits = std::min(groups, std::max<int64_t>(1, (2 * threads + m.batch - 1) / m.batch));
   const int64_t units = m.batch * splits, span_max = (groups + splits - 1) / splits * m.group;
+  const auto scan = Np == 16 ? scan_block_lanes<16> : scan_block_lanes<0>;  // the released state count unrolled
   run_chunks(units, mixer_chunks(m, units, threads), [&](int64_t, int64_t u0, int64_t u1) {
     std::vector<float> rows(2 * kStepBlock * m.group);
     float *Dl = rows.data(), *Y = Dl + kStepBlock * m.group;
@@ -800,7 +801,6 @@ void mixer_forward_lanes(const MixerShape& m, const float* x, const float* z, co
           for (int64_t c = 0; c < m.group; c += kLanes) {
             const int64_t v = (d0 + c - c0) / kLanes * Np;
             const float* u = x + b * m.xs.b + (d0 + c) * m.xs.d;
-            auto scan = Np == 16 ? scan_block_lanes<16> : scan_block_lanes<0>;
             scan(Np, an + v, s + v, E, u, m.xs.d, m.xs.t, bt, ct, t0, t1 - t0, Dl + c, Y + c, m.group);
           }
           gate_unit(m, x, z, Dskip, Y, out, b, d0, m.group, t0, t1);
