@@ -63,7 +63,7 @@ def _shape_args(x32, z32, dt32, n_pad: int, group_norm_size: int):
 class _MambaMixerCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, z, dt, dt_bias, A, B, C, D, freq, initial_state, delta_scale_factor, rope_scale_factor,
-                group_norm_size, position_offset):  # noqa: D102 - shapes in `mamba_mixer_core`
+                group_norm_size, position_offset, return_final_state):  # noqa: D102 - shapes in `mamba_mixer_core`
         ctx.set_materialize_grads(False)
         lib = load_library()
         batch, length, dim = x.shape
@@ -72,12 +72,14 @@ class _MambaMixerCPU(torch.autograd.Function):
         x32, z32, dt32 = _f32(x), _f32(z), _f32(dt)
         B32, C32 = _f32(B), _f32(C)
         freq32 = None if freq is None else _f32(freq).contiguous()
-        A32 = torch.nn.functional.pad(_f32(A), (0, n_pad - n)).contiguous()  # A = 0 in the padding: states stay 0
+        A32 = _f32(A).contiguous()
+        if n_pad != n:
+            A32 = torch.nn.functional.pad(A32, (0, n_pad - n))  # A = 0 in the padding: those states stay 0
         bias32, D32 = _f32(dt_bias).contiguous(), _f32(D).contiguous()
         Bt, Ct = _rotate(lib, B32, C32, freq32, n_pad, position_offset, rope_scale_factor)
         s0 = padded_state(initial_state, n_pad)
         out = torch.empty(batch, length, dim, dtype=torch.float32)
-        final = torch.empty(batch, dim, n_pad, dtype=torch.float32)
+        final = torch.empty(batch, dim, n_pad, dtype=torch.float32) if return_final_state else None
         shape, strides = _shape_args(x32, z32, dt32, n_pad, group_norm_size)
         rc = lib.defocus_mixer_forward(_ptr(x32), _ptr(z32), _ptr(dt32), _ptr(bias32), _ptr(A32), _ptr(Bt),
                                        _ptr(Ct), _ptr(D32), _ptr(s0), _ptr(out), _ptr(final), shape, strides,
@@ -88,7 +90,7 @@ class _MambaMixerCPU(torch.autograd.Function):
             ctx.dtypes = tuple(None if t is None else t.dtype
                                for t in (x, z, dt, dt_bias, A, B, C, D, freq, initial_state))
             ctx.config = (delta_scale_factor, rope_scale_factor, group_norm_size, position_offset)
-        return out.to(x.dtype), final[:, :, :n]
+        return out.to(x.dtype), None if final is None else final[:, :, :n]
 
     @staticmethod
     def backward(ctx, grad_out, grad_final):
@@ -123,7 +125,7 @@ class _MambaMixerCPU(torch.autograd.Function):
         grads = (gx, gz, gdt, gvec[0], gA[:, :n], gB, gC, gvec[1], gfreq,
                  None if gs0 is None else gs0[:, :, :n])
         cast = tuple(None if g is None or dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return cast + (None, None, None, None)
+        return cast + (None,) * 5
 
 
 def mamba_mixer_core_cpu(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor,
@@ -144,7 +146,7 @@ def mamba_mixer_core_cpu(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_
         return mamba_mixer_core_torch(x, z, dt, dt_bias, A, B, C, D, freq, **options)
     out, final = _MambaMixerCPU.apply(x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state,
                                       float(opt.delta_scale_factor), float(opt.rope_scale_factor),
-                                      int(opt.group_norm_size), int(opt.position_offset))
+                                      int(opt.group_norm_size), int(opt.position_offset), bool(opt.return_final_state))
     return (out, final) if opt.return_final_state else out
 
 

@@ -172,8 +172,8 @@ void run_chunks(int64_t rows, int64_t chunks, const F& fn) {
 // R channels (rows of one batch element, R <= 2) for one block of NV * 8 states: the rows share each step's B and C
 // loads and give the core R * NV independent recurrences to overlap. Bt / Ct point at the block's first state of
 // step 0 (row stride Np); u / delta / y point at row 0 (time stride ist / dst / yst; row r at r * isd / r * dsd /
-// r * ysd), A of row r at r * Np. The sums y_t are kept as vectors for 8 steps and reduced together (hsum8). accumulate: add to
-// y (later state blocks) instead of writing it.
+// r * ysd), A of row r at r * Np. The sums y_t are kept as vectors for 8 steps and reduced together (hsum8).
+// accumulate: add to y (later state blocks) instead of writing it.
 template <int NV, int R>
 void forward_rows(const float* u, const float* delta, int64_t isd, int64_t ist, int64_t dsd, int64_t dst,
                   const float* a, const float* Bt,
@@ -419,7 +419,8 @@ struct Partials {
 // x, z, dt are read in place with any element strides (b, t, d): the projections' channels-last outputs and views
 // of them. The work unit is one group of channels of one batch element: its delta and y live in per-thread
 // buffers of G x L floats (u is read from x in place), so the norm over the group is done right after the group's
-// scans and `out` ([B, L, D], contiguous) is written once. B and C arrive rotated and padded ([B, L, Np], from defocus_mixer_rotate).
+// scans and `out` ([B, L, D], contiguous) is written once. B and C arrive rotated and padded ([B, L, Np], from
+// defocus_mixer_rotate).
 
 struct MixerShape {
   int64_t batch, dim, L, Np, group;  // group: channels per unit (the norm's group, or a block when there is none)
@@ -582,16 +583,18 @@ inline void conv_row(const ConvShape& c, const float* x, const float* wt, const 
   }
 }
 
-// The rotary angles of time step t, theta[k] = ((offset + t) / rsf) * freq[k] in fp32 as torch forms them: their
-// cos and sin into cs[0..N), sn[0..N); returns the position (offset + t) / rsf (d theta / d freq).
-inline float rotary_angles(const float* freq, int64_t N, int64_t offset, int64_t t, float rsf, float* cs, float* sn) {
-  const float pos = static_cast<float>(offset + t) / rsf;
+// The position of time step t in the rotary angles, (offset + t) / rsf: also d theta / d freq.
+inline float rotary_position(int64_t offset, int64_t t, float rsf) { return static_cast<float>(offset + t) / rsf; }
+
+// The rotary angles of time step t, theta[k] = rotary_position * freq[k] in fp32 as torch forms them: their cos and
+// sin into cs[0..N), sn[0..N).
+inline void rotary_angles(const float* freq, int64_t N, int64_t offset, int64_t t, float rsf, float* cs, float* sn) {
+  const float pos = rotary_position(offset, t, rsf);
   for (int64_t k = 0; k < N; ++k) {
     const float th = pos * freq[k];
     cs[k] = std::cos(th);
     sn[k] = std::sin(th);
   }
-  return pos;
 }
 
 }  // namespace
@@ -666,6 +669,23 @@ int defocus_scan_backward(const float* u, const float* delta, const float* A, co
   return 0;
 }
 
+// threads for the rotation of `rows` rows: a row costs about four state updates per state (its loads, the sums)
+int64_t rotate_chunks(int64_t rows, int64_t Np, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, rows * Np * 4 / kGrain));
+}
+
+// The angles depend on the step only: their cos and sin once per step into cos_t, sin_t [L, N] (left empty when freq
+// is null), not once per row of every batch element (one libm call each costs more than the rotation itself).
+void rotary_tables(const float* freq, int64_t N, int64_t offset, int64_t L, float rsf, int64_t chunks,
+                   std::vector<float>& cos_t, std::vector<float>& sin_t) {
+  if (!freq) return;
+  cos_t.resize(L * N);
+  sin_t.resize(L * N);
+  run_chunks(L, std::min(chunks, L), [&](int64_t, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) rotary_angles(freq, N, offset, t, rsf, &cos_t[t * N], &sin_t[t * N]);
+  });
+}
+
 // B, C [batch, L, N] (element strides bs / cs: batch, time, state) rotated by theta[t, k] = ((offset + t) / rsf) *
 // freq[k] (unrotated when freq is null) into time-major Bt, Ct [batch, L, Np], zero-padded past N. The rotation of
 // a pair (2i, 2i + 1): out[2i] = v[2i] cos - v[2i+1] sin, out[2i+1] = v[2i+1] cos + v[2i] sin, each element with
@@ -675,9 +695,10 @@ int defocus_mixer_rotate(const float* B, const float* C, const int64_t* bs, cons
                          float* Ct, int64_t threads) {
   try {
     const int64_t rows = batch * L;
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * Np / kGrain));
+    const int64_t chunks = rotate_chunks(rows, Np, threads);
+    std::vector<float> cos_t, sin_t;
+    rotary_tables(freq, N, offset, L, rsf, chunks, cos_t, sin_t);
     run_chunks(rows, chunks, [&](int64_t, int64_t r0, int64_t r1) {
-      std::vector<float> cs_(N), sn(N);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / L, t = r % L;
         const float* br = B + b * bs[0] + t * bs[1];
@@ -690,7 +711,7 @@ int defocus_mixer_rotate(const float* B, const float* C, const int64_t* bs, cons
             oc[k] = cr[k * cs[2]];
           }
         } else {
-          rotary_angles(freq, N, offset, t, rsf, cs_.data(), sn.data());
+          const float *cs_ = &cos_t[t * N], *sn = &sin_t[t * N];
           for (int64_t k = 0; k + 1 < N; k += 2) {
             const float b0 = br[k * bs[2]], b1 = br[(k + 1) * bs[2]];
             const float c0 = cr[k * cs[2]], c1 = cr[(k + 1) * cs[2]];
@@ -717,10 +738,11 @@ int defocus_mixer_rotate_backward(const float* B, const float* C, const int64_t*
                                   int64_t threads) {
   try {
     const int64_t rows = batch * L;
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, rows * Np / kGrain));
+    const int64_t chunks = rotate_chunks(rows, Np, threads);
+    std::vector<float> cos_t, sin_t;
+    rotary_tables(freq, N, offset, L, rsf, chunks, cos_t, sin_t);
     std::vector<std::vector<double>> part(chunks, std::vector<double>(N, 0.0));
     run_chunks(rows, chunks, [&](int64_t c, int64_t r0, int64_t r1) {
-      std::vector<float> cs_(N), sn(N);
       std::vector<double>& pf = part[c];
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / L, t = r % L;
@@ -737,7 +759,8 @@ int defocus_mixer_rotate_backward(const float* B, const float* C, const int64_t*
         }
         const float* br = B + b * bs[0] + t * bs[1];
         const float* cr = C + b * cs[0] + t * cs[1];
-        const float pos = rotary_angles(freq, N, offset, t, rsf, cs_.data(), sn.data());
+        const float pos = rotary_position(offset, t, rsf);
+        const float *cs_ = &cos_t[t * N], *sn = &sin_t[t * N];
         for (int64_t k = 0; k + 1 < N; k += 2) {
           const float b0 = br[k * bs[2]], b1 = br[(k + 1) * bs[2]];
           const float c0 = cr[k * cs[2]], c1 = cr[(k + 1) * cs[2]];
