@@ -126,6 +126,58 @@ def test_a_growing_state_equals_the_reference():
     assert_matches_reference(inputs, 1e-5, group_norm_size=16)
 
 
+def with_low_rank_dt(inputs, rank, seed=0):
+    """`inputs` with `dt` replaced by `dt_proj`'s input, the first `rank` columns of an `x_proj`-like output (a
+    strided view), and `dt_proj_weight` [D, rank]: the op applies the projection itself."""
+    g = torch.Generator().manual_seed(seed)
+    batch, length, dim = inputs["x"].shape
+    xproj = torch.randn(batch, length, rank + 5, generator=g).to(inputs["x"].dtype)
+    weight = torch.randn(dim, rank, generator=g) * rank**-0.5
+    return {**inputs, "dt": xproj[..., :rank], "dt_proj_weight": weight}
+
+
+# (batch, L, D, N, group_norm_size, rank): the lane-parallel forward with whole 64-channel blocks of the projection
+# (D 128, group 64), a part of one (group 24) and both (group 160), the per-group forward (group 3), no norm (blocks
+# of 16 channels)
+LOW_RANK = [(2, 21, 128, 16, 64, 8), (2, 19, 48, 8, 24, 5), (1, 9, 160, 8, 160, 4), (2, 11, 9, 6, 3, 4),
+            (1, 17, 16, 16, 0, 3)]
+
+
+@pytest.mark.parametrize("shape", LOW_RANK, ids=lambda s: "B{}-L{}-D{}-N{}-G{}-R{}".format(*s))
+def test_dt_proj_applied_in_the_kernel_equals_the_reference_in_every_output_and_gradient(shape):
+    batch, length, dim, n, group, rank = shape
+    inputs = with_low_rank_dt(mixer_inputs(batch, length, dim, n, seed=dim), rank, seed=length)
+    assert not inputs["dt"].is_contiguous()
+    inputs["initial_state"] = torch.randn(batch, dim, n)
+    assert_matches_reference(inputs, 1e-5, delta_scale_factor=2.0, group_norm_size=group, position_offset=2,
+                             return_final_state=True)
+
+
+def test_dt_proj_in_the_kernel_with_bfloat16_activations():
+    inputs = with_low_rank_dt(mixer_inputs(2, 12, 64, 8, seed=7, dtype=torch.bfloat16), 6)
+    assert_matches_reference(inputs, 1e-2, group_norm_size=32)
+
+
+def test_the_dispatch_projects_dt_for_a_backend_that_does_not(monkeypatch):
+    seen = []
+    reference = mixer_ops._REGISTRY.fns["torch"]
+    monkeypatch.setitem(mixer_ops._REGISTRY.fns, "torch", lambda *a, **k: seen.append((a[2].shape, k)) or
+                        reference(*a, **k))
+    inputs = with_low_rank_dt(mixer_inputs(1, 6, 8, 4), 3)
+    out = mamba_mixer_core(**inputs, backend="torch", group_norm_size=4)
+    (dt_shape, options), = seen
+    assert dt_shape == (1, 6, 8) and "dt_proj_weight" not in options
+    projected = {**inputs, "dt": torch.nn.functional.linear(inputs["dt"], inputs["dt_proj_weight"]),
+                 "dt_proj_weight": None}
+    torch.testing.assert_close(out, mamba_mixer_core(**projected, backend="cpu", group_norm_size=4))
+
+
+def test_a_low_rank_dt_of_the_wrong_shape_is_refused_naming_the_shapes():
+    inputs = with_low_rank_dt(mixer_inputs(1, 6, 8, 4), 3)
+    with pytest.raises(ValueError, match=r"dt must be \[B, L, R\].*dt \(1, 6, 2\).*dt_proj_weight \(8, 3\)"):
+        mamba_mixer_core(**{**inputs, "dt": inputs["dt"][..., :2]})
+
+
 def test_bfloat16_activations_give_outputs_and_gradients_in_bfloat16():
     """bf16 x, z, dt, B, C with fp32 parameters, as under autocast. The kernel reads the bf16 values exactly and
     accumulates in fp32; what separates it from the float64 reference is one bf16 rounding of each output and

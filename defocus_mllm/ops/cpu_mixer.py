@@ -2,9 +2,11 @@
 
 One kernel call per direction does everything `mamba_mixer_core_torch` does op by op. Forward: the rotation of
 `B`, `C` into small time-major `[B, L, Np]` buffers (cos / sin formed in the kernel), then per batch element and
-group of channels: `delta = softplus(dt + dt_bias) / delta_scale_factor`, the scan from `initial_state`, the group
-RMS norm, the `D` skip and the SiLU gate, writing the `[B, L, D]` `out_proj` input once. `x`, `z` and `dt` are read
-in place, whatever their strides (the projections' channels-last outputs and slices of them).
+group of channels: `delta = softplus(dt + dt_bias) / delta_scale_factor` (with `dt_proj_weight`, `dt` is
+`dt_proj`'s low-rank input and the kernel applies the projection too, so its `[B, L, D]` output never goes through
+memory), the scan from `initial_state`, the group RMS norm, the `D` skip and the SiLU gate, writing the `[B, L, D]`
+`out_proj` input once. `x`, `z` and `dt` are read in place, whatever their strides (the projections' channels-last
+outputs and slices of them).
 
 Backward: the kernel recomputes each group's `delta` and scan output, goes back through the gate, skip and norm,
 and runs the scan's adjoint recurrence with the states recomputed per channel (nothing of size `[L, B, D, N]` is
@@ -22,6 +24,7 @@ import ctypes
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu_scan
 from .cpu_scan import _check, _ptr, load_library, padded_state
@@ -53,49 +56,54 @@ def _rotate(lib: ctypes.CDLL, B32: torch.Tensor, C32: torch.Tensor, freq32: Opti
     return Bt, Ct
 
 
-def _shape_args(x32, z32, dt32, n_pad: int, group_norm_size: int):
+def _shape_args(x32, z32, dt32, n_pad: int, group_norm_size: int, rank: int = 0):
     batch, length, dim = x32.shape
-    shape = (ctypes.c_int64 * 5)(batch, dim, length, n_pad, group_norm_size)
+    shape = (ctypes.c_int64 * 6)(batch, dim, length, n_pad, group_norm_size, rank)
     strides = (ctypes.c_int64 * 9)(*_strides3(x32), *_strides3(z32), *_strides3(dt32))
     return shape, strides
 
 
 class _MambaMixerCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, z, dt, dt_bias, A, B, C, D, freq, initial_state, delta_scale_factor, rope_scale_factor,
-                group_norm_size, position_offset, return_final_state):  # noqa: D102 - shapes in `mamba_mixer_core`
+    def forward(ctx, x, z, dt, dt_bias, A, B, C, D, freq, initial_state, dt_weight,  # noqa: D102 - see mamba_mixer_core
+                delta_scale_factor, rope_scale_factor, group_norm_size, position_offset, return_final_state):
         ctx.set_materialize_grads(False)
         lib = load_library()
         batch, length, dim = x.shape
         n = A.shape[1]
         n_pad = n + (-n % _LANES)
-        x32, z32, dt32 = _f32(x), _f32(z), _f32(dt)
+        x32, z32, dt32 = _f32(x), _f32(z), _f32(dt)  # dt32: [B, L, R] when the kernel applies dt_proj
+        w32 = None if dt_weight is None else _f32(dt_weight)
+        wt32 = None if w32 is None else w32.t().contiguous()  # [R, D]: one rank's weights are contiguous
         B32, C32 = _f32(B), _f32(C)
         freq32 = None if freq is None else _f32(freq).contiguous()
         A32 = _f32(A).contiguous()
         if n_pad != n:
-            A32 = torch.nn.functional.pad(A32, (0, n_pad - n))  # A = 0 in the padding: those states stay 0
+            A32 = F.pad(A32, (0, n_pad - n))  # A = 0 in the padding: those states stay 0
         bias32, D32 = _f32(dt_bias).contiguous(), _f32(D).contiguous()
         Bt, Ct = _rotate(lib, B32, C32, freq32, n_pad, position_offset, rope_scale_factor)
         s0 = padded_state(initial_state, n_pad)
         out = torch.empty(batch, length, dim, dtype=torch.float32)
         final = torch.empty(batch, dim, n_pad, dtype=torch.float32) if return_final_state else None
-        shape, strides = _shape_args(x32, z32, dt32, n_pad, group_norm_size)
-        rc = lib.defocus_mixer_forward(_ptr(x32), _ptr(z32), _ptr(dt32), _ptr(bias32), _ptr(A32), _ptr(Bt),
+        shape, strides = _shape_args(x32, z32, dt32, n_pad, group_norm_size, 0 if w32 is None else w32.shape[1])
+        rc = lib.defocus_mixer_forward(_ptr(x32), _ptr(z32), _ptr(dt32), _ptr(wt32), _ptr(bias32), _ptr(A32), _ptr(Bt),
                                        _ptr(Ct), _ptr(D32), _ptr(s0), _ptr(out), _ptr(final), shape, strides,
                                        delta_scale_factor, torch.get_num_threads())
         _check(rc, "defocus_mixer_forward")
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x32, z32, dt32, bias32, A32, B32, C32, D32, freq32, Bt, Ct, s0)
+            ctx.save_for_backward(x32, z32, dt32, bias32, A32, B32, C32, D32, freq32, Bt, Ct, s0, w32)
             ctx.dtypes = tuple(None if t is None else t.dtype
-                               for t in (x, z, dt, dt_bias, A, B, C, D, freq, initial_state))
+                               for t in (x, z, dt, dt_bias, A, B, C, D, freq, initial_state, dt_weight))
             ctx.config = (delta_scale_factor, rope_scale_factor, group_norm_size, position_offset)
         return out.to(x.dtype), None if final is None else final[:, :, :n]
 
     @staticmethod
     def backward(ctx, grad_out, grad_final):
         lib = load_library()
-        x32, z32, dt32, bias32, A32, B32, C32, D32, freq32, Bt, Ct, s0 = ctx.saved_tensors
+        x32, z32, dt32, bias32, A32, B32, C32, D32, freq32, Bt, Ct, s0, w32 = ctx.saved_tensors
+        dt_low = None
+        if w32 is not None:  # the backward kernel takes the projected dt; the projection's own gradients below
+            dt_low, dt32 = dt32, F.linear(dt32, w32)
         delta_scale_factor, rope_scale_factor, group_norm_size, position_offset = ctx.config
         batch, length, dim = x32.shape
         n_pad = A32.shape[1]
@@ -122,18 +130,24 @@ class _MambaMixerCPU(torch.autograd.Function):
                                                n, n_pad, position_offset, rope_scale_factor, _ptr(gBt), _ptr(gCt),
                                                _ptr(gB), _ptr(gC), _ptr(gfreq), threads)
         _check(rc, "defocus_mixer_rotate_backward")
+        gw = None
+        if dt_low is not None:  # dt = dt_low W^T
+            gw = gdt.reshape(-1, dim).t() @ dt_low.reshape(-1, dt_low.shape[-1]) if ctx.needs_input_grad[10] else None
+            gdt = gdt @ w32 if ctx.needs_input_grad[2] else None
         grads = (gx, gz, gdt, gvec[0], gA[:, :n], gB, gC, gvec[1], gfreq,
-                 None if gs0 is None else gs0[:, :, :n])
+                 None if gs0 is None else gs0[:, :, :n], gw)
         cast = tuple(None if g is None or dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
         return cast + (None,) * 5
 
 
 def mamba_mixer_core_cpu(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias: torch.Tensor,
                          A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
-                         freq: Optional[torch.Tensor], **options: Any) -> MixerResult:
-    """`mamba_mixer_core` in the native CPU kernel (arguments, `MixerOptions`, and results as there)."""
+                         freq: Optional[torch.Tensor], dt_proj_weight: Optional[torch.Tensor] = None,
+                         **options: Any) -> MixerResult:
+    """`mamba_mixer_core` in the native CPU kernel (arguments, `MixerOptions`, and results as there); with
+    `dt_proj_weight` `[D, R]`, `dt` is `dt_proj`'s input `[B, L, R]` and the kernel applies the projection."""
     opt = MixerOptions(**options)
-    tensors = [t for t in (x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state) if t is not None]
+    tensors = [t for t in (x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state, dt_proj_weight) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("mamba_mixer_core backend 'cpu' needs CPU tensors")
     if load_library() is None:
@@ -143,13 +157,15 @@ def mamba_mixer_core_cpu(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_
     batch, length, dim = x.shape
     check_state_operands("mamba_mixer_core", A, B, C, opt.initial_state, batch, dim, length, time_major=True)
     if x.numel() == 0 or A.shape[1] == 0:  # degenerate shapes: nothing worth a kernel call
+        if dt_proj_weight is not None:
+            dt = F.linear(dt, dt_proj_weight)
         return mamba_mixer_core_torch(x, z, dt, dt_bias, A, B, C, D, freq, **options)
-    out, final = _MambaMixerCPU.apply(x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state,
+    out, final = _MambaMixerCPU.apply(x, z, dt, dt_bias, A, B, C, D, freq, opt.initial_state, dt_proj_weight,
                                       float(opt.delta_scale_factor), float(opt.rope_scale_factor),
                                       int(opt.group_norm_size), int(opt.position_offset), bool(opt.return_final_state))
     return (out, final) if opt.return_final_state else out
 
 
-register_mamba_mixer_backend("cpu", mamba_mixer_core_cpu, cpu_scan.is_available, carries_state=True)
+register_mamba_mixer_backend("cpu", mamba_mixer_core_cpu, cpu_scan.is_available, carries_state=True, projects_dt=True)
 
 __all__ = ["mamba_mixer_core_cpu"]

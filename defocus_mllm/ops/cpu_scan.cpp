@@ -413,6 +413,7 @@ struct Partials {
 //
 // The Mamba mixer between its projections, per batch b, position t and channel d (G = group_norm_size):
 //   u = x[b, t, d];  delta = softplus(dt[b, t, d] + dt_bias[d]) * inv_dsf
+//     (or, given dt_proj's weight W [D, R], dt = dt_proj's input [B, L, R]: softplus(dt[b, t] . W[d] + dt_bias[d]))
 //   y = the scan of (u, delta, A, rotated B, rotated C) from the initial state s0[b, d]
 //   n = y * rsqrt(mean over the G channels of d's group of y^2 + 1e-6)      (n = y without group norm)
 //   out[b, t, d] = (n + u * Dskip[d]) * silu(z[b, t, d])
@@ -426,11 +427,16 @@ struct MixerShape {
   int64_t batch, dim, L, Np, group;  // group: channels per unit (the norm's group, or a block when there is none)
   bool norm;
   float inv_dsf;
-  Strides xs, zs, ds;  // (b, t, d) strides of x, z, dt
+  Strides xs, zs, ds;  // (b, t, d) strides of x, z, dt; dt's are (b, t, r) when the kernel applies dt_proj
+  int64_t R = 0;  // dt_proj's rank when the kernel applies it (dtw [R, D], W transposed), else 0
+  const float* dtw = nullptr;
 };
 
-inline MixerShape mixer_shape(const int64_t* shape, const int64_t* strides, float delta_scale_factor) {
+inline MixerShape mixer_shape(const int64_t* shape, const int64_t* strides, float delta_scale_factor,
+                              const float* dt_weight = nullptr) {
   MixerShape m;
+  m.R = dt_weight ? shape[5] : 0;
+  m.dtw = dt_weight;
   m.batch = shape[0];
   m.dim = shape[1];
   m.L = shape[2];
@@ -445,14 +451,45 @@ inline MixerShape mixer_shape(const int64_t* shape, const int64_t* strides, floa
   return m;
 }
 
+// dt_proj in the kernel: out[c] = sum_r lr[r * sr] w[r * D + c] for c < g, the g channels of W's transpose that
+// start at w, one row of dt_proj's input lr (stride sr). 64 channels of accumulators at a time share each r's
+// broadcast; the sum runs over r in order, in fp32.
+inline void project_row(const float* lr, int64_t sr, int64_t R, const float* w, int64_t D, int64_t g, float* out) {
+  constexpr int kAcc = 8;  // vectors of accumulators per pass
+  for (int64_t c0 = 0; c0 < g; c0 += kAcc * kLanes) {
+    vf acc[kAcc] = {};
+    if (g - c0 >= kAcc * kLanes) {  // whole: the loop unrolls and the accumulators stay in registers
+      for (int64_t r = 0; r < R; ++r) {
+        const vf l = vf{} + lr[r * sr];
+        for (int i = 0; i < kAcc; ++i) acc[i] += l * load(w + r * D + c0 + i * kLanes);
+      }
+      for (int i = 0; i < kAcc; ++i) store(out + c0 + i * kLanes, acc[i]);
+      continue;
+    }
+    for_lanes(g - c0, [&](int64_t c, int n) {
+      vf a = vf{};
+      for (int64_t r = 0; r < R; ++r) a += (vf{} + lr[r * sr]) * load_n(w + r * D + c0 + c, 1, n);
+      store_n(out + c0 + c, 1, a, n);
+    });
+  }
+}
+
 // delta of channels d0 .. d0 + g of batch b at the steps t0 .. t1: element (c, t) at Dl[c * cs + (t - t0) * ts];
-// SG (optional, same layout): d delta / d dt.
+// SG (optional, same layout): d delta / d dt. When the kernel applies dt_proj (m.dtw; the forward, cs = 1), each
+// step's projected dt is formed in its row of Dl first, then turned into delta in place.
 inline void gather_delta(const MixerShape& m, const float* dt, const float* dt_bias, int64_t b, int64_t d0,
                          int64_t g, float* Dl, float* SG, int64_t cs, int64_t ts, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
-    const float* dr = dt + b * m.ds.b + t * m.ds.t + d0 * m.ds.d;
+    const float* dr = Dl + (t - t0) * ts;  // dt of the step's channels, at stride sd
+    int64_t sd = 1;
+    if (m.dtw) {
+      project_row(dt + b * m.ds.b + t * m.ds.t, m.ds.d, m.R, m.dtw + d0, m.dim, g, Dl + (t - t0) * ts);
+    } else {
+      dr = dt + b * m.ds.b + t * m.ds.t + d0 * m.ds.d;
+      sd = m.ds.d;
+    }
     for_lanes(g, [&](int64_t c, int n) {
-      const vf v = load_n(dr + c * m.ds.d, m.ds.d, n) + load_n(dt_bias + d0 + c, 1, n);
+      const vf v = load_n(dr + c * sd, sd, n) + load_n(dt_bias + d0 + c, 1, n);
       store_n(Dl + c * cs + (t - t0) * ts, cs, vsoftplus(v) * m.inv_dsf, n);
       if (SG) store_n(SG + c * cs + (t - t0) * ts, cs, vsigmoid(v) * m.inv_dsf, n);
     });
@@ -838,15 +875,17 @@ void mixer_forward_lanes(const MixerShape& m, const float* x, const float* z, co
   });
 }
 
-// shape = (batch, dim, L, Np, group_norm_size); strides = the (b, t, d) strides of x, z and dt. A [D, Np] and the
+// shape = (batch, dim, L, Np, group_norm_size, R); strides = the (b, t, d) strides of x, z and dt. dt_weight: null
+// (dt is dt_proj's output [batch, L, D]) or dt_proj's weight transposed, [R, D] contiguous (dt is dt_proj's input
+// [batch, L, R], strides (b, t, r), and the kernel applies the projection). A [D, Np] and the
 // prepared Bt, Ct [batch, L, Np]; s0 / sf [batch, D, Np] or null. out [batch, L, D] contiguous. Groups that are
 // whole vectors of channels take the lane-parallel forward; others (odd group sizes, few channels) scan each
 // channel's states as vectors, one group of one batch element at a time, with time-major delta and y buffers.
-int defocus_mixer_forward(const float* x, const float* z, const float* dt, const float* dt_bias, const float* A,
-                          const float* Bt, const float* Ct, const float* Dskip, const float* s0, float* out,
-                          float* sf, const int64_t* shape, const int64_t* strides, float delta_scale_factor,
-                          int64_t threads) {
-  const MixerShape m = mixer_shape(shape, strides, delta_scale_factor);
+int defocus_mixer_forward(const float* x, const float* z, const float* dt, const float* dt_weight,
+                          const float* dt_bias, const float* A, const float* Bt, const float* Ct, const float* Dskip,
+                          const float* s0, float* out, float* sf, const int64_t* shape, const int64_t* strides,
+                          float delta_scale_factor, int64_t threads) {
+  const MixerShape m = mixer_shape(shape, strides, delta_scale_factor, dt_weight);
   if (m.Np % kLanes != 0 || (m.norm && m.dim % m.group != 0)) return 2;
   try {
     if (m.group % kLanes == 0 && m.dim % m.group == 0) {
@@ -1057,6 +1096,6 @@ int defocus_conv_backward(const float* x, const float* wt, const float* bias, co
 }
 
 // Lets the loader check that the library it opened matches this source's calling convention.
-int defocus_scan_abi_version() { return 4; }
+int defocus_scan_abi_version() { return 5; }
 
 }  // extern "C"

@@ -31,7 +31,7 @@ from .selective_scan import register_selective_scan_backend
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_scan.cpp")
-_ABI_VERSION = 4  # must match defocus_scan_abi_version() in cpu_scan.cpp
+_ABI_VERSION = 5  # must match defocus_scan_abi_version() in cpu_scan.cpp
 _DISABLE_ENV = "DEFOCUS_DISABLE_CPU_KERNEL"
 
 _LANES = 8  # the kernel's vector width in states
@@ -126,7 +126,7 @@ def _load(path: Path) -> ctypes.CDLL:
         "defocus_scan_backward": [ptr] * 11 + [i64] * 5 + [ptr] * 3,
         "defocus_mixer_rotate": [ptr] * 5 + [i64] * 5 + [f32, ptr, ptr, i64],
         "defocus_mixer_rotate_backward": [ptr] * 5 + [i64] * 5 + [f32] + [ptr] * 5 + [i64],
-        "defocus_mixer_forward": [ptr] * 13 + [f32, i64],
+        "defocus_mixer_forward": [ptr] * 14 + [f32, i64],
         "defocus_mixer_backward": [ptr] * 21 + [f32, i64],
         "defocus_conv_forward": [ptr] * 6 + [i64],
         "defocus_conv_backward": [ptr] * 9 + [i64],

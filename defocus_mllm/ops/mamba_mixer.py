@@ -21,6 +21,10 @@ Inputs are the projections' channels-last outputs, read in place (views of `in_p
 
 and the output, `[B, L, D]` in `x`'s dtype, is the `out_proj` input. Streaming callers pass `position_offset` (the
 index of the first token, for the rotation), `initial_state` `[B, D, N]` and `return_final_state=True`.
+
+`dt_proj` may be left to the op too: with `dt_proj_weight` `[D, R]`, `dt` is `dt_proj`'s input `[B, L, R]` (a view
+of the `x_proj` output). Backends registered with `projects_dt=True` (the native CPU kernel) apply it inside, so its
+`[B, L, D]` output is never written to memory; for the others the dispatch applies it first (`F.linear`).
 """
 
 from __future__ import annotations
@@ -55,16 +59,22 @@ class MixerOptions(NamedTuple):
 # Backends tried in order per device type when none is named; "torch" ends every list.
 _REGISTRY: BackendRegistry[MixerCoreFn] = BackendRegistry(
     "mamba_mixer_core", "DEFOCUS_MIXER_BACKEND", {"cpu": ("cpu",), "cuda": ("triton",)})
+_PROJECTS_DT: set[str] = set()  # backends that take `dt_proj_weight` and apply dt_proj themselves
 
 
 def register_mamba_mixer_backend(name: str, fn: MixerCoreFn, is_available: Callable[[], bool] = always_available,
-                                 carries_state: bool = False) -> None:
+                                 carries_state: bool = False, projects_dt: bool = False) -> None:
     """Register an implementation of `mamba_mixer_core` (same arguments, without `backend`).
 
     `carries_state=True`: it also honours `position_offset`, `initial_state` and `return_final_state`; calls that
-    use them are otherwise sent to a backend that does.
+    use them are otherwise sent to a backend that does. `projects_dt=True`: it takes the keyword `dt_proj_weight`
+    (then `dt` is `[B, L, R]`); other backends get `dt` projected by the dispatch and never see the keyword.
     """
     _REGISTRY.register(name, fn, is_available, carries_state)
+    if projects_dt:
+        _PROJECTS_DT.add(name)
+    else:
+        _PROJECTS_DT.discard(name)
 
 
 def available_mamba_mixer_backends() -> list[str]:
@@ -150,7 +160,8 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
                      B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, freq: Optional[torch.Tensor], *,
                      delta_scale_factor: float = 1.0, rope_scale_factor: float = 1.0, group_norm_size: int = 0,
                      position_offset: int = 0, initial_state: Optional[torch.Tensor] = None,
-                     return_final_state: bool = False, backend: Optional[str] = None) -> MixerResult:
+                     return_final_state: bool = False, dt_proj_weight: Optional[torch.Tensor] = None,
+                     backend: Optional[str] = None) -> MixerResult:
     """The De-focus Mamba mixer between its projections (shapes in the module docstring).
 
     Args:
@@ -158,6 +169,7 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
         position_offset: position of the first token (the rotation's `n`), for a stream continued in chunks.
         initial_state: `[B, D, N]` scan state before the first token (zeros when None).
         return_final_state: also return the scan state after the last token, `[B, D, N]` fp32.
+        dt_proj_weight: `dt_proj`'s weight `[D, R]`; `dt` is then `dt_proj`'s input `[B, L, R]` (without bias).
         backend: a registered name; `None` picks the native kernel of the device when registered and available
             (`"cpu"`, `"triton"` on CUDA unless mamba-ssm's scan imports), else `"torch"`. Float64 inputs and a set
             `DEFOCUS_SCAN_BACKEND` use `"torch"` (except `DEFOCUS_SCAN_BACKEND=triton` on CUDA: the fused Triton
@@ -166,7 +178,13 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
     Returns:
         `[B, L, D]` in `x`'s dtype, or `(out, final_state)`.
     """
-    if x.dim() != 3 or z.shape != x.shape or dt.shape != x.shape:
+    if dt_proj_weight is not None:
+        low_rank = (dt_proj_weight.dim() == 2 and dt.dim() == 3 and dt_proj_weight.shape[0] == x.shape[-1]
+                    and dt.shape[:2] == x.shape[:2] and dt.shape[-1] == dt_proj_weight.shape[1])
+        if not low_rank:
+            raise ValueError(f"mamba_mixer_core: with dt_proj_weight [D, R], dt must be [B, L, R]; got x "
+                             f"{tuple(x.shape)}, dt {tuple(dt.shape)}, dt_proj_weight {tuple(dt_proj_weight.shape)}")
+    if x.dim() != 3 or z.shape != x.shape or (dt_proj_weight is None and dt.shape != x.shape):
         raise ValueError(f"mamba_mixer_core: x, z and dt must be [B, L, D] of one shape, got {tuple(x.shape)}, "
                          f"{tuple(z.shape)} and {tuple(dt.shape)}")
     batch, length, dim = x.shape
@@ -179,9 +197,15 @@ def mamba_mixer_core(x: torch.Tensor, z: torch.Tensor, dt: torch.Tensor, dt_bias
     if carrying and name not in _REGISTRY.carries_state:
         raise ValueError(f"mamba_mixer_core: backend {name!r} does not carry a stream's state; backends that do: "
                          f"{sorted(_REGISTRY.carries_state)}")
-    return fn(x, z, dt, dt_bias, A, B, C, D, freq, delta_scale_factor=delta_scale_factor,
-              rope_scale_factor=rope_scale_factor, group_norm_size=group_norm_size, position_offset=position_offset,
-              initial_state=initial_state, return_final_state=return_final_state)
+    options = dict(delta_scale_factor=delta_scale_factor, rope_scale_factor=rope_scale_factor,
+                   group_norm_size=group_norm_size, position_offset=position_offset, initial_state=initial_state,
+                   return_final_state=return_final_state)
+    if dt_proj_weight is not None:
+        if name in _PROJECTS_DT:
+            options["dt_proj_weight"] = dt_proj_weight
+        else:
+            dt = F.linear(dt, dt_proj_weight)
+    return fn(x, z, dt, dt_bias, A, B, C, D, freq, **options)
 
 
 __all__ = [

@@ -115,14 +115,14 @@ class DefocusMambaMixer(BandpassFilter, TokenMixer):
     def projections(self, hidden_states: torch.Tensor):
         """The matmul and conv half of the mixer: `(x, z, dt, B, C)`, channels-last `[B, L, .]` views.
 
-        x is the conv + SiLU output, dt is `dt_proj` without its bias, B and C are not yet rotated: what
-        `mamba_mixer_core` takes.
+        x is the conv + SiLU output, dt is `dt_proj`'s input `[B, L, R]` (`mamba_mixer_core` applies `dt_proj`'s
+        weight given `dt_proj_weight`; the bias is its `dt_bias`), B and C are not yet rotated.
         """
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # [B, L, D] each
         x = causal_conv1d_silu(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias).transpose(1, 2)
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.state_size, self.state_size],
                                dim=-1)  # [B, L, .]
-        return x, z, F.linear(dt, self.dt_proj.weight), B, C
+        return x, z, dt, B, C
 
     def ssm_inputs(self, hidden_states: torch.Tensor):
         """Everything the scan consumes, `(x, z, delta, A, B, C)`, for `attention_map` and diagnostics.
@@ -132,7 +132,7 @@ class DefocusMambaMixer(BandpassFilter, TokenMixer):
         """
         x, z, dt, B, C = self.projections(hidden_states)
         B, C = rotate_state_projections(B, C, self.freq, self.rope_scale_factor)  # the high-pass half
-        delta = time_step(dt, self.dt_proj.bias, self.config.delta_scale_factor)  # [B, L, D]
+        delta = time_step(F.linear(dt, self.dt_proj.weight), self.dt_proj.bias, self.config.delta_scale_factor)
         A = self.log_decay()  # the low-pass half: the scan decays by exp(delta_t * A)
         return (x.transpose(1, 2), z.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
                 C.transpose(1, 2))
@@ -140,10 +140,10 @@ class DefocusMambaMixer(BandpassFilter, TokenMixer):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x, z, dt, B, C = self.projections(hidden_states)
         cfg = self.config
-        # the delta bias and softplus, the rotation, the scan, the norm, the D skip and the gate: one op
+        # dt_proj, the delta bias and softplus, the rotation, the scan, the norm, the D skip and the gate: one op
         y = mamba_mixer_core(x, z, dt, self.dt_proj.bias, self.log_decay(), B, C, self.D, self.freq,
                              delta_scale_factor=cfg.delta_scale_factor, rope_scale_factor=self.rope_scale_factor,
-                             group_norm_size=self.group_norm_size)  # [B, L, D]
+                             group_norm_size=self.group_norm_size, dt_proj_weight=self.dt_proj.weight)  # [B, L, D]
         return self.out_proj(y)
 
     def forward_stream(self, hidden_states: torch.Tensor, state: Optional[MambaStreamState], position_offset: int
@@ -161,10 +161,11 @@ class DefocusMambaMixer(BandpassFilter, TokenMixer):
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.state_size, self.state_size], dim=-1)
         cfg = self.config
         y, scan_state = mamba_mixer_core(
-            x, z, F.linear(dt, self.dt_proj.weight), self.dt_proj.bias, self.log_decay(), B, C, self.D, self.freq,
+            x, z, dt, self.dt_proj.bias, self.log_decay(), B, C, self.D, self.freq,
             delta_scale_factor=cfg.delta_scale_factor, rope_scale_factor=self.rope_scale_factor,
             group_norm_size=self.group_norm_size, position_offset=position_offset,
-            initial_state=None if state is None else state.scan_state, return_final_state=True)
+            initial_state=None if state is None else state.scan_state, return_final_state=True,
+            dt_proj_weight=self.dt_proj.weight)
         # a copy: a slice would keep the whole `extended` buffer alive for as long as the state lives
         new_window = extended[:, extended.shape[1] - window:].clone()
         return self.out_proj(y), MambaStreamState(conv_window=new_window, scan_state=scan_state)
