@@ -413,7 +413,7 @@ struct Partials {
 //
 // The Mamba mixer between its projections, per batch b, position t and channel d (G = group_norm_size):
 //   u = x[b, t, d];  delta = softplus(dt[b, t, d] + dt_bias[d]) * inv_dsf
-//     (or, given dt_proj's weight W [D, R], dt = dt_proj's input [B, L, R]: softplus(dt[b, t] . W[d] + dt_bias[d]))
+//     (given dt_proj's weight W [D, R], dt is dt_proj's input [B, L, R] and dt[b, t] . W[d] takes dt[b, t, d]'s place)
 //   y = the scan of (u, delta, A, rotated B, rotated C) from the initial state s0[b, d]
 //   n = y * rsqrt(mean over the G channels of d's group of y^2 + 1e-6)      (n = y without group norm)
 //   out[b, t, d] = (n + u * Dskip[d]) * silu(z[b, t, d])
