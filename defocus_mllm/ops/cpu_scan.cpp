@@ -480,14 +480,11 @@ inline void project_row(const float* lr, int64_t sr, int64_t R, const float* w, 
 inline void gather_delta(const MixerShape& m, const float* dt, const float* dt_bias, int64_t b, int64_t d0,
                          int64_t g, float* Dl, float* SG, int64_t cs, int64_t ts, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
-    const float* dr = Dl + (t - t0) * ts;  // dt of the step's channels, at stride sd
-    int64_t sd = 1;
-    if (m.dtw) {
-      project_row(dt + b * m.ds.b + t * m.ds.t, m.ds.d, m.R, m.dtw + d0, m.dim, g, Dl + (t - t0) * ts);
-    } else {
-      dr = dt + b * m.ds.b + t * m.ds.t + d0 * m.ds.d;
-      sd = m.ds.d;
-    }
+    // dt of the step's channels at stride sd: projected into the step's row of Dl, or read in place
+    float* row = Dl + (t - t0) * ts;
+    if (m.dtw) project_row(dt + b * m.ds.b + t * m.ds.t, m.ds.d, m.R, m.dtw + d0, m.dim, g, row);
+    const float* dr = m.dtw ? row : dt + b * m.ds.b + t * m.ds.t + d0 * m.ds.d;
+    const int64_t sd = m.dtw ? 1 : m.ds.d;
     for_lanes(g, [&](int64_t c, int n) {
       const vf v = load_n(dr + c * sd, sd, n) + load_n(dt_bias + d0 + c, 1, n);
       store_n(Dl + c * cs + (t - t0) * ts, cs, vsoftplus(v) * m.inv_dsf, n);
